@@ -1,0 +1,403 @@
+"""Typed configs for every nanollama script.
+
+One TOML file describes one experiment; `--section.key value` (or `--section.key=value`)
+overrides any field from the command line. Every field carries a one-line help string, so
+`--help` can list them all, and every dataclass validates itself: bad input ends in a single
+line that names the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import sys
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A problem with a config file or override; its message is one line meant for the user."""
+
+
+def _field(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = _field(32000, "number of token ids the embedding and LM head cover")
+    dim: int = _field(288, "width of the residual stream")
+    n_layers: int = _field(6, "number of transformer blocks")
+    n_heads: int = _field(6, "number of query heads")
+    n_kv_heads: int | None = _field(None, "number of key/value heads (none = n_heads; 1 = MQA)")
+    hidden_dim: int | None = _field(None, "SwiGLU hidden width (none = 2/3 * 4 * dim rounded up to multiple_of)")
+    multiple_of: int = _field(32, "round the derived SwiGLU hidden width up to a multiple of this")
+    norm_eps: float = _field(1e-5, "epsilon inside RMSNorm")
+    max_seq_len: int = _field(256, "longest sequence the model (and its KV cache) handles")
+    rope_theta: float = _field(10000.0, "RoPE base frequency")
+    rope_scaling: Literal["none", "llama3"] = _field("none", "RoPE frequency scaling scheme")
+    rope_scaling_factor: float = _field(8.0, "llama3 scaling: how much longer the context becomes")
+    rope_low_freq_factor: float = _field(1.0, "llama3 scaling: wavelengths above original/low are fully scaled")
+    rope_high_freq_factor: float = _field(4.0, "llama3 scaling: wavelengths below original/high are kept")
+    rope_original_max_seq_len: int = _field(8192, "llama3 scaling: context length the model was trained on")
+    tie_embeddings: bool = _field(False, "share the token embedding with the LM head")
+    attention: Literal["sdpa", "reference"] = _field("sdpa", "attention kernel: sdpa (FlashAttention on CUDA) or the readable reference")
+    init_std: float = _field(0.02, "std of the normal init (residual projections are scaled by 1/sqrt(2*n_layers))")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * 4 * self.dim / 3)
+        return self.multiple_of * math.ceil(hidden / self.multiple_of)
+
+    def validate(self) -> None:
+        _positive(self, "model", ["vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len",
+                                  "norm_eps", "rope_theta", "init_std"])
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: "
+                              f"choose dim as a multiple of n_heads")
+        if self.head_dim % 2:
+            raise ConfigError(f"model.dim/model.n_heads={self.head_dim} is odd: RoPE rotates pairs, "
+                              f"so the head dim must be even")
+        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}: "
+                              f"use a divisor of n_heads (1 = MQA, n_heads = MHA)")
+        if self.hidden_dim is not None and self.hidden_dim < 1:
+            raise ConfigError(f"model.hidden_dim={self.hidden_dim} must be a positive integer or none")
+        if self.rope_scaling == "llama3":
+            _positive(self, "model", ["rope_scaling_factor", "rope_low_freq_factor", "rope_original_max_seq_len"])
+            if self.rope_high_freq_factor <= self.rope_low_freq_factor:
+                raise ConfigError(f"model.rope_high_freq_factor={self.rope_high_freq_factor} must be greater than "
+                                  f"model.rope_low_freq_factor={self.rope_low_freq_factor}")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _field("shakespeare_char", "dataset name; its files live in data_dir/<dataset>/")
+    data_dir: str = _field("data", "folder that holds prepared datasets")
+    source: str | None = _field(None, "local path or URL of the raw corpus (none = the dataset's official download)")
+    tokenizer: Literal["char", "bpe"] = _field("char", "tokenizer kind used by prepare_data.py")
+    vocab_size: int = _field(4096, "BPE vocabulary size (ignored for char)")
+    val_fraction: float = _field(0.1, "share of the corpus held out for validation")
+
+    def validate(self) -> None:
+        _positive(self, "data", ["vocab_size"])
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction={self.val_fraction} must lie strictly between 0 and 1")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = _field("out", "folder for checkpoints, logs and plots")
+    seed: int = _field(1337, "seed for init, batches and dropout-free sampling")
+    device: str = _field("auto", "auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
+        "auto", "autocast dtype (auto: bf16 on GPUs that support it, else fp16; fp32 on CPU)")
+    compile: Literal["auto"] | bool = _field("auto", "torch.compile the model (auto: try, fall back to eager)")
+    batch_tokens: int = _field(16384, "global batch in tokens (micro_batch_size * block_size * accumulation * world)")
+    micro_batch_size: int = _field(32, "sequences per forward/backward pass on one process")
+    block_size: int = _field(256, "training sequence length (at most model.max_seq_len)")
+    max_steps: int = _field(5000, "optimizer steps to train for")
+    optimizer: Literal["adamw"] = _field("adamw", "optimizer (AdamW, decay on 2-D weights only)")
+    lr: float = _field(1e-3, "peak learning rate")
+    min_lr: float = _field(1e-4, "learning rate at the end of the decay")
+    lr_schedule: Literal["cosine", "wsd", "constant"] = _field("cosine", "learning-rate schedule after warmup")
+    warmup_steps: int = _field(100, "linear warmup steps")
+    decay_fraction: float = _field(0.2, "WSD: share of max_steps spent in the final decay")
+    weight_decay: float = _field(0.1, "AdamW weight decay (2-D weights only)")
+    beta1: float = _field(0.9, "AdamW beta1")
+    beta2: float = _field(0.95, "AdamW beta2")
+    grad_clip: float = _field(1.0, "clip the global grad norm to this (0 = off)")
+    eval_interval: int = _field(250, "evaluate every this many steps")
+    eval_iters: int = _field(20, "batches per split in each evaluation")
+    log_interval: int = _field(10, "log every this many steps")
+    ckpt_interval: int = _field(1000, "checkpoint every this many steps (also at the end)")
+    keep_last: int = _field(2, "how many recent checkpoints to keep (the best one is kept too)")
+    max_nonfinite_skips: int = _field(5, "stop after this many consecutive non-finite steps")
+    init_from: str | None = _field(None, "Hugging Face Llama folder to fine-tune from")
+    wandb: bool = _field(False, "log to Weights & Biases")
+    wandb_project: str = _field("nanollama", "W&B project")
+    wandb_run_name: str | None = _field(None, "W&B run name (none = derived from out_dir)")
+    wandb_group: str | None = _field(None, "W&B group (sweeps set this)")
+
+    def validate(self) -> None:
+        _positive(self, "train", ["batch_tokens", "micro_batch_size", "block_size", "max_steps", "lr",
+                                  "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
+                                  "max_nonfinite_skips"])
+        _non_negative(self, "train", ["min_lr", "warmup_steps", "weight_decay", "grad_clip"])
+        if self.warmup_steps > self.max_steps:
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps} exceeds train.max_steps={self.max_steps}: "
+                              f"shorten the warmup or train longer")
+        if self.min_lr > self.lr:
+            raise ConfigError(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}")
+        if not 0.0 <= self.decay_fraction <= 1.0:
+            raise ConfigError(f"train.decay_fraction={self.decay_fraction} must lie in [0, 1]")
+        for key in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must lie in [0, 1)")
+        if self.keep_last < 2:
+            raise ConfigError(f"train.keep_last={self.keep_last} must be at least 2 so a bad write never "
+                              f"leaves zero good checkpoints")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
+
+
+@dataclass
+class SampleConfig:
+    checkpoint: str | None = _field(None, "checkpoint folder or file to sample from")
+    prompt: str = _field("", "text to continue (empty = start from BOS)")
+    max_new_tokens: int = _field(256, "tokens to generate per sample")
+    temperature: float = _field(0.8, "softmax temperature (0 = greedy)")
+    top_k: int = _field(0, "keep only the k most likely tokens (0 = off)")
+    top_p: float = _field(1.0, "nucleus sampling: keep the smallest set reaching this mass (1 = off)")
+    min_p: float = _field(0.0, "drop tokens below min_p times the top probability (0 = off)")
+    repetition_penalty: float = _field(1.0, "Hugging Face-style repetition penalty (1 = off)")
+    num_samples: int = _field(1, "samples per prompt")
+    seed: int = _field(1337, "sampling seed")
+
+    def validate(self) -> None:
+        _positive(self, "sample", ["max_new_tokens", "num_samples", "repetition_penalty"])
+        _non_negative(self, "sample", ["temperature", "top_k"])
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sample.top_p={self.top_p} must lie in (0, 1]")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ConfigError(f"sample.min_p={self.min_p} must lie in [0, 1)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> None:
+        for section in SECTIONS:
+            getattr(self, section).validate()
+        if self.train.block_size > self.model.max_seq_len:
+            raise ConfigError(f"train.block_size={self.train.block_size} exceeds model.max_seq_len="
+                              f"{self.model.max_seq_len}: raise max_seq_len or shorten the block")
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}
+
+
+SECTIONS = ("model", "data", "train", "sample")
+
+
+def _positive(obj: Any, section: str, keys: list[str]) -> None:
+    for key in keys:
+        if getattr(obj, key) <= 0:
+            raise ConfigError(f"{section}.{key}={getattr(obj, key)} must be positive")
+
+
+def _non_negative(obj: Any, section: str, keys: list[str]) -> None:
+    for key in keys:
+        if getattr(obj, key) < 0:
+            raise ConfigError(f"{section}.{key}={getattr(obj, key)} must not be negative")
+
+
+# ---------------------------------------------------------------------------------------------
+# Typing values from the field annotations
+
+
+def _describe(tp: Any) -> str:
+    """Human words for a field type, used in error messages and --help."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(str(a).lower() if isinstance(a, bool) else str(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_describe(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "none"
+    return {int: "int", float: "float", bool: "true | false", str: "string"}.get(tp, str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Convert a TOML value or CLI string to `tp`; raise ValueError when it does not fit."""
+    from_cli = isinstance(value, str)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if type(None) in args and (value is None or (from_cli and value.lower() in ("none", "null"))):
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg)
+            except ValueError:
+                continue
+        raise ValueError
+    if origin is Literal:
+        for option in typing.get_args(tp):
+            try:
+                if _coerce(value, type(option)) == option:
+                    return option
+            except ValueError:
+                continue
+        raise ValueError
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_cli and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_cli:
+            return int(value.replace("_", ""))
+        raise ValueError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_cli and value.lower() not in ("nan", "inf", "-inf", "+inf"):
+            return float(value)
+        raise ValueError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _field_types(section: str) -> dict[str, Any]:
+    return typing.get_type_hints(typing.get_type_hints(Config)[section])
+
+
+ALL_KEYS = [f"{s}.{k}" for s in SECTIONS for k in typing.get_type_hints(typing.get_type_hints(Config)[s])]
+
+
+def _set(cfg: Config, dotted: str, value: Any) -> None:
+    if dotted not in ALL_KEYS:
+        close = difflib.get_close_matches(dotted, ALL_KEYS, n=1, cutoff=0.5)
+        if not close:  # a right key in the wrong section still deserves a hint
+            close = [k for k in ALL_KEYS if k.split(".")[1] == dotted.split(".")[-1]]
+        hint = f"; did you mean '{close[0]}'?" if close else "; run with --help to list every key"
+        raise ConfigError(f"unknown config key '{dotted}'{hint}")
+    section, key = dotted.split(".")
+    tp = _field_types(section)[key]
+    try:
+        coerced = _coerce(value, tp)
+    except ValueError:
+        raise ConfigError(f"bad value for {dotted}: {value!r} (expected {_describe(tp)})") from None
+    setattr(getattr(cfg, section), key, coerced)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pick one from configs/")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+
+
+def build_config(toml_data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the TOML tables, then `--section.key value` overrides; validated."""
+    cfg = Config()
+    for section, table in (toml_data or {}).items():
+        if not isinstance(table, dict):
+            _set(cfg, section, table)  # a key outside any [section]: reported as unknown, with a hint
+        for key, value in table.items():
+            _set(cfg, f"{section}.{key}", value)
+    for dotted, value in parse_overrides(overrides or []):
+        _set(cfg, dotted, value)
+    cfg.validate()
+    return cfg
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """`--a.b value`, `--a.b=value` (also W&B agent style) into (key, raw string) pairs."""
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --section.key value")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override {arg} has no value: write {arg} VALUE or {arg}=VALUE")
+            key, value = arg[2:], args[i + 1]
+            i += 2
+        pairs.append((key, value))
+    return pairs
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML; loading it back gives the same config."""
+    lines = []
+    for section, table in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in table.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if value is None:
+        return '"none"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)
+    if isinstance(value, int):
+        return str(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return f'"{escaped}"'
+
+
+def help_text(prog: str, sections: tuple[str, ...] = SECTIONS) -> str:
+    cfg = Config()
+    lines = [f"usage: python {prog} [CONFIG.toml] [--section.key value ...] [--print-config] [--help]", ""]
+    for section in sections:
+        lines.append(f"[{section}]")
+        types_ = _field_types(section)
+        for f in dataclasses.fields(getattr(cfg, section)):
+            default = _toml_value(getattr(getattr(cfg, section), f.name))
+            lines.append(f"  --{section}.{f.name:<26} {default:<14} ({_describe(types_[f.name])}) "
+                         f"{f.metadata['help']}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def parse_cli(argv: list[str] | None = None, prog: str = "script.py",
+              sections: tuple[str, ...] = SECTIONS) -> Config:
+    """The command line of every script: an optional TOML path, then overrides.
+
+    Config errors print one line and exit with status 2; --help and --print-config exit 0.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text(prog, sections))
+        sys.exit(0)
+    print_config = "--print-config" in argv
+    argv = [a for a in argv if a != "--print-config"]
+    try:
+        toml_data = load_toml(argv.pop(0)) if argv and not argv[0].startswith("--") else {}
+        cfg = build_config(toml_data, argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if print_config:
+        print(to_toml(cfg))
+        sys.exit(0)
+    return cfg

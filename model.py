@@ -1,0 +1,398 @@
+"""A Llama-2/3 decoder from first principles.
+
+RMSNorm -> attention with RoPE and grouped-query heads -> residual, RMSNorm -> SwiGLU -> residual,
+repeated n_layers times, then a final RMSNorm and the LM head. Parameter names follow Hugging
+Face's `LlamaForCausalLM` (minus its `model.` prefix) so weights move between the two by name.
+The math behind each piece is in docs/.
+
+    python model.py configs/shakespeare_char.toml   # build the model, run a training step, report
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import safetensors.torch
+
+from config import ConfigError, ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The mean square is taken in fp32: in bf16 it loses the precision the division needs.
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """The head_dim/2 rotation frequencies, with Llama 3.1 scaling when configured."""
+    exponents = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64).float() / cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** exponents)
+    if cfg.rope_scaling == "llama3":
+        wavelen = 2 * math.pi / inv_freq
+        keep_below = cfg.rope_original_max_seq_len / cfg.rope_high_freq_factor
+        scale_above = cfg.rope_original_max_seq_len / cfg.rope_low_freq_factor
+        # Between the two wavelengths, blend linearly (in 1/wavelen) from scaled to unscaled.
+        smooth = (cfg.rope_original_max_seq_len / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        blended = (1 - smooth) * inv_freq / cfg.rope_scaling_factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen < keep_below, inv_freq,
+                               torch.where(wavelen > scale_above, inv_freq / cfg.rope_scaling_factor, blended))
+    return inv_freq
+
+
+def rope_cos_sin(cfg: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of shape (max_seq_len, head_dim), in the rotate-half layout."""
+    positions = torch.arange(cfg.max_seq_len, dtype=torch.float32)
+    angles = torch.outer(positions, rope_frequencies(cfg))
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each (i, i + head_dim/2) pair of x: (B, heads, T, head_dim) by its position's angle."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """Pre-allocated keys and values for n_kv_heads heads (not n_heads: that is GQA's saving)."""
+
+    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str | None = None):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v at positions start_pos.. and return every key and value so far."""
+        batch, end = k.shape[0], start_pos + k.shape[2]
+        self.k[:batch, :, start_pos:end] = k
+        self.v[:batch, :, start_pos:end] = v
+        return self.k[:batch, :, :end], self.v[:batch, :, :end]
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + causal mask) v, spelled out; k and v may have fewer heads than q."""
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return probs @ v
+
+
+def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
+    """(q_len, k_len) booleans, True where query i (the last q_len of k_len positions) may look."""
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)
+    return torch.arange(k_len, device=device)[None, :] <= q_pos[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.kernel = cfg.attention
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)
+        # A query block that starts at position 0 is plain causal; after a cached prefix the mask
+        # must be offset, and a single new token may see everything.
+        full_causal = k.shape[2] == T
+        mask = None if full_causal or T == 1 else causal_mask(T, k.shape[2], x.device)
+        if self.kernel == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=full_causal and T > 1,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
+        else:
+            if full_causal and T > 1:
+                mask = causal_mask(T, T, x.device)
+            y = reference_attention(q, k, v, mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_cos_sin(cfg)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """normal(0, init_std) everywhere; the projections that write into the residual stream
+        are shrunk by 1/sqrt(2 * n_layers) so its variance does not grow with depth."""
+        residual_std = self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=residual_std)
+            elif p.dim() == 2:
+                nn.init.normal_(p, mean=0.0, std=self.cfg.init_std)
+            else:
+                nn.init.ones_(p)
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *, start_pos: int = 0,
+                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) and, with targets (-100 = ignore), the mean cross-entropy.
+
+        With a KV cache set up, `tokens` continue the sequence at `start_pos`. `last_only` sends
+        only the final position through the LM head, which is all that decoding needs.
+        """
+        T = tokens.shape[1]
+        if start_pos + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        x = self.embed_tokens(tokens)
+        for layer in self.layers:
+            x = layer(x, cos, sin, start_pos)
+        x = self.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        logits = self.lm_head(x)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    # --- KV cache ------------------------------------------------------------------------------
+
+    def setup_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a KV cache in every attention layer for up to max_seq_len positions."""
+        device, dtype = self.lm_head.weight.device, dtype or self.lm_head.weight.dtype
+        for layer in self.layers:
+            layer.self_attn.cache = KVCache(batch_size, self.cfg.kv_heads, self.cfg.max_seq_len,
+                                            self.cfg.head_dim, dtype, device)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.cache = None
+
+    # --- accounting ----------------------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Distinct parameters; `non_embedding` leaves out the token embedding table (the LM head
+        stays when it is a separate matrix, since it is a real matmul)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and not self.cfg.tie_embeddings:
+            n -= self.embed_tokens.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs (forward + backward) per token: 6 per matmul weight, plus attention
+        scores and the weighted sum, 6 * 2 * n_layers * dim * seq_len (PaLM appendix B)."""
+        matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul_weights + 12 * self.cfg.n_layers * self.cfg.dim * seq_len
+
+    def estimate_mfu(self, tokens_per_second: float, seq_len: int, peak_flops: float) -> float:
+        """Model FLOPs utilization: achieved training FLOP/s over the hardware's peak."""
+        return self.flops_per_token(seq_len) * tokens_per_second / peak_flops
+
+    # --- Hugging Face interchange ----------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
+                        max_seq_len: int | None = None) -> "Llama":
+        """Load a Hugging Face Llama folder (config.json + model.safetensors, sharded or not)."""
+        cfg = read_hf_config(path)
+        if max_seq_len is not None:
+            cfg.max_seq_len = max_seq_len
+        with torch.device("meta"):
+            model = cls(cfg)
+        state = read_hf_weights(path)
+        expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+        if missing := sorted(expected - set(state)):
+            raise ConfigError(f"{path} has no weights for {missing[0]} (and {len(missing) - 1} more): "
+                              f"is it a complete Llama checkpoint?")
+        if unexpected := sorted(set(state) - expected - {"lm_head.weight"}):
+            raise ConfigError(f"{path} has weights this architecture lacks, e.g. {unexpected[0]}: "
+                              f"it is not a plain Llama model")
+        model.load_state_dict({k: state[k].to(dtype) for k in expected}, strict=False, assign=True)
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.rope_cos, model.rope_sin = rope_cos_sin(cfg)
+        return model
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write a folder that transformers.LlamaForCausalLM.from_pretrained loads as is."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(hf_config_dict(self.cfg, self.lm_head.weight.dtype), indent=2))
+        # Tied weights are one tensor: safetensors refuses aliases, and HF re-ties on load.
+        state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous()
+                 for k, v in self.state_dict().items()
+                 if not (self.cfg.tie_embeddings and k == "lm_head.weight")}
+        safetensors.torch.save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face config.json and safetensors files
+
+_HF_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    rope_scaling = None
+    if cfg.rope_scaling == "llama3":
+        rope_scaling = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
+                        "low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,
+                        "original_max_position_embeddings": cfg.rope_original_max_seq_len}
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling,
+        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": _HF_DTYPES[dtype],
+    }
+
+
+def read_hf_config(path: str | Path) -> ModelConfig:
+    """ModelConfig from a Hugging Face Llama config.json; what we cannot run is refused by name."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"{path} has no config.json: point at a Hugging Face model folder")
+    hf = json.loads(file.read_text())
+    if hf.get("model_type") != "llama":
+        raise ConfigError(f"{file} describes model_type={hf.get('model_type')!r}; only 'llama' is supported")
+    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if hf.get(key, ok) != ok:
+            raise ConfigError(f"{file} sets {key}={hf[key]!r}; this Llama implementation needs {key}={ok!r}")
+    # transformers 5 folds rope_theta and rope_scaling into rope_parameters; accept both spellings.
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ConfigError(f"{file} uses rope_type={rope_type!r}; supported: default, llama3")
+    cfg = ModelConfig(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        hidden_dim=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+    if rope_type == "llama3":
+        cfg.rope_scaling = "llama3"
+        cfg.rope_scaling_factor = float(rope["factor"])
+        cfg.rope_low_freq_factor = float(rope["low_freq_factor"])
+        cfg.rope_high_freq_factor = float(rope["high_freq_factor"])
+        cfg.rope_original_max_seq_len = int(rope["original_max_position_embeddings"])
+    if hf.get("head_dim") not in (None, cfg.head_dim):
+        raise ConfigError(f"{file} sets head_dim={hf['head_dim']} but hidden_size/num_attention_heads="
+                          f"{cfg.head_dim}; decoupled head sizes are not supported")
+    cfg.validate()
+    return cfg
+
+
+def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded) safetensors checkpoint, keyed by our parameter names."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif any(path.glob("pytorch_model*.bin")):
+        raise ConfigError(f"{path} holds only pickled pytorch_model.bin weights; re-save it with "
+                          f"safe_serialization=True (transformers) to get model.safetensors")
+    else:
+        raise ConfigError(f"{path} has no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for name in files:
+        for key, tensor in safetensors.torch.load_file(str(path / name)).items():
+            if key.endswith("rotary_emb.inv_freq"):  # a buffer older exports saved; we recompute it
+                continue
+            state[key.removeprefix("model.")] = tensor
+    return state
+
+
+def _smoke_run(argv: list[str] | None = None) -> None:
+    """Build the configured model and time one forward/backward on random tokens."""
+    from config import parse_cli
+    cfg = parse_cli(argv, prog="model.py", sections=("model", "train"))
+    torch.manual_seed(cfg.train.seed)
+    model = Llama(cfg.model)
+    B, T = cfg.train.micro_batch_size, cfg.train.block_size
+    tokens = torch.randint(0, cfg.model.vocab_size, (B, T + 1))
+    start = time.perf_counter()
+    _, loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    seconds = time.perf_counter() - start
+    report = {
+        "params": model.num_params(),
+        "params_non_embedding": model.num_params(non_embedding=True),
+        "flops_per_token": model.flops_per_token(T),
+        "kv_cache_bytes_per_token_fp32": 2 * cfg.model.n_layers * cfg.model.kv_heads * cfg.model.head_dim * 4,
+        "initial_loss": round(loss.item(), 4),
+        "uniform_loss": round(math.log(cfg.model.vocab_size), 4),
+        "train_step_tokens_per_s": round(B * T / seconds),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    _smoke_run()
