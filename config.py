@@ -372,7 +372,8 @@ def help_text(prog: str, sections: tuple[str, ...] = SECTIONS) -> str:
         lines.append(f"[{section}]")
         types_ = _field_types(section)
         for f in dataclasses.fields(getattr(cfg, section)):
-            default = _toml_value(getattr(getattr(cfg, section), f.name))
+            value = getattr(getattr(cfg, section), f.name)
+            default = "none" if value is None else _toml_value(value)
             lines.append(f"  --{section}.{f.name:<26} {default:<14} ({_describe(types_[f.name])}) "
                          f"{f.metadata['help']}")
         lines.append("")
