@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import sys
 import tomllib
@@ -158,16 +159,28 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    checkpoint: str | None = _field(None, "checkpoint folder or file to sample from")
+    checkpoint: str | None = _field(None, "checkpoint or run folder, Hugging Face Llama folder, or llama2.c .bin")
     prompt: str = _field("", "text to continue (empty = start from BOS)")
+    prompt_file: str | None = _field(None, "read the prompt from this file ('-' = stdin)")
+    prompt_ids: str | None = _field(None, "prompt as token ids, e.g. '1 403 9' ('1 5; 1 7 8' = two prompts in one batch)")
+    batch_lines: bool = _field(False, "each non-empty line of the prompt is its own prompt; all decode as one batch")
+    truncate: Literal["none", "left"] = _field("none", "a prompt longer than the context: none = refuse, left = keep its end")
     max_new_tokens: int = _field(256, "tokens to generate per sample")
     temperature: float = _field(0.8, "softmax temperature (0 = greedy)")
     top_k: int = _field(0, "keep only the k most likely tokens (0 = off)")
     top_p: float = _field(1.0, "nucleus sampling: keep the smallest set reaching this mass (1 = off)")
     min_p: float = _field(0.0, "drop tokens below min_p times the top probability (0 = off)")
-    repetition_penalty: float = _field(1.0, "Hugging Face-style repetition penalty (1 = off)")
+    repetition_penalty: float = _field(1.0, "Hugging Face-style repetition penalty over prompt and output (1 = off)")
     num_samples: int = _field(1, "samples per prompt")
-    seed: int = _field(1337, "sampling seed")
+    seed: int = _field(1337, "sampling seed (sample i of every prompt draws from seed + i)")
+    eos: str = _field("auto", "end-of-sequence token ids, e.g. '2' or '2,32000' (auto = the checkpoint's; none = off)")
+    stop: str | None = _field(None, "stop string, or a JSON list of them, e.g. '[\"\\n\\n\", \"The end\"]'")
+    stream: Literal["auto"] | bool = _field("auto", "print tokens as they come (auto: when stdout is a terminal)")
+    json: bool = _field(False, "print one JSON object per sample: prompt, text, token ids, finish reason, tokens/s")
+    compile: bool = _field(False, "torch.compile the one-token decoding step (static shapes)")
+    device: str = _field("auto", "auto, cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
+        "auto", "weights and KV cache dtype (auto: bf16 on GPUs that support it, else fp32)")
 
     def validate(self) -> None:
         _positive(self, "sample", ["max_new_tokens", "num_samples", "repetition_penalty"])
@@ -176,6 +189,47 @@ class SampleConfig:
             raise ConfigError(f"sample.top_p={self.top_p} must lie in (0, 1]")
         if not 0.0 <= self.min_p < 1.0:
             raise ConfigError(f"sample.min_p={self.min_p} must lie in [0, 1)")
+        given = [key for key in ("prompt", "prompt_file", "prompt_ids") if getattr(self, key)]
+        if len(given) > 1:
+            raise ConfigError(f"sample.{given[0]} and sample.{given[1]} are both set: give the prompt one way")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"sample.device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        self.eos_ids(), self.stop_strings(), self.prompt_id_lists()  # each raises on a malformed value
+
+    def eos_ids(self) -> list[int] | None:
+        """The configured end-of-sequence ids; None = take them from the checkpoint."""
+        if self.eos == "auto":
+            return None
+        if self.eos == "none":
+            return []
+        try:
+            return [int(i) for i in self.eos.replace(",", " ").split()]
+        except ValueError:
+            raise ConfigError(f"sample.eos={self.eos!r} must be auto, none or token ids like '2' or '2,32000'") from None
+
+    def stop_strings(self) -> list[str]:
+        if not self.stop:
+            return []
+        if not self.stop.startswith("["):
+            return [self.stop]
+        try:
+            stops = json.loads(self.stop)
+        except json.JSONDecodeError:
+            stops = None
+        if not (isinstance(stops, list) and stops and all(isinstance(s, str) and s for s in stops)):
+            raise ConfigError(f"sample.stop={self.stop!r} starts with '[' but is no JSON list of non-empty strings, "
+                              f"e.g. '[\"\\n\\n\", \"The end\"]'")
+        return stops
+
+    def prompt_id_lists(self) -> list[list[int]]:
+        """sample.prompt_ids as one list of ids per prompt ([] when unset)."""
+        if self.prompt_ids is None:
+            return []
+        try:
+            return [[int(i) for i in part.replace(",", " ").split()] for part in self.prompt_ids.split(";")]
+        except ValueError:
+            raise ConfigError(f"sample.prompt_ids={self.prompt_ids!r} must be integers, e.g. '1 403 9' "
+                              f"(';' separates prompts)") from None
 
 
 @dataclass

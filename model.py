@@ -82,8 +82,17 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v at positions start_pos.. and return every key and value so far."""
+    def update(self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v at positions start_pos.. and return every key and value so far.
+
+        A tensor start_pos (compiled decoding) returns the whole cache instead, so every step has
+        the same shapes; the caller's mask hides the slots not yet written.
+        """
+        if isinstance(start_pos, torch.Tensor):
+            slots = start_pos + torch.arange(k.shape[2], device=k.device)
+            self.k.index_copy_(2, slots, k)
+            self.v.index_copy_(2, slots, v)
+            return self.k, self.v
         batch, end = k.shape[0], start_pos + k.shape[2]
         self.k[:batch, :, start_pos:end] = k
         self.v[:batch, :, start_pos:end] = v
@@ -118,7 +127,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -126,15 +136,18 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
-        # A query block that starts at position 0 is plain causal; after a cached prefix the mask
-        # must be offset, and a single new token may see everything.
-        full_causal = k.shape[2] == T
-        mask = None if full_causal or T == 1 else causal_mask(T, k.shape[2], x.device)
+        is_causal = False  # a mask from the caller (padded rows, fixed-size cache) says it all
+        if mask is None:
+            # A query block that starts at position 0 is plain causal; after a cached prefix the mask
+            # must be offset, and a single new token may see everything.
+            full_causal = k.shape[2] == T
+            is_causal = full_causal and T > 1
+            mask = None if full_causal or T == 1 else causal_mask(T, k.shape[2], x.device)
         if self.kernel == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=full_causal and T > 1,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                enable_gqa=self.n_kv_heads != self.n_heads)
         else:
-            if full_causal and T > 1:
+            if is_causal:
                 mask = causal_mask(T, T, x.device)
             y = reference_attention(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -161,8 +174,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -194,20 +208,27 @@ class Llama(nn.Module):
             else:
                 nn.init.ones_(p)
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *, start_pos: int = 0,
-                last_only: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                start_pos: int | torch.Tensor = 0, last_only: bool = False,
+                pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) and, with targets (-100 = ignore), the mean cross-entropy.
 
         With a KV cache set up, `tokens` continue the sequence at `start_pos`. `last_only` sends
-        only the final position through the LM head, which is all that decoding needs.
+        only the final position through the LM head, which is all that decoding needs. `pad` (B,)
+        counts the filler tokens each row was left-padded with, so prompts of different lengths
+        share a batch. A 0-d tensor start_pos makes every decoding step the same shape (torch.compile).
         """
         T = tokens.shape[1]
-        if start_pos + T > self.cfg.max_seq_len:
+        fixed_shapes = isinstance(start_pos, torch.Tensor)
+        if not fixed_shapes and start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T]
+        if pad is None and not fixed_shapes:
+            cos, sin, mask = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T], None
+        else:
+            cos, sin, mask = self.padded_rope_and_mask(tokens.shape[0], T, start_pos, pad)
         x = self.embed_tokens(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, start_pos)
+            x = layer(x, cos, sin, start_pos, mask)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
@@ -217,13 +238,32 @@ class Llama(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
+    def padded_rope_and_mask(self, batch: int, T: int, start_pos: int | torch.Tensor,
+                             pad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-row RoPE tables (B, 1, T, head_dim) and attention mask (B, 1, T, keys).
+
+        Row b's real tokens start at slot pad[b], so its RoPE positions are slot - pad[b] and its
+        queries never see the filler slots: each row computes what it would alone. A filler query
+        sees itself, so no softmax row is empty (an empty one would be NaN, and NaN leaks through
+        a zero weight). A tensor start_pos attends over the whole cache, unwritten slots masked.
+        """
+        device = self.rope_cos.device
+        slots = start_pos + torch.arange(T, device=device)
+        pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else pad
+        n_keys = self.layers[0].self_attn.cache.k.shape[2] if isinstance(start_pos, torch.Tensor) else start_pos + T
+        keys = torch.arange(n_keys, device=device)
+        positions = (slots[None, :] - pad[:, None]).clamp(min=0)
+        visible = (keys <= slots[:, None]) & ((keys >= pad[:, None, None]) | (keys == slots[:, None]))
+        return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1), visible.unsqueeze(1)
+
     # --- KV cache ------------------------------------------------------------------------------
 
-    def setup_cache(self, batch_size: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate a KV cache in every attention layer for up to max_seq_len positions."""
+    def setup_cache(self, batch_size: int, dtype: torch.dtype | None = None, max_seq_len: int | None = None) -> None:
+        """Allocate a KV cache in every attention layer for up to max_seq_len positions
+        (default: the model's; a shorter one saves memory, and compiled decoding attends over all of it)."""
         device, dtype = self.lm_head.weight.device, dtype or self.lm_head.weight.dtype
         for layer in self.layers:
-            layer.self_attn.cache = KVCache(batch_size, self.cfg.kv_heads, self.cfg.max_seq_len,
+            layer.self_attn.cache = KVCache(batch_size, self.cfg.kv_heads, max_seq_len or self.cfg.max_seq_len,
                                             self.cfg.head_dim, dtype, device)
 
     def clear_cache(self) -> None:

@@ -1,0 +1,365 @@
+"""Sample text from a checkpoint: ours, a Hugging Face Llama folder, or a llama2.c .bin file.
+
+    python generate.py --checkpoint out/run --prompt "Once upon a time" --top_p 0.9
+    python generate.py --checkpoint ../shared/data/stories260K.bin --prompt_ids "1" --temperature 0
+    echo "To be" | python generate.py --checkpoint out/run --json --num_samples 3
+    python generate.py --help                     # every option (also spelled --sample.<key>)
+
+The prompt is prefilled in one forward into a pre-allocated KV cache, then each step feeds one
+token and sends only the last position through the LM head. Prompts of different lengths share a
+batch left-padded: the model masks each row's padding and shifts its RoPE positions, so every row
+decodes as it would alone, and sample i of every prompt draws from its own generator (seed + i).
+The sampling functions are plain functions of (batch, vocab) logits, for reuse by other front ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import stat
+import sys
+import time
+import typing
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from config import ConfigError, SampleConfig, parse_cli
+from convert import load_model, resolve_checkpoint
+from model import Llama
+
+# ---------------------------------------------------------------------------------------------
+# Sampling: each function maps (batch, vocab) logits to logits, -inf marking what was dropped
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Hugging Face's rule on every token already in the prompt or output (`seen`, a (batch, vocab)
+    bool mask): positive logits are divided by the penalty, negative ones multiplied."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep exactly the k largest logits (ties broken by topk, so never more than k)."""
+    if k >= logits.shape[-1]:
+        return logits
+    values, indices = logits.topk(k, dim=-1)
+    return torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability mass reaches p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # 0 for the top token, so it always stays
+    sorted_logits = sorted_logits.masked_fill(mass_before >= p, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens less likely than min_p times the most likely one."""
+    probs = logits.softmax(dim=-1)
+    return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, seen: torch.Tensor, cfg: SampleConfig,
+                generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """The next token of each row, (batch,), in Hugging Face's order: repetition penalty,
+    temperature, top-k, top-p, min-p. Stays on the device: nothing here waits for the GPU."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / cfg.temperature
+    if cfg.top_k > 0:
+        logits = top_k_filter(logits, cfg.top_k)
+    if cfg.top_p < 1.0:
+        logits = top_p_filter(logits, cfg.top_p)
+    if cfg.min_p > 0.0:
+        logits = min_p_filter(logits, cfg.min_p)
+    # argmax(p / E) with E ~ Exp(1) picks token i with probability p_i (the exponential race);
+    # unlike torch.multinomial it never syncs with the device. One generator per row keeps a
+    # row's draws independent of what else shares the batch.
+    noise = torch.stack([torch.empty_like(logits[0]).exponential_(generator=g) for g in generators])
+    return (logits.softmax(dim=-1) / noise).argmax(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding
+
+
+@dataclasses.dataclass
+class Completion:
+    """One row of a batch: a prompt, which of its samples this is, and what was generated.
+    finish_reason is None while decoding, then "eos", "length" or "stop"."""
+    prompt_ids: list[int]
+    sample: int = 0
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+
+
+DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def compile_decode_step(model: Llama) -> DecodeStep:
+    """A compiled one-token step, (batch, 1) tokens at a 0-d position tensor -> (batch, vocab) logits.
+    The position is a tensor and attention spans the whole cache, so every step has the same shapes
+    and compiles once (gpt-fast's recipe); CUDA graphs remove the launch overhead on GPUs."""
+    def step(token: torch.Tensor, position: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        return model(token, start_pos=position, last_only=True, pad=pad)[0][:, -1]
+
+    mode = "reduce-overhead" if model.lm_head.weight.is_cuda else None
+    return torch.compile(step, mode=mode, fullgraph=True)
+
+
+def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, eos_ids: Sequence[int] = (), *,
+             use_cache: bool = True, decode_step: DecodeStep | None = None) -> Iterator[list[Completion]]:
+    """Decode cfg.num_samples samples of every prompt as one batch, yielding the rows after each step.
+
+    A row's token_ids grow by one per step until it finishes (EOS, max_new_tokens, or the end of the
+    context); a caller may end a row early by setting its finish_reason (stop strings do). Without
+    the cache every step re-reads the whole sequence (the baseline the cache is measured against);
+    `decode_step` comes from compile_decode_step.
+    """
+    device = model.lm_head.weight.device
+    rows = [Completion(list(p), sample) for p in prompts for sample in range(cfg.num_samples)]
+    longest = max(len(r.prompt_ids) for r in rows)
+    if longest == 0 or longest > model.cfg.max_seq_len:
+        raise ValueError(f"prompts must hold 1 to {model.cfg.max_seq_len} tokens, got {longest}")
+    n_new = min(cfg.max_new_tokens, model.cfg.max_seq_len - longest + 1)
+    padding = [longest - len(r.prompt_ids) for r in rows]
+    tokens = torch.tensor([[0] * n + r.prompt_ids for n, r in zip(padding, rows)], device=device)
+    pad = torch.tensor(padding, device=device) if any(padding) else None
+    seen = torch.zeros(len(rows), model.cfg.vocab_size, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        seen[i, r.prompt_ids] = True
+    generators = [torch.Generator(device).manual_seed(cfg.seed + r.sample) for r in rows]
+    eos = set(eos_ids)
+    with torch.inference_mode():
+        if use_cache:
+            model.setup_cache(len(rows), max_seq_len=longest + n_new - 1)
+        logits = model(tokens, last_only=True, pad=pad)[0][:, -1]
+        position = torch.tensor(longest, device=device)
+        try:
+            for step in range(n_new):
+                next_tokens = sample_next(logits, seen, cfg, generators)
+                for row, token in zip(rows, next_tokens.tolist()):  # the one host sync: emit the tokens
+                    if row.finish_reason is None:
+                        if token in eos:
+                            row.finish_reason = "eos"
+                        else:
+                            row.token_ids.append(token)
+                            row.finish_reason = "length" if step == n_new - 1 else None
+                yield rows
+                if all(r.finish_reason for r in rows) or step == n_new - 1:
+                    break
+                seen.scatter_(1, next_tokens[:, None], True)
+                if not use_cache:
+                    tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
+                    logits = model(tokens, last_only=True, pad=pad)[0][:, -1]
+                elif decode_step is not None:
+                    logits = decode_step(next_tokens[:, None], position, pad)
+                    position += 1
+                else:
+                    logits = model(next_tokens[:, None], start_pos=longest + step, last_only=True, pad=pad)[0][:, -1]
+        finally:
+            model.clear_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and special tokens
+
+
+def load_tokenizer(folder: Path | None):
+    """The folder's tokenizer.json as a `tokenizers.Tokenizer`, or None (llama2.c files, bare folders)."""
+    if folder is None or not (folder / "tokenizer.json").is_file():
+        return None
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+
+
+def special_token_ids(folder: Path | None, tokenizer) -> tuple[int | None, list[int]]:
+    """(BOS id, EOS ids): generation_config.json, then config.json, then the tokenizer's usual names.
+    A llama2.c file has BOS 1, which also ends a sequence (TinyStories stories are BOS-separated)."""
+    if folder is None:
+        return 1, [1]
+    found: dict[str, typing.Any] = {}
+    for name in ("config.json", "generation_config.json"):  # the later file wins
+        if (folder / name).is_file():
+            found.update({k: v for k, v in json.loads((folder / name).read_text()).items() if v is not None})
+    bos, eos = found.get("bos_token_id"), found.get("eos_token_id")
+    if tokenizer is not None:
+        def first_known(names: list[str]) -> int | None:
+            return next((i for i in map(tokenizer.token_to_id, names) if i is not None), None)
+        bos = bos if bos is not None else first_known(["<s>", "<|begin_of_text|>", "<|bos|>", "<bos>"])
+        eos = eos if eos is not None else first_known(["</s>", "<|end_of_text|>", "<|eos|>", "<eos>", "<|endoftext|>"])
+    return bos, [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def expand_short_flags(argv: list[str]) -> list[str]:
+    """`--top_k 5` -> `--sample.top_k 5`, and a bare boolean flag (`--json`) -> `--sample.json true`."""
+    hints = typing.get_type_hints(SampleConfig)
+    out = []
+    for i, arg in enumerate(argv):
+        key = arg[2:].split("=", 1)[0].removeprefix("sample.") if arg.startswith("--") else None
+        if key not in hints:
+            out.append(arg)
+            continue
+        out.append("--sample." + arg[2:].removeprefix("sample."))
+        is_bool = hints[key] is bool or bool in typing.get_args(hints[key])
+        if is_bool and "=" not in arg and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("true")
+    return out
+
+
+def read_prompt_text(cfg: SampleConfig) -> str:
+    if cfg.prompt_file == "-":
+        return sys.stdin.read()
+    if cfg.prompt_file:
+        path = Path(cfg.prompt_file)
+        if not path.is_file():
+            raise ConfigError(f"prompt file {path} does not exist")
+        return path.read_text()
+    if cfg.prompt or cfg.prompt_ids is not None:
+        return cfg.prompt
+    mode = os.fstat(sys.stdin.fileno()).st_mode if not sys.stdin.closed else 0
+    return sys.stdin.read() if stat.S_ISFIFO(mode) or stat.S_ISREG(mode) else ""  # piped in
+
+
+def prompt_token_ids(cfg: SampleConfig, tokenizer, bos: int | None, source: str) -> tuple[list[str | None], list[list[int]]]:
+    """(prompt texts, None for raw ids; prompt token ids) each starting with BOS when there is one."""
+    if cfg.prompt_ids is not None:
+        id_lists = cfg.prompt_id_lists()
+        texts: list[str | None] = [None] * len(id_lists)
+    else:
+        text = read_prompt_text(cfg)
+        texts = [line for line in text.splitlines() if line.strip()] if cfg.batch_lines else [text]
+        texts = texts or [""]
+        if tokenizer is None and any(texts):
+            raise ConfigError(f"{source} has no tokenizer.json: give the prompt as token ids, e.g. --prompt_ids '1 403 9'")
+        id_lists = [tokenizer.encode(t, add_special_tokens=False).ids if t else [] for t in texts]
+    if bos is not None:
+        id_lists = [ids if ids[:1] == [bos] else [bos] + ids for ids in id_lists]
+    if not all(id_lists):
+        raise ConfigError(f"the prompt is empty and {source} defines no BOS token to start from: give a prompt")
+    return texts, id_lists
+
+
+def fit_context(id_lists: list[list[int]], cfg: SampleConfig, context: int) -> list[list[int]]:
+    """Refuse prompts longer than the context, or with --truncate left cut each prompt's start so
+    that max_new_tokens still fit."""
+    if cfg.truncate == "left":
+        keep = max(1, context - cfg.max_new_tokens + 1)
+        return [ids[-keep:] for ids in id_lists]
+    if (longest := max(map(len, id_lists))) > context:
+        raise ConfigError(f"the prompt has {longest} tokens but the model's context is {context}: shorten it, "
+                          f"or pass --truncate left to keep its last tokens")
+    return id_lists
+
+
+def pick_device(cfg: SampleConfig) -> tuple[torch.device, torch.dtype]:
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"sample.device={name} but no CUDA GPU is visible: use --device cpu")
+    device = torch.device(name)
+    if cfg.dtype != "auto":
+        return device, getattr(torch, cfg.dtype)
+    on_bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return device, torch.bfloat16 if on_bf16_gpu else torch.float32
+
+
+def hold_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters may not be printed yet: a half-decoded UTF-8 character, or
+    the beginning of a stop string that the next tokens may complete."""
+    held = len(text) - len(text.rstrip("\ufffd"))
+    for stop in stops:
+        held = max(held, next((n for n in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:n])), 0))
+    return held
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(expand_short_flags(list(sys.argv[1:] if argv is None else argv)), prog="generate.py",
+                    sections=("sample",)).sample
+    try:
+        run(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def run(cfg: SampleConfig) -> None:
+    if cfg.checkpoint is None:
+        raise ConfigError("no checkpoint given: pass --checkpoint PATH (a checkpoint, run or Hugging Face folder, "
+                          "or a llama2.c .bin)")
+    device, dtype = pick_device(cfg)
+    model = load_model(cfg.checkpoint, dtype).to(device).eval()
+    folder = None if Path(cfg.checkpoint).is_file() else resolve_checkpoint(cfg.checkpoint)
+    tokenizer = load_tokenizer(folder)
+    bos, checkpoint_eos = special_token_ids(folder, tokenizer)
+    stops = cfg.stop_strings()
+    if stops and tokenizer is None:
+        raise ConfigError(f"stop strings need a tokenizer and {cfg.checkpoint} has none: stop on token ids with --eos")
+    texts, id_lists = prompt_token_ids(cfg, tokenizer, bos, cfg.checkpoint)
+    id_lists = fit_context(id_lists, cfg, model.cfg.max_seq_len)
+    eos = checkpoint_eos if cfg.eos_ids() is None else cfg.eos_ids()
+    one_row = len(id_lists) * cfg.num_samples == 1
+    if cfg.stream is True and not one_row:
+        raise ConfigError("--stream prints a single sample: drop it, or use one prompt and num_samples=1")
+    stream = one_row and not cfg.json and (sys.stdout.isatty() if cfg.stream == "auto" else cfg.stream)
+
+    def render(ids: list[int]) -> str:  # without a tokenizer the text is the ids, each after a space
+        return tokenizer.decode(ids) if tokenizer is not None else "".join(f" {i}" for i in ids)
+
+    step = compile_decode_step(model) if cfg.compile else None
+    texts_out: dict[int, str] = {}
+    finished_s: dict[int, float] = {}
+    printed, first_token_s, start = 0, None, time.perf_counter()
+    if stream:
+        print(texts[0] if texts[0] is not None else render(id_lists[0]).lstrip(), end="", flush=True)
+    for rows in generate(model, id_lists, cfg, eos, decode_step=step):
+        elapsed = time.perf_counter() - start
+        first_token_s = elapsed if first_token_s is None else first_token_s
+        for i, row in enumerate(rows):
+            if i in finished_s:
+                continue
+            if stops or stream:  # decoding every step costs time: only when something reads it
+                text = texts_out[i] = render(row.token_ids)
+                if (cut := min((text.find(s) for s in stops if s in text), default=-1)) >= 0:
+                    texts_out[i], row.finish_reason = text[:cut], "stop"
+            if row.finish_reason:
+                finished_s[i] = elapsed
+        if stream:
+            text = texts_out[0]
+            visible = len(text) if rows[0].finish_reason else len(text) - hold_back(text, stops)
+            print(text[printed:visible], end="", flush=True)
+            printed = max(printed, visible)
+    if stream:
+        print()
+    for i, row in enumerate(rows):
+        text = texts_out[i] if i in texts_out else render(row.token_ids)
+        prompt = texts[i // cfg.num_samples]
+        if cfg.json:
+            print(json.dumps({"prompt": prompt, "prompt_ids": row.prompt_ids, "sample": row.sample, "text": text,
+                              "token_ids": row.token_ids, "finish_reason": row.finish_reason,
+                              "tokens_per_s": round(len(row.token_ids) / finished_s[i], 2),
+                              "time_to_first_token_s": round(first_token_s, 4)}))
+        elif not stream:
+            shown_prompt = prompt if prompt is not None else render(row.prompt_ids).lstrip()
+            print(("---\n" if i else "") + shown_prompt + text)
+    n_tokens, elapsed = sum(len(r.token_ids) for r in rows), time.perf_counter() - start
+    print(f"{n_tokens} tokens in {elapsed:.2f}s ({n_tokens / elapsed:.1f} tokens/s), first token after "
+          f"{1000 * first_token_s:.0f} ms", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
