@@ -107,8 +107,12 @@ DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.T
 
 def compile_decode_step(model: Llama) -> DecodeStep:
     """A compiled one-token step, (batch, 1) tokens at a 0-d position tensor -> (batch, vocab) logits.
+
     The position is a tensor and attention spans the whole cache, so every step has the same shapes
-    and compiles once (gpt-fast's recipe); CUDA graphs remove the launch overhead on GPUs."""
+    and compiles once per batch size and cache length (gpt-fast's recipe); on GPUs CUDA graphs then
+    remove the kernel-launch overhead. (Inductor's weight freezing with max_autotune decodes over
+    twice as fast on CPU, but gave wrong tokens on stories260K in torch 2.13, so it stays off.)
+    """
     def step(token: torch.Tensor, position: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
         return model(token, start_pos=position, last_only=True, pad=pad)[0][:, -1]
 
@@ -134,29 +138,34 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
     padding = [longest - len(r.prompt_ids) for r in rows]
     tokens = torch.tensor([[0] * n + r.prompt_ids for n, r in zip(padding, rows)], device=device)
     pad = torch.tensor(padding, device=device) if any(padding) else None
-    seen = torch.zeros(len(rows), model.cfg.vocab_size, dtype=torch.bool, device=device)
-    for i, r in enumerate(rows):
-        seen[i, r.prompt_ids] = True
     generators = [torch.Generator(device).manual_seed(cfg.seed + r.sample) for r in rows]
     eos = set(eos_ids)
+    # Inference mode is entered per step, never across a yield: the caller's code between steps
+    # must not run in it.
     with torch.inference_mode():
+        seen = torch.zeros(len(rows), model.cfg.vocab_size, dtype=torch.bool, device=device)
+        for i, r in enumerate(rows):
+            seen[i, r.prompt_ids] = True
         if use_cache:
             model.setup_cache(len(rows), max_seq_len=longest + n_new - 1)
         logits = model(tokens, last_only=True, pad=pad)[0][:, -1]
         position = torch.tensor(longest, device=device)
-        try:
-            for step in range(n_new):
+    try:
+        for step in range(n_new):
+            with torch.inference_mode():
                 next_tokens = sample_next(logits, seen, cfg, generators)
-                for row, token in zip(rows, next_tokens.tolist()):  # the one host sync: emit the tokens
-                    if row.finish_reason is None:
-                        if token in eos:
-                            row.finish_reason = "eos"
-                        else:
-                            row.token_ids.append(token)
-                            row.finish_reason = "length" if step == n_new - 1 else None
-                yield rows
-                if all(r.finish_reason for r in rows) or step == n_new - 1:
-                    break
+                emitted = next_tokens.tolist()  # the one host sync per step: the tokens must be emitted
+            for row, token in zip(rows, emitted):
+                if row.finish_reason is None:
+                    if token in eos:
+                        row.finish_reason = "eos"
+                    else:
+                        row.token_ids.append(token)
+                        row.finish_reason = "length" if step == n_new - 1 else None
+            yield rows
+            if all(r.finish_reason for r in rows) or step == n_new - 1:
+                break
+            with torch.inference_mode():
                 seen.scatter_(1, next_tokens[:, None], True)
                 if not use_cache:
                     tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
@@ -166,8 +175,8 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
                     position += 1
                 else:
                     logits = model(next_tokens[:, None], start_pos=longest + step, last_only=True, pad=pad)[0][:, -1]
-        finally:
-            model.clear_cache()
+    finally:
+        model.clear_cache()
 
 
 # ---------------------------------------------------------------------------------------------

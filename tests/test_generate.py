@@ -2,6 +2,7 @@
 batching, reproducibility, the command line and its one-line errors."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,10 @@ import pytest
 import torch
 
 from config import ConfigError, SampleConfig, build_config
+from convert import read_llama2c, write_llama2c
 from generate import (Completion, apply_repetition_penalty, compile_decode_step, expand_short_flags, generate,
                       hold_back, main, min_p_filter, sample_next, top_k_filter, top_p_filter)
+from test_convert import STORIES
 from test_model import make_model
 
 transformers = pytest.importorskip("transformers")
@@ -44,7 +47,10 @@ def test_cached_uncached_and_fixed_shape_decoding_agree():
     model = make_model(**GQA)
     cfg = SampleConfig(temperature=0.0, max_new_tokens=24)
     prompts = [[1, 2, 3, 4, 5]]
-    cached = [r.token_ids for r in list(generate(model, prompts, cfg))[-1]]
+    cached = []
+    for rows in generate(model, prompts, cfg):
+        assert not torch.is_inference_mode_enabled()  # never leaks into the caller's code
+        cached = [r.token_ids for r in rows]
     uncached = [r.token_ids for r in list(generate(model, prompts, cfg, use_cache=False))[-1]]
     # The compiled step's code path (tensor position, whole-cache attention), run eagerly here.
     def fixed_shape_step(token, position, pad):
@@ -54,13 +60,16 @@ def test_cached_uncached_and_fixed_shape_decoding_agree():
 
 
 @pytest.mark.slow
-def test_compiled_decoding_matches_eager():
-    model = make_model(**GQA)
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
-    eager = decode(model, prompts, max_new_tokens=12)
-    compiled = list(generate(model, prompts, SampleConfig(temperature=0.0, max_new_tokens=12),
-                             decode_step=compile_decode_step(model)))[-1]
-    assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
+@pytest.mark.parametrize("which", ["gqa", "stories260K"])
+def test_compiled_decoding_matches_eager(which):
+    if which == "stories260K" and not STORIES.is_file():
+        pytest.skip("../shared/data/stories260K.bin is absent")
+    model = make_model(**GQA) if which == "gqa" else read_llama2c(STORIES).eval()
+    step = compile_decode_step(model)
+    for prompts in ([[1, 2, 3], [4, 5, 6, 7, 8, 9]], [[9, 8, 7, 6]], [[10, 11, 12, 13]]):  # fresh caches, same step
+        eager = decode(model, prompts, max_new_tokens=12)
+        compiled = list(generate(model, prompts, SampleConfig(temperature=0.0, max_new_tokens=12), decode_step=step))[-1]
+        assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
 
 
 def test_batched_rows_of_different_lengths_equal_solo_runs():
@@ -229,7 +238,7 @@ def test_short_flags_map_to_the_sample_section():
     (["--sample.truncate", "right"], "bad value for sample.truncate: 'right' (expected none | left)"),
 ])
 def test_bad_sample_config_messages(override, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         build_config(overrides=override)
 
 
@@ -240,7 +249,6 @@ def test_bad_sample_config_messages(override, message):
     (["--checkpoint", "{bin}", "--stop", "x"], "stop strings need a tokenizer"),
 ])
 def test_bad_cli_input_is_one_line(args, message, tmp_path, capsys):
-    from convert import write_llama2c
     write_llama2c(make_model(vocab_size=16, dim=16, n_layers=1, n_heads=2), tmp_path / "m.bin")
     with pytest.raises(SystemExit) as e:
         main([a.format(bin=tmp_path / "m.bin") for a in args])
