@@ -167,7 +167,7 @@ class SampleConfig:
     prompt_file: str | None = _field(None, "read the prompt from this file ('-' = stdin)")
     prompt_ids: str | None = _field(None, "prompt as token ids, e.g. '1 403 9' ('1 5; 1 7 8' = two prompts in one batch)")
     batch_lines: bool = _field(False, "each non-empty line of the prompt is its own prompt; all decode as one batch")
-    truncate: Literal["none", "left"] = _field("none", "a prompt longer than the context: none = refuse, left = keep its end")
+    truncate: Literal["none", "left"] = _field("none", "none = refuse a prompt longer than the context; left = cut its start so max_new_tokens fit")
     max_new_tokens: int = _field(256, "tokens to generate per sample")
     temperature: float = _field(0.8, "softmax temperature (0 = greedy)")
     top_k: int = _field(0, "keep only the k most likely tokens (0 = off)")

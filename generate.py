@@ -239,8 +239,11 @@ def read_prompt_text(cfg: SampleConfig) -> str:
         return path.read_text()
     if cfg.prompt or cfg.prompt_ids is not None:
         return cfg.prompt
-    mode = os.fstat(sys.stdin.fileno()).st_mode if not sys.stdin.closed else 0
-    return sys.stdin.read() if stat.S_ISFIFO(mode) or stat.S_ISREG(mode) else ""  # piped in
+    try:
+        mode = os.fstat(sys.stdin.fileno()).st_mode
+    except (OSError, ValueError):  # no usable stdin: closed, or replaced by a test harness
+        return ""
+    return sys.stdin.read() if stat.S_ISFIFO(mode) or stat.S_ISREG(mode) else ""  # piped in, not a terminal
 
 
 def prompt_token_ids(cfg: SampleConfig, tokenizer, bos: int | None, source: str) -> tuple[list[str | None], list[list[int]]]:
@@ -290,7 +293,10 @@ def hold_back(text: str, stops: Sequence[str]) -> int:
     the beginning of a stop string that the next tokens may complete."""
     held = len(text) - len(text.rstrip("\ufffd"))
     for stop in stops:
-        held = max(held, next((n for n in range(min(len(stop) - 1, len(text)), 0, -1) if text.endswith(stop[:n])), 0))
+        for n in range(min(len(stop) - 1, len(text)), held, -1):  # the longest prefix of stop ending text
+            if text.endswith(stop[:n]):
+                held = n
+                break
     return held
 
 
