@@ -90,13 +90,17 @@ class ModelConfig:
 class DataConfig:
     dataset: str = _field("shakespeare_char", "dataset name; its files live in data_dir/<dataset>/")
     data_dir: str = _field("data", "folder that holds prepared datasets")
-    source: str | None = _field(None, "local path or URL of the raw corpus (none = the dataset's official download)")
-    tokenizer: Literal["char", "bpe"] = _field("char", "tokenizer kind used by prepare_data.py")
+    source: str | None = _field(None, "local path or URL of a named dataset's raw file (none = its official download)")
+    input: str | None = _field(None, "your own corpus: a .txt/.jsonl file, a folder of them, or a glob")
+    sha256: str | None = _field(None, "expected sha256 of the downloaded or --data.source file (none = the dataset's own)")
+    tokenizer: Literal["char", "bpe"] = _field("char", "tokenizer kind for --data.input corpora (named datasets fix it)")
     vocab_size: int = _field(4096, "BPE vocabulary size (ignored for char)")
+    bpe_train_bytes: int = _field(100_000_000, "BPE merges are learned from at most this many bytes of the corpus")
     val_fraction: float = _field(0.1, "share of the corpus held out for validation")
+    workers: int = _field(2, "tokenizer processes")
 
     def validate(self) -> None:
-        _positive(self, "data", ["vocab_size"])
+        _positive(self, "data", ["vocab_size", "bpe_train_bytes", "workers"])
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction={self.val_fraction} must lie strictly between 0 and 1")
 

@@ -1,0 +1,147 @@
+"""Token files and the training batch sampler.
+
+A `.bin` token file is a 64-byte header followed by the tokens:
+
+    magic "NLTOKENS" | format version (u32) | bytes per token (u32: 2 = uint16, 4 = uint32)
+    | token count (u64) | vocab size (u64) | sha256 of the tokenizer.json (32 bytes)
+
+Reading maps the tokens with `np.memmap`, so a file of any size costs no memory, and checks the
+header and the file length before anything trains on it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+MAGIC = b"NLTOKENS"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQQ32s")  # 64 bytes, so the tokens that follow stay aligned
+EVAL_STREAM = 2**32 - 1  # a step number no run reaches: evaluation windows never repeat training ones
+
+
+class DataError(ValueError):
+    """A problem with a dataset whose message is one line meant for the user."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def write_tokens(path: str | Path, chunks: Iterable[np.ndarray], vocab_size: int, tokenizer_hash: str) -> int:
+    """Stream token arrays into `path` through a temporary file renamed at the end; returns the count.
+
+    An interrupted write leaves only the `.tmp` file, never a `.bin` that looks whole.
+    """
+    path, dtype = Path(path), token_dtype(vocab_size)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    digest = bytes.fromhex(tokenizer_hash)
+    count = 0
+    with tmp.open("wb") as f:
+        f.write(HEADER.pack(MAGIC, VERSION, dtype.itemsize, 0, vocab_size, digest))
+        for chunk in chunks:
+            f.write(np.asarray(chunk, dtype=dtype).tobytes())
+            count += len(chunk)
+        f.seek(0)
+        f.write(HEADER.pack(MAGIC, VERSION, dtype.itemsize, count, vocab_size, digest))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return count
+
+
+@dataclass
+class TokenFile:
+    path: Path
+    tokens: np.memmap
+    vocab_size: int
+    tokenizer_hash: str
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def read_tokens(path: str | Path) -> TokenFile:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: create it with python prepare_data.py")
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(HEADER.size)
+    if len(raw) < HEADER.size or raw[:8] != MAGIC:
+        raise DataError(f"{path} is not a nanollama token file (bad header): re-run prepare_data.py")
+    _, version, itemsize, count, vocab_size, digest = HEADER.unpack(raw)
+    if version != VERSION:
+        raise DataError(f"{path} has format version {version}, this code reads {VERSION}: re-run prepare_data.py")
+    if itemsize not in (2, 4):
+        raise DataError(f"{path} declares {itemsize}-byte tokens; only 2 and 4 exist: re-run prepare_data.py")
+    if size != HEADER.size + count * itemsize:
+        raise DataError(f"{path} is truncated or corrupt: its header promises {count:,} tokens "
+                        f"({HEADER.size + count * itemsize:,} bytes) but the file has {size:,} bytes; "
+                        f"re-run prepare_data.py")
+    dtype = np.uint16 if itemsize == 2 else np.uint32
+    tokens = np.memmap(path, dtype=dtype, mode="r", offset=HEADER.size, shape=(count,))
+    return TokenFile(path, tokens, vocab_size, digest.hex())
+
+
+def open_split(dataset_dir: str | Path, split: str) -> TokenFile:
+    dataset_dir = Path(dataset_dir)
+    if not dataset_dir.is_dir():
+        raise DataError(f"data folder {dataset_dir} does not exist: create it with python prepare_data.py "
+                        f"--data.dataset {dataset_dir.name} --data.data_dir {dataset_dir.parent}")
+    return read_tokens(dataset_dir / f"{split}.bin")
+
+
+def tokenizer_files(dataset_dir: str | Path) -> list[Path]:
+    """The tokenizer files prepare_data.py saved beside the bins (checkpoints carry copies)."""
+    return [p for name in ("tokenizer.json", "tokenizer_config.json") if (p := Path(dataset_dir) / name).is_file()]
+
+
+def check_compatible(train: TokenFile, val: TokenFile, model_vocab_size: int, block_size: int,
+                     tokenizer_hash: str | None = None) -> None:
+    """Refuse data the model cannot train on, naming the mismatch."""
+    if train.tokenizer_hash != val.tokenizer_hash:
+        raise DataError(f"{train.path} and {val.path} come from different tokenizers: re-run prepare_data.py")
+    if tokenizer_hash is not None and train.tokenizer_hash != tokenizer_hash:
+        raise DataError(f"{train.path} was tokenized with another tokenizer than the checkpoint "
+                        f"(sha256 {train.tokenizer_hash[:12]} vs {tokenizer_hash[:12]}): use the dataset the "
+                        f"checkpoint was trained on")
+    if train.vocab_size > model_vocab_size:
+        raise DataError(f"the data's vocab of {train.vocab_size} ids does not fit model.vocab_size="
+                        f"{model_vocab_size}: set --model.vocab_size {train.vocab_size} (or more)")
+    for split in (train, val):
+        if len(split) < block_size + 1:
+            raise DataError(f"{split.path} holds {len(split):,} tokens, fewer than block_size + 1 = "
+                            f"{block_size + 1}: lower train.block_size or use more data")
+
+
+class BatchSampler:
+    """Random windows of block_size + 1 tokens, as (inputs, targets) int64 tensors.
+
+    The windows of a batch depend only on (seed, step, index): a resumed run draws exactly the
+    batches the uninterrupted one would have, and `index` = micro_step * world_size + rank makes
+    every process's micro-batch the one a single process would draw at that accumulation slot.
+    """
+
+    def __init__(self, data: TokenFile, block_size: int, batch_size: int, seed: int):
+        self.data, self.block_size, self.batch_size, self.seed = data, block_size, batch_size, seed
+
+    def _windows(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step, index])
+        starts = rng.integers(0, len(self.data) - self.block_size, size=self.batch_size)
+        windows = np.stack([self.data.tokens[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
+        windows = torch.from_numpy(windows)
+        return windows[:, :-1], windows[:, 1:]
+
+    def get(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._windows(step, index)
+
+    def get_eval(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same evaluation batches at every evaluation, so successive losses compare."""
+        return self._windows(EVAL_STREAM, index)

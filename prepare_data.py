@@ -1,0 +1,245 @@
+"""Text in, token files out: data/<dataset>/{train.bin, val.bin, tokenizer.json, meta.json}.
+
+    python prepare_data.py --data.dataset shakespeare_char                 # download, verify, tokenize
+    python prepare_data.py --data.dataset shakespeare_char --data.source ../shared/data/tinyshakespeare.txt
+    python prepare_data.py --data.dataset mybooks --data.input 'books/*.txt' --data.tokenizer bpe
+
+Named datasets are downloaded once into data/downloads/ and checked against their sha256. Your own
+corpus (`--data.input`) can be .txt files (one document each, or several separated by lines of
+`<|endoftext|>`) and .jsonl files (one document per line, in a "text" field). Documents are
+separated by EOS in the token stream. The split is deterministic: with several documents every
+1/val_fraction-th document goes to val; a single document keeps its tail for val.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import multiprocessing
+import shutil
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import data
+from config import ConfigError, DataConfig, parse_cli
+from tokenizer import Tokenizer, TokenizerError
+
+DOC_SEPARATOR = "<|endoftext|>"
+BATCH_CHARS = 1 << 20  # documents are tokenized in batches of about a megabyte
+
+
+@dataclass(frozen=True)
+class NamedDataset:
+    url: str
+    sha256: str | None  # None: no published checksum; the user must pass --data.sha256
+    tokenizer: str
+
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+DATASETS = {
+    "shakespeare_char": NamedDataset(SHAKESPEARE_URL, SHAKESPEARE_SHA256, "char"),
+    "shakespeare": NamedDataset(SHAKESPEARE_URL, SHAKESPEARE_SHA256, "bpe"),
+    "tinystories": NamedDataset(
+        "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt",
+        None, "bpe"),
+}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch(source: str, cache_dir: Path, expected_sha256: str | None) -> Path:
+    """A verified local copy of `source` (a path, a file:// or an http(s) URL)."""
+    local = Path(source.removeprefix("file://")) if "://" not in source or source.startswith("file://") else None
+    if local is not None:
+        if not local.is_file():
+            raise data.DataError(f"source {source} does not exist: pass an existing file to --data.source")
+        path = local
+    else:
+        path = cache_dir / Path(source.split("?")[0]).name
+        if not path.is_file():
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(path.suffix + ".part")
+            print(f"downloading {source}")
+            with urllib.request.urlopen(source) as response, tmp.open("wb") as f:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True) as bar:
+                    for block in iter(lambda: response.read(1 << 20), b""):
+                        f.write(block)
+                        bar.update(len(block))
+            tmp.rename(path)
+    actual = sha256_of(path)
+    if expected_sha256 is None:
+        raise data.DataError(f"{path} has no published sha256 to check; it hashes to {actual}: if you trust the "
+                             f"file, pass --data.sha256 {actual}")
+    if actual != expected_sha256.lower():
+        raise data.DataError(f"checksum mismatch for {path}: expected sha256 {expected_sha256}, got {actual}; "
+                             f"delete it and download again, or pass the right file")
+    return path
+
+
+def input_files(pattern: str) -> list[Path]:
+    path = Path(pattern)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
+    else:
+        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
+    if not files:
+        raise data.DataError(f"--data.input {pattern} matches no .txt or .jsonl file")
+    return files
+
+
+def documents(files: list[Path]) -> Iterator[str]:
+    """Each document of the corpus, streamed: memory holds one document at a time."""
+    for file in files:
+        if file.suffix == ".jsonl":
+            with file.open(encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        record = json.loads(line)
+                        if not isinstance(record.get("text"), str):
+                            raise data.DataError(f"{file}:{number} has no string field 'text'")
+                        yield record["text"]
+            continue
+        parts: list[str] = []
+        with file.open(encoding="utf-8", newline="") as f:
+            for line in f:
+                if line.strip() == DOC_SEPARATOR:
+                    if parts:
+                        yield "".join(parts).strip("\n")
+                    parts = []
+                else:
+                    parts.append(line)
+        if parts:
+            yield "".join(parts) if not any(DOC_SEPARATOR in p for p in parts) else "".join(parts).strip("\n")
+
+
+def split_documents(docs: Iterator[str], val_fraction: float) -> tuple[list[str], list[str], bool]:
+    """(train pieces, val pieces, several documents?). One document: its tail is val, as nanoGPT
+    splits Tiny Shakespeare; several: every 1/val_fraction-th document is val."""
+    first = next(docs, None)
+    if first is None or (not first and next(docs, None) is None):
+        raise data.DataError("the corpus is empty: give a file with some text")
+    second = next(docs, None)
+    if second is None:
+        cut = int(len(first) * (1 - val_fraction))
+        return [first[:cut]], [first[cut:]], False
+    train, val = [], []
+    for i, doc in enumerate([first, second]):
+        (val if int((i + 1) * val_fraction) > int(i * val_fraction) else train).append(doc)
+    for i, doc in enumerate(docs, start=2):
+        (val if int((i + 1) * val_fraction) > int(i * val_fraction) else train).append(doc)
+    return train, val, True
+
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(folder: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.load(folder)
+
+
+def _encode(batch: tuple[list[str], bool]) -> np.ndarray:
+    texts, add_eos = batch
+    ids = _worker_tokenizer.encode_batch(texts)
+    if add_eos:
+        ids = [doc + [_worker_tokenizer.eos_id] for doc in ids]
+    return np.fromiter((t for doc in ids for t in doc), dtype=np.int64)
+
+
+def batches(texts: list[str], add_eos: bool) -> Iterator[tuple[list[str], bool]]:
+    """About a megabyte of text per batch; a single long document is cut at line ends."""
+    batch, size = [], 0
+    for text in texts:
+        pieces = [text] if add_eos else text.splitlines(keepends=True)
+        for piece in pieces:
+            batch.append(piece)
+            size += len(piece)
+            if size >= BATCH_CHARS:
+                yield (batch if add_eos else ["".join(batch)]), add_eos
+                batch, size = [], 0
+    if batch:
+        yield (batch if add_eos else ["".join(batch)]), add_eos
+
+
+def prepare(cfg: DataConfig) -> dict:
+    start = time.perf_counter()
+    out = Path(cfg.data_dir) / cfg.dataset
+    if cfg.input is not None:
+        files, kind, source = input_files(cfg.input), cfg.tokenizer, cfg.input
+    elif cfg.dataset in DATASETS:
+        named = DATASETS[cfg.dataset]
+        source = cfg.source or named.url
+        files = [fetch(source, Path(cfg.data_dir) / "downloads", cfg.sha256 or named.sha256)]
+        kind = named.tokenizer
+    else:
+        raise ConfigError(f"data.dataset={cfg.dataset!r} is not a named dataset ({', '.join(DATASETS)}): "
+                          f"pass --data.input with your own files")
+    train_texts, val_texts, several = split_documents(documents(files), cfg.val_fraction)
+    if kind == "char":
+        tokenizer = Tokenizer.train_char("".join(train_texts) + "".join(val_texts))
+    else:
+        tokenizer = Tokenizer.train_bpe(train_texts, cfg.vocab_size, cfg.bpe_train_bytes)
+
+    tmp = out.with_name(out.name + ".tmp")  # the dataset appears whole, or not at all
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save(tmp)
+    counts = {}
+    with multiprocessing.get_context("spawn").Pool(cfg.workers, _init_worker, (str(tmp),)) as pool:
+        for split, texts in (("train", train_texts), ("val", val_texts)):
+            total = sum(len(t) for t in texts)
+            with tqdm(total=total, unit="char", unit_scale=True, desc=split) as bar:
+                def chunks() -> Iterator[np.ndarray]:
+                    for batch, ids in zip(batches(texts, several), pool.imap(_encode, batches(texts, several))):
+                        bar.update(sum(len(t) for t in batch[0]))
+                        yield ids
+                counts[split] = data.write_tokens(tmp / f"{split}.bin", chunks(), tokenizer.vocab_size,
+                                                  tokenizer.hash)
+    seconds = time.perf_counter() - start
+    meta = {"dataset": cfg.dataset, "source": str(source),
+            "source_sha256": [sha256_of(f) for f in files] if len(files) > 1 else sha256_of(files[0]),
+            "tokenizer": kind, "vocab_size": tokenizer.vocab_size, "tokenizer_sha256": tokenizer.hash,
+            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
+            "dtype": data.token_dtype(tokenizer.vocab_size).name, "documents_split": several,
+            "train_tokens": counts["train"], "val_tokens": counts["val"],
+            "train_chars": sum(len(t) for t in train_texts), "val_chars": sum(len(t) for t in val_texts),
+            "seconds": round(seconds, 2)}
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    print(f"\n{out}/")
+    for file in sorted(out.iterdir()):
+        print(f"  {file.name:<22} {file.stat().st_size:>14,} bytes")
+    tokens = counts["train"] + counts["val"]
+    print(f"  {kind} tokenizer, {tokenizer.vocab_size:,} ids | train {counts['train']:,} tokens | "
+          f"val {counts['val']:,} tokens | {tokens / seconds:,.0f} tokens/s")
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_cli(argv, prog="prepare_data.py", sections=("data",))
+    try:
+        prepare(cfg.data)
+    except (ConfigError, data.DataError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

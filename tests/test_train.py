@@ -1,0 +1,205 @@
+"""train.py end to end on a tiny char-level dataset: exact resume, signals, DDP, bad input."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import train
+from model import Llama
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--model.vocab_size", "64", "--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "4",
+        "--model.n_kv_heads", "2", "--model.max_seq_len", "32", "--train.block_size", "32",
+        "--train.micro_batch_size", "4", "--train.batch_tokens", "128", "--train.warmup_steps", "2",
+        "--train.lr", "3e-3", "--train.eval_iters", "2", "--train.compile", "false", "--train.log_interval", "1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """A char-level dataset written by prepare_data.py from a small synthetic corpus."""
+    root = tmp_path_factory.mktemp("data")
+    corpus = root / "corpus.txt"
+    lines = [f"{w} the quick brown fox {i} jumps over the lazy dog; " * 3 for i, w in enumerate("abcdefghij" * 40)]
+    corpus.write_text("\n".join(lines))
+    result = subprocess.run([sys.executable, "prepare_data.py", "--data.dataset", "tiny", "--data.data_dir",
+                             str(root), "--data.input", str(corpus), "--data.tokenizer", "char"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def args(data_dir: Path, out_dir: Path, *extra: str) -> list[str]:
+    return [*TINY, "--data.data_dir", str(data_dir), "--data.dataset", "tiny", "--train.out_dir", str(out_dir),
+            *extra]
+
+
+def run_cli(*argv: str, wait: bool = True, launcher: tuple[str, ...] = (sys.executable,)):
+    cmd = [*launcher, "train.py", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if wait:
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def train_losses(out_dir: Path) -> list[float]:
+    return [m["loss"] for m in train.read_metrics(out_dir / "metrics.jsonl") if m["kind"] == "train"]
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, accum):
+    common = ["--train.max_steps", "30", "--train.ckpt_interval", "5", "--train.eval_interval", "10",
+              "--train.batch_tokens", str(128 * accum), "--model.dim", "64"]
+    straight = run_cli(*args(data_dir, tmp_path / "straight", *common))
+    assert straight.returncode == 0, straight.stderr
+
+    out = tmp_path / "killed"
+    proc = run_cli(*args(data_dir, out, *common), wait=False)
+    wait_for(lambda: (out / "ckpt-000015").is_dir() or proc.poll() is not None)
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = run_cli(*args(data_dir, out, *common, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    assert train_losses(out) == train_losses(tmp_path / "straight")  # bit-identical, not approximately
+    assert len(train_losses(out)) == 30
+
+
+def test_sigterm_saves_a_complete_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(*args(data_dir, out, "--train.max_steps", "100000", "--train.eval_interval", "100000",
+                         "--train.ckpt_interval", "100000"), wait=False)
+    wait_for(lambda: len(train_losses(out)) >= 3)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == train.EXIT_INTERRUPTED
+    ckpt = checkpoint.resolve(out)
+    info = checkpoint.verify(ckpt)
+    assert info["step"] >= 3
+    assert checkpoint.load_training_state(ckpt)["step"] == info["step"]
+
+
+def test_checkpoint_loads_in_transformers(data_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    result = run_cli(*args(data_dir, tmp_path, "--train.max_steps", "4", "--train.eval_interval", "2"))
+    assert result.returncode == 0, result.stderr
+    ckpt = checkpoint.resolve(tmp_path)
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    assert (ckpt / "tokenizer.json").is_file()
+    ours = Llama.from_pretrained(ckpt)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(ckpt).eval()
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        assert (ours(x)[0] - theirs(x).logits).abs().max() <= 1e-5
+    evals = [m for m in train.read_metrics(tmp_path / "metrics.jsonl") if m["kind"] == "eval"]
+    assert [m["step"] for m in evals] == [2, 4]
+    assert checkpoint.read_pointer(tmp_path, "best") in {"ckpt-000002", "ckpt-000004"}
+
+
+def test_torchrun_two_processes_equal_one_with_accumulation(data_dir, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    common = ["--train.max_steps", "10", "--train.eval_interval", "10", "--train.batch_tokens", "256"]
+    single = run_cli(*args(data_dir, tmp_path / "one", *common))
+    assert single.returncode == 0, single.stderr
+    ddp = run_cli(*args(data_dir, tmp_path / "two", *common),
+                  launcher=(torchrun, "--standalone", "--nproc_per_node", "2"))
+    assert ddp.returncode == 0, ddp.stderr
+    assert "accumulation 1" in ddp.stdout and "accumulation 2" in single.stdout
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert len(one) == len(two) == 10
+    assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-5
+
+
+def test_nonfinite_steps_are_skipped_then_stop(data_dir, tmp_path, monkeypatch, capsys):
+    original = Llama.forward
+    calls = {"n": 0}
+    poisoned = {2, 3}  # forward calls (= steps here, accumulation 1) that return NaN
+
+    def forward(self, tokens, targets=None, **kw):
+        logits, loss = original(self, tokens, targets, **kw)
+        if targets is not None and self.training:
+            calls["n"] += 1
+            if calls["n"] in poisoned or calls["n"] > 6:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(Llama, "forward", forward)
+    code = train.main(args(data_dir, tmp_path, "--train.max_steps", "50", "--train.eval_interval", "50",
+                           "--train.max_nonfinite_skips", "3"))
+    assert code == train.EXIT_NONFINITE
+    records = [m for m in train.read_metrics(tmp_path / "metrics.jsonl") if m["kind"] == "train"]
+    assert [m["skipped"] for m in records] == [False, True, True, False, False, False, True, True, True]
+    assert "3 consecutive non-finite steps" in capsys.readouterr().err
+    saved = Llama.from_pretrained(checkpoint.resolve(tmp_path))
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
+# --- bad input: one line each ------------------------------------------------------------------
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_missing_data_folder(tmp_path):
+    err = one_line_error(run_cli(*args(tmp_path, tmp_path / "out")))
+    assert "prepare_data.py" in err
+
+
+def test_out_dir_holding_another_run(data_dir, tmp_path):
+    first = run_cli(*args(data_dir, tmp_path, "--train.max_steps", "2", "--train.eval_interval", "2"))
+    assert first.returncode == 0, first.stderr
+    err = one_line_error(run_cli(*args(data_dir, tmp_path, "--train.max_steps", "2", "--train.eval_interval", "2")))
+    assert err == (f"error: out_dir {tmp_path} holds another run: pass --resume to continue it or --overwrite "
+                   f"to start afresh")
+    again = run_cli(*args(data_dir, tmp_path, "--train.max_steps", "2", "--train.eval_interval", "2", "--overwrite"))
+    assert again.returncode == 0, again.stderr
+    err = one_line_error(run_cli(*args(data_dir, tmp_path, "--train.max_steps", "2", "--model.dim", "64",
+                                       "--resume")))
+    assert "cannot resume" in err and "model.dim was 32, the config now says 64" in err
+
+
+def test_model_vocab_smaller_than_data(data_dir, tmp_path):
+    err = one_line_error(run_cli(*args(data_dir, tmp_path, "--model.vocab_size", "8")))
+    assert "vocab" in err
+
+
+def test_batch_not_divisible(data_dir, tmp_path):
+    err = one_line_error(run_cli(*args(data_dir, tmp_path, "--train.batch_tokens", "100")))
+    assert err == ("error: train.batch_tokens=100 is not a multiple of micro_batch_size * block_size * "
+                   "world_size = 128: pick a multiple of it")
+
+
+def test_corrupt_checkpoint_refused_on_resume(data_dir, tmp_path):
+    first = run_cli(*args(data_dir, tmp_path, "--train.max_steps", "2", "--train.eval_interval", "2"))
+    assert first.returncode == 0, first.stderr
+    (checkpoint.resolve(tmp_path) / "training_state.pt").write_bytes(b"x")
+    err = one_line_error(run_cli(*args(data_dir, tmp_path, "--train.max_steps", "4", "--resume")))
+    assert "is corrupt: training_state.pt does not match its recorded sha256" in err
+
+
+def test_resume_alias_parsing():
+    assert train.expand_aliases(["--resume"]) == ["--train.resume", "latest"]
+    assert train.expand_aliases(["--resume", "out/ckpt-000010", "--train.lr", "1"]) == [
+        "--train.resume", "out/ckpt-000010", "--train.lr", "1"]
+    assert train.expand_aliases(["--overwrite", "--init_from=hf/dir"]) == [
+        "--train.overwrite", "true", "--train.init_from", "hf/dir"]

@@ -1,0 +1,138 @@
+"""Byte-level BPE and character-level tokenizers behind one interface.
+
+Both kinds are Hugging Face `tokenizers` pipelines saved as a standard `tokenizer.json` (plus
+`tokenizer_config.json`), so `transformers.AutoTokenizer.from_pretrained(folder)` loads either one
+and encodes identically, and a checkpoint folder carries its tokenizer with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Literal
+
+from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+# Llama 3's pre-tokenizer split (the same rule as GPT-4's cl100k), which llama.cpp implements:
+# contractions, letter runs, 1-3 digit groups, punctuation runs, newlines, other whitespace.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+class TokenizerError(ValueError):
+    """A tokenizer problem whose message is one line meant for the user."""
+
+
+class Tokenizer:
+    """encode/decode over a `tokenizers.Tokenizer`, with BOS/EOS ids and a content hash."""
+
+    def __init__(self, backend: HFTokenizer, kind: Literal["bpe", "char"]):
+        self.backend, self.kind = backend, kind
+        self.eos_id = backend.token_to_id(EOS)
+        bos = backend.token_to_id(BOS)  # char level has one boundary token for both ends
+        self.bos_id = self.eos_id if bos is None else bos
+        self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
+        # Ids from a different vocabulary would silently train garbage, so datasets and
+        # checkpoints record this hash and refuse to mix.
+        self.hash = hashlib.sha256(backend.to_str().encode()).hexdigest()
+
+    # --- training ------------------------------------------------------------------------------
+
+    @classmethod
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int, max_bytes: int = 100_000_000) -> "Tokenizer":
+        """Learn byte-level BPE merges from at most `max_bytes` of `texts` (memory stays bounded)."""
+        specials = [BOS, EOS, PAD]
+        if vocab_size < 256 + len(specials):
+            raise TokenizerError(f"BPE vocab_size={vocab_size} is below the 256-byte alphabet plus "
+                                 f"{len(specials)} special tokens: use at least {256 + len(specials)}")
+        backend = HFTokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        backend.train_from_iterator(_bounded(texts, max_bytes), trainer=trainer)
+        return cls(backend, "bpe")
+
+    @classmethod
+    def train_char(cls, text: str) -> "Tokenizer":
+        """One id per distinct character of `text`, in sorted order (nanoGPT's shakespeare_char
+        ids), then one boundary token that serves as BOS and EOS (as GPT-2's <|endoftext|> does),
+        so Tiny Shakespeare's 65 characters make 66 ids."""
+        chars = sorted(set(text))
+        if not chars:
+            raise TokenizerError("cannot build a char-level vocabulary from an empty corpus")
+        vocab = {c: i for i, c in enumerate(chars)}
+        backend = HFTokenizer(models.WordLevel(vocab, unk_token=None))
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        backend.decoder = decoders.Fuse()
+        backend.add_special_tokens([EOS])
+        return cls(backend, "char")
+
+    # --- use -----------------------------------------------------------------------------------
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        if self.kind == "char":
+            self._check_chars(text)
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.kind == "char":
+            for text in texts:
+                self._check_chars(text)
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def _check_chars(self, text: str) -> None:
+        vocab = self.backend.get_vocab()
+        unknown = next((c for c in text if c not in vocab), None)
+        if unknown is not None:
+            raise TokenizerError(f"character {unknown!r} (U+{ord(unknown):04X}) is not in this char-level "
+                                 f"vocabulary of {self.vocab_size} ids; use text made of the training "
+                                 f"corpus's characters or a BPE tokenizer")
+
+    # --- files ---------------------------------------------------------------------------------
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(folder / "tokenizer.json"))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": self.backend.id_to_token(self.bos_id),
+                  "eos_token": EOS,
+                  "model_max_length": 1_000_000_000, "clean_up_tokenization_spaces": False,
+                  "nanollama_kind": self.kind}
+        if self.backend.token_to_id(PAD) is not None:
+            config["pad_token"] = PAD
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Tokenizer":
+        folder = Path(folder)
+        file = folder / "tokenizer.json"
+        if not file.is_file():
+            raise TokenizerError(f"{folder} has no tokenizer.json: prepare the data with prepare_data.py or "
+                                 f"point at a folder that has one")
+        config_file = folder / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        backend = HFTokenizer.from_file(str(file))
+        kind = config.get("nanollama_kind") or ("char" if isinstance(backend.model, models.WordLevel) else "bpe")
+        return cls(backend, kind)
+
+
+def _bounded(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+    seen = 0
+    for text in texts:
+        if seen >= max_bytes:
+            return
+        text = text[: max_bytes - seen]
+        seen += len(text.encode())
+        yield text

@@ -1,0 +1,514 @@
+"""Train a Llama on a dataset written by prepare_data.py.
+
+    python train.py configs/shakespeare_char_cpu.toml [--section.key value ...]
+    python train.py configs/shakespeare_char_cpu.toml --resume            # continue from out_dir/latest
+    torchrun --nproc_per_node 2 train.py configs/shakespeare_char_cpu.toml
+
+A resumed run is the run that never stopped: batches are a function of (seed, step, rank,
+micro-step), the LR a function of the step, and every RNG state travels in the checkpoint, so on
+CPU in fp32 the per-step losses are bit-identical. Exit codes: 0 done, 2 bad input,
+3 interrupted by SIGTERM/SIGINT (checkpoint saved; --resume continues), 4 stopped after repeated
+non-finite steps (last good state saved).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import platform
+import random
+import shutil
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import checkpoint
+import data
+from config import Config, ConfigError, TrainConfig, build_config, load_toml, parse_cli, to_toml
+from model import Llama, read_hf_config
+
+EXIT_INTERRUPTED = 3
+EXIT_NONFINITE = 4
+# Dense bf16 tensor-core peaks, for MFU on GPUs we know; anything else is measured.
+GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 125.0, "4090": 165.0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning-rate schedules: pure functions of the (0-based) step about to be taken.
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup_steps:  # (step + 1): the first step already learns
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        span = max(1, cfg.max_steps - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / span)
+        return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+    # Warmup-stable-decay: hold the peak, then decay linearly to min_lr over the last fraction.
+    decay_start = max(cfg.warmup_steps, cfg.max_steps - round(cfg.decay_fraction * cfg.max_steps))
+    if step < decay_start:
+        return cfg.lr
+    progress = min(1.0, (step - decay_start) / max(1, cfg.max_steps - decay_start))
+    return cfg.lr + progress * (cfg.min_lr - cfg.lr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device, precision and processes
+
+
+@dataclasses.dataclass
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32)
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    """Pick device and precision (printed at start) and join the torchrun process group if any."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={cfg.device} but no CUDA device is visible; use --train.device cpu")
+    if use_cuda:
+        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if world > 1 or cfg.device in ("auto", "cuda")
+                              else cfg.device)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if cfg.dtype != "auto":
+        amp_dtype = getattr(torch, cfg.dtype)
+    elif use_cuda:  # bf16 only where the tensor cores do it natively; fp16 (with loss scaling) else
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    else:
+        amp_dtype = torch.float32  # CPU bf16 matmuls are emulated and ~30x slower
+    return Runtime(device=device, amp_dtype=amp_dtype, rank=rank, world=world)
+
+
+def peak_flops(cfg: TrainConfig, runtime: Runtime) -> float:
+    """The FLOP/s that MFU divides by: configured, a known GPU's peak, or a matmul measured now."""
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops * 1e12
+    if runtime.device.type == "cuda":
+        name = torch.cuda.get_device_name(runtime.device)
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    n, reps = 1024, 8
+    dtype = runtime.amp_dtype if runtime.device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=runtime.device, dtype=dtype)
+    b = torch.randn(n, n, device=runtime.device, dtype=dtype)
+    a @ b  # warm up
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on the 2-D weights only (not on norm gains)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=not fused)
+
+
+# ---------------------------------------------------------------------------------------------
+# RNG state as plain tensors and numbers, so a checkpoint loads with weights_only=True
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+class StopRequest:
+    """While active, SIGTERM/SIGINT only set a flag; the loop saves and exits at the next step
+    boundary. The previous handlers come back on exit."""
+
+    def __enter__(self) -> "StopRequest":
+        self.signal: int | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+
+# ---------------------------------------------------------------------------------------------
+# Records: metrics.jsonl and loss.png
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def plot_curves(metrics: list[dict[str, Any]], png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m for m in metrics if m["kind"] == "train" and not m["skipped"]]
+    evals = [m for m in metrics if m["kind"] == "eval"]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
+    ax_loss.plot([m["step"] for m in steps], [m["loss"] for m in steps], lw=0.8, alpha=0.6, label="train (batch)")
+    if evals:
+        ax_loss.plot([m["step"] for m in evals], [m["train_loss"] for m in evals], "o-", label="train (eval)")
+        ax_loss.plot([m["step"] for m in evals], [m["val_loss"] for m in evals], "o-", label="val")
+    ax_loss.set_ylabel("cross-entropy loss")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot([m["step"] for m in steps], [m["lr"] for m in steps], color="tab:gray")
+    ax_lr.set_xlabel("step")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png.with_suffix(".png.tmp"), format="png", dpi=110)
+    plt.close(fig)
+    os.replace(png.with_suffix(".png.tmp"), png)
+
+
+def append_metric(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def prepare_out_dir(cfg: Config) -> Path:
+    """Refuse to mix two runs in one folder unless asked to resume or overwrite."""
+    out_dir = Path(cfg.train.out_dir)
+    holds_run = (out_dir / "metrics.jsonl").exists() or any(out_dir.glob("ckpt-*"))
+    if holds_run and cfg.train.resume is None:
+        if not cfg.train.overwrite:
+            raise ConfigError(f"out_dir {out_dir} holds another run: pass --resume to continue it or "
+                              f"--overwrite to start afresh")
+        for path in out_dir.iterdir():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def check_resume_compatible(cfg: Config, ckpt: Path) -> None:
+    saved = read_hf_config(ckpt)
+    ours = cfg.model
+    shape = ("vocab_size", "dim", "n_layers", "n_heads", "kv_heads", "ffn_dim", "tie_embeddings")
+    for key in shape:
+        if getattr(saved, key) != getattr(ours, key):
+            raise ConfigError(f"cannot resume {ckpt}: model.{key} was {getattr(saved, key)}, the config now says "
+                              f"{getattr(ours, key)}; a resumed run keeps its model shape")
+    saved_train = build_config(load_toml(ckpt / "config.toml")).train
+    for key in ("max_steps", "lr", "min_lr", "lr_schedule", "warmup_steps", "decay_fraction"):
+        if getattr(saved_train, key) != getattr(cfg.train, key):
+            warnings.warn(f"resuming with train.{key}={getattr(cfg.train, key)} (was {getattr(saved_train, key)}): "
+                          f"the run will no longer equal an uninterrupted one", stacklevel=2)
+
+
+def train(cfg: Config) -> int:
+    """Run the configured training; returns the process exit code."""
+    tc = cfg.train
+    runtime = setup_runtime(tc)
+    log = print if runtime.is_main else (lambda *a, **k: None)
+    out_dir = prepare_out_dir(cfg) if runtime.is_main else Path(tc.out_dir)
+    if runtime.world > 1:
+        dist.barrier()
+
+    dataset_dir = Path(cfg.data.data_dir) / cfg.data.dataset
+    train_tokens = data.open_split(dataset_dir, "train")
+    val_tokens = data.open_split(dataset_dir, "val")
+
+    resume_from = None
+    if tc.resume is not None:
+        resume_from = checkpoint.resolve(out_dir if tc.resume == "latest" else tc.resume)
+        checkpoint.verify(resume_from)
+        check_resume_compatible(cfg, resume_from)
+    torch.manual_seed(tc.seed)
+    if tc.init_from and resume_from is None:
+        model = Llama.from_pretrained(tc.init_from, max_seq_len=cfg.model.max_seq_len)
+        cfg.model = model.cfg
+        log(f"initialized from {tc.init_from}: model section replaced by its config.json")
+    else:
+        model = Llama(cfg.model)
+    data.check_compatible(train_tokens, val_tokens, model_vocab_size=cfg.model.vocab_size,
+                          block_size=tc.block_size)
+    model.to(runtime.device)
+
+    per_micro = tc.micro_batch_size * tc.block_size * runtime.world
+    if tc.batch_tokens % per_micro:
+        raise ConfigError(f"train.batch_tokens={tc.batch_tokens} is not a multiple of micro_batch_size * block_size "
+                          f"* world_size = {per_micro}: pick a multiple of it")
+    accum = tc.batch_tokens // per_micro
+    optimizer = configure_optimizer(model, tc, runtime.device)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
+
+    step, best_val, wandb_id = 0, float("inf"), None
+    metrics_path = out_dir / "metrics.jsonl"
+    if resume_from is not None:
+        state = checkpoint.load_training_state(resume_from)
+        model.load_state_dict(Llama.from_pretrained(resume_from).state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        step, best_val, wandb_id = state["step"], state["best_val_loss"], state["wandb_run_id"] or None
+        if runtime.is_main:  # forget what was logged after the checkpoint: those steps run again
+            kept = [m for m in read_metrics(metrics_path) if m["step"] <= step]
+            metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        log(f"resumed from {resume_from} at step {step}")
+
+    def wrap_ddp(module: torch.nn.Module) -> torch.nn.Module:
+        if runtime.world == 1:
+            return module
+        return torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
+
+    raw_model = model
+    model = wrap_ddp(torch.compile(model) if tc.compile is not False else model)
+
+    train_batches = data.BatchSampler(train_tokens, tc.block_size, tc.micro_batch_size, tc.seed)
+    val_batches = data.BatchSampler(val_tokens, tc.block_size, tc.micro_batch_size, tc.seed)
+    flops_per_token = raw_model.flops_per_token(tc.block_size)
+    peak = peak_flops(tc, runtime)
+    tokens_per_step = accum * per_micro
+    if runtime.is_main:
+        (out_dir / "config.toml").write_text(to_toml(cfg))
+        (out_dir / "run_info.json").write_text(json.dumps({
+            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "device": str(runtime.device), "amp_dtype": str(runtime.amp_dtype), "world_size": runtime.world,
+            "params": raw_model.num_params(), "flops_per_token": flops_per_token,
+            "peak_flops": peak}, indent=2))
+    log(f"device {runtime.device} | amp {str(runtime.amp_dtype).removeprefix('torch.')} | compile {tc.compile} | "
+        f"world {runtime.world}")
+    log(f"params {raw_model.num_params():,} | micro batch {tc.micro_batch_size} x {tc.block_size} tokens | "
+        f"accumulation {accum} | {tokens_per_step:,} tokens/step | peak {peak / 1e12:.2f} TFLOP/s")
+
+    wandb_run = None
+    if tc.wandb != "off" and runtime.is_main:
+        import wandb
+        wandb_run = wandb.init(project=tc.wandb_project, name=tc.wandb_run_name or out_dir.name,
+                               group=tc.wandb_group, id=wandb_id, resume="allow", mode=tc.wandb,
+                               config=cfg.to_dict(), dir=str(out_dir))
+        wandb_id = wandb_run.id
+
+    def micro_batch(sampler: data.BatchSampler, at_step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # Each global micro-batch index (micro * world + rank) draws the same window whatever
+        # the world size, so 2 processes x accumulation A equal 1 process x accumulation 2A.
+        x, y = sampler.get(at_step, micro * runtime.world + runtime.rank)
+        return x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+
+    def save(at_step: int) -> Path:
+        state = {"step": at_step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "rng": rng_state(), "best_val_loss": best_val, "wandb_run_id": wandb_id or ""}
+        path = checkpoint.save(out_dir, at_step, raw_model, state, to_toml(cfg), data.tokenizer_files(dataset_dir))
+        checkpoint.prune(out_dir, tc.keep_last)
+        return path
+
+    def forward_backward(step_model: torch.nn.Module, at_step: int) -> torch.Tensor:
+        """Accumulate the gradients of one optimizer step; returns the mean loss over processes."""
+        loss_sum = torch.zeros((), device=runtime.device)
+        for micro in range(accum):
+            x, y = micro_batch(train_batches, at_step, micro)
+            sync = micro == accum - 1 or runtime.world == 1
+            with (contextlib.nullcontext() if sync else step_model.no_sync()), runtime.autocast():
+                _, loss = step_model(x, y)
+                loss = loss / accum
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach().float()
+        if runtime.world > 1:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        return loss_sum
+
+    @torch.no_grad()
+    def evaluate() -> dict[str, float]:
+        model.eval()
+        losses = {}
+        for split, sampler in (("train", train_batches), ("val", val_batches)):
+            total = torch.zeros((), device=runtime.device)
+            for i in range(tc.eval_iters):
+                x, y = sampler.get_eval(i * runtime.world + runtime.rank)
+                with runtime.autocast():
+                    total += raw_model(x.to(runtime.device), y.to(runtime.device))[1].float()
+            if runtime.world > 1:
+                dist.all_reduce(total, op=dist.ReduceOp.AVG)
+            losses[split] = total.item() / tc.eval_iters
+        model.train()
+        return losses
+
+    with StopRequest() as stop:
+        skips = 0
+        bar = tqdm(total=tc.max_steps, initial=step, disable=not runtime.is_main, dynamic_ncols=True, unit="step")
+        model.train()
+        exit_code = 0
+        while step < tc.max_steps:
+            start = time.perf_counter()
+            lr = lr_at(step, tc)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            try:
+                loss_sum = forward_backward(model, step)
+            except Exception as e:  # compile="auto": a model dynamo cannot handle still trains, eagerly
+                if tc.compile != "auto" or model is raw_model:
+                    raise
+                warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                              f"continuing eagerly", stacklevel=1)
+                optimizer.zero_grad(set_to_none=True)
+                model = wrap_ddp(raw_model)
+                loss_sum = forward_backward(model, step)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip if tc.grad_clip > 0 else
+                                                       float("inf"))
+            loss_value, grad_norm_value = loss_sum.item(), grad_norm.item()
+            # Under fp16 loss scaling an overflowing gradient is routine (the scaler skips and backs
+            # off); anywhere else a non-finite value means the step would poison the weights.
+            finite = math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(grad_norm_value))
+            if finite:
+                scaler.step(optimizer)
+                scaler.update()
+                skips = 0
+            else:
+                skips += 1
+                warnings.warn(f"step {step}: non-finite loss {loss_value} or grad norm {grad_norm_value}; "
+                              f"skipping the update ({skips}/{tc.max_nonfinite_skips})", stacklevel=1)
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.perf_counter() - start
+            tokens_per_s = tokens_per_step / elapsed
+            mfu = flops_per_token * tokens_per_s / peak
+            if runtime.is_main:
+                record = {"kind": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
+                          "tokens_per_s": tokens_per_s, "mfu": mfu, "skipped": not finite}
+                append_metric(metrics_path, record)
+                if wandb_run is not None:
+                    wandb_run.log({k: v for k, v in record.items() if k not in ("kind", "step")}, step=step)
+                if step % tc.log_interval == 0 or step == tc.max_steps:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                                    mfu=f"{100 * mfu:.1f}%")
+            bar.update(1)
+
+            if skips >= tc.max_nonfinite_skips:
+                if runtime.is_main:
+                    path = save(step)
+                    log(f"error: {skips} consecutive non-finite steps; no update was applied on them and the "
+                        f"weights in {path} are the last good state. Likely causes: learning rate too high "
+                        f"(train.lr), fp16 overflow (use bf16 or float32), or bad data.", file=sys.stderr)
+                exit_code = EXIT_NONFINITE
+                break
+            done = step == tc.max_steps
+            eval_now = step % tc.eval_interval == 0 or done
+            if stop.signal is not None or eval_now or step % tc.ckpt_interval == 0:
+                if runtime.is_main:
+                    path = save(step)  # before evaluation: an eval that crashes loses nothing
+                if stop.signal is not None:
+                    log(f"\nstopped by signal {stop.signal} at step {step}; checkpoint saved, continue with --resume")
+                    exit_code = EXIT_INTERRUPTED
+                    break
+            if eval_now:
+                losses = evaluate()
+                if runtime.is_main:
+                    append_metric(metrics_path, {"kind": "eval", "step": step, "train_loss": losses["train"],
+                                                 "val_loss": losses["val"]})
+                    if losses["val"] < best_val:
+                        best_val = losses["val"]
+                        checkpoint.write_pointer(out_dir, "best", path.name)
+                    if wandb_run is not None:
+                        wandb_run.log({"val_loss": losses["val"], "train_loss_eval": losses["train"]}, step=step)
+                    plot_curves(read_metrics(metrics_path), out_dir / "loss.png")
+                    bar.write(f"step {step}: train {losses['train']:.4f} | val {losses['val']:.4f} | "
+                              f"best val {best_val:.4f}")
+    bar.close()
+    if wandb_run is not None:
+        wandb_run.finish()
+    if runtime.world > 1:
+        dist.destroy_process_group()
+    return exit_code
+
+
+ALIASES = {"--resume": "--train.resume", "--init_from": "--train.init_from", "--overwrite": "--train.overwrite"}
+
+
+def expand_aliases(argv: list[str]) -> list[str]:
+    """`--resume [PATH]`, `--init_from DIR`, `--overwrite` as shorthands for their train.* keys."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        key, eq, value = arg.partition("=")
+        if key in ALIASES:
+            has_value = eq or (i + 1 < len(argv) and not argv[i + 1].startswith("--"))
+            if not eq and has_value:
+                value, i = argv[i + 1], i + 1
+            default = "latest" if key == "--resume" else "true"
+            out += [ALIASES[key], value if (eq or has_value) else default]
+        else:
+            out.append(arg)
+        i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_cli(expand_aliases(list(sys.argv[1:] if argv is None else argv)), prog="train.py")
+    try:
+        return train(cfg)
+    except (ConfigError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.strerror and "free disk space" in e.strerror:
+            print(f"error: {e.strerror}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
