@@ -118,15 +118,6 @@ def write_llama2c(model: Llama, path: str | Path) -> None:
             f.write(tensor.contiguous().numpy().astype("<f4").tobytes())
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A model folder from a checkpoint folder, a Hugging Face folder or a training run folder,
-    whose `latest` is either a file naming the newest checkpoint or a link to it."""
-    path = Path(path)
-    if (path / "latest").is_dir():
-        return path / "latest"
-    return checkpoint.resolve(path)
-
-
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32, max_seq_len: int | None = None) -> Llama:
     """Any checkpoint we can run: a llama2.c .bin file or a (run / checkpoint / Hugging Face) folder."""
     path = Path(path)
@@ -135,7 +126,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, max_seq_len
     if not path.is_dir():
         raise ConfigError(f"checkpoint {path} does not exist: give a checkpoint or run folder, a Hugging Face "
                           f"Llama folder or a llama2.c .bin file")
-    return Llama.from_pretrained(resolve_checkpoint(path), dtype, max_seq_len)
+    return Llama.from_pretrained(checkpoint.resolve(path), dtype, max_seq_len)
 
 
 def main(argv: list[str] | None = None) -> None:

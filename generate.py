@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 
 from config import ConfigError, SampleConfig, parse_cli
-from convert import load_model, resolve_checkpoint
+import checkpoint
+from convert import load_model
+from tokenizer import Tokenizer
 from model import Llama
 
 # ---------------------------------------------------------------------------------------------
@@ -183,12 +185,11 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
 # Tokenizer and special tokens
 
 
-def load_tokenizer(folder: Path | None):
-    """The folder's tokenizer.json as a `tokenizers.Tokenizer`, or None (llama2.c files, bare folders)."""
+def load_tokenizer(folder: Path | None) -> Tokenizer | None:
+    """The folder's tokenizer, or None (llama2.c files, bare folders)."""
     if folder is None or not (folder / "tokenizer.json").is_file():
         return None
-    from tokenizers import Tokenizer
-    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return Tokenizer.load(folder)
 
 
 def special_token_ids(folder: Path | None, tokenizer) -> tuple[int | None, list[int]]:
@@ -202,10 +203,11 @@ def special_token_ids(folder: Path | None, tokenizer) -> tuple[int | None, list[
             found.update({k: v for k, v in json.loads((folder / name).read_text()).items() if v is not None})
     bos, eos = found.get("bos_token_id"), found.get("eos_token_id")
     if tokenizer is not None:
-        def first_known(names: list[str]) -> int | None:
-            return next((i for i in map(tokenizer.token_to_id, names) if i is not None), None)
-        bos = bos if bos is not None else first_known(["<s>", "<|begin_of_text|>", "<|bos|>", "<bos>"])
-        eos = eos if eos is not None else first_known(["</s>", "<|end_of_text|>", "<|eos|>", "<eos>", "<|endoftext|>"])
+        def first_known(own: int | None, names: list[str]) -> int | None:
+            candidates = [own, *map(tokenizer.backend.token_to_id, names)]
+            return next((i for i in candidates if i is not None), None)
+        bos = bos if bos is not None else first_known(tokenizer.bos_id, ["<s>", "<|bos|>", "<bos>"])
+        eos = eos if eos is not None else first_known(tokenizer.eos_id, ["</s>", "<|eos|>", "<eos>", "<|endoftext|>"])
     return bos, [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
@@ -257,7 +259,7 @@ def prompt_token_ids(cfg: SampleConfig, tokenizer, bos: int | None, source: str)
         texts = texts or [""]
         if tokenizer is None and any(texts):
             raise ConfigError(f"{source} has no tokenizer.json: give the prompt as token ids, e.g. --prompt_ids '1 403 9'")
-        id_lists = [tokenizer.encode(t, add_special_tokens=False).ids if t else [] for t in texts]
+        id_lists = [tokenizer.encode(t) if t else [] for t in texts]
     if bos is not None:
         id_lists = [ids if ids[:1] == [bos] else [bos] + ids for ids in id_lists]
     if not all(id_lists):
@@ -318,7 +320,7 @@ def run(cfg: SampleConfig) -> None:
                           "or a llama2.c .bin)")
     device, dtype = pick_device(cfg)
     model = load_model(cfg.checkpoint, dtype).to(device).eval()
-    folder = None if Path(cfg.checkpoint).is_file() else resolve_checkpoint(cfg.checkpoint)
+    folder = None if Path(cfg.checkpoint).is_file() else checkpoint.resolve(cfg.checkpoint)
     tokenizer = load_tokenizer(folder)
     bos, checkpoint_eos = special_token_ids(folder, tokenizer)
     stops = cfg.stop_strings()
