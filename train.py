@@ -24,7 +24,6 @@ import shutil
 import signal
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +36,18 @@ import checkpoint
 import data
 from config import Config, ConfigError, TrainConfig, build_config, load_toml, parse_cli, to_toml
 from model import Llama, read_hf_config
+from tokenizer import Tokenizer
 
 EXIT_INTERRUPTED = 3
 EXIT_NONFINITE = 4
 # Dense bf16 tensor-core peaks, for MFU on GPUs we know; anything else is measured.
 GPU_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10G": 125.0, "4090": 165.0}
+
+
+def warn(message: str) -> None:
+    """One line on stderr (Python's warnings would add a second line of source)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,8 +259,8 @@ def check_resume_compatible(cfg: Config, ckpt: Path) -> None:
     saved_train = build_config(load_toml(ckpt / "config.toml")).train
     for key in ("max_steps", "lr", "min_lr", "lr_schedule", "warmup_steps", "decay_fraction"):
         if getattr(saved_train, key) != getattr(cfg.train, key):
-            warnings.warn(f"resuming with train.{key}={getattr(cfg.train, key)} (was {getattr(saved_train, key)}): "
-                          f"the run will no longer equal an uninterrupted one", stacklevel=2)
+            warn(f"resuming with train.{key}={getattr(cfg.train, key)} (was {getattr(saved_train, key)}): "
+                 f"the run will no longer equal an uninterrupted one")
 
 
 def train(cfg: Config) -> int:
@@ -282,8 +288,10 @@ def train(cfg: Config) -> int:
         log(f"initialized from {tc.init_from}: model section replaced by its config.json")
     else:
         model = Llama(cfg.model)
-    data.check_compatible(train_tokens, val_tokens, model_vocab_size=cfg.model.vocab_size,
-                          block_size=tc.block_size)
+    # A checkpoint carries its tokenizer: resuming on data from another one would train garbage.
+    ckpt_tokenizer = resume_from is not None and (resume_from / "tokenizer.json").is_file()
+    data.check_compatible(train_tokens, val_tokens, model_vocab_size=cfg.model.vocab_size, block_size=tc.block_size,
+                          tokenizer_hash=Tokenizer.load(resume_from).hash if ckpt_tokenizer else None)
     model.to(runtime.device)
 
     per_micro = tc.micro_batch_size * tc.block_size * runtime.world
@@ -401,8 +409,8 @@ def train(cfg: Config) -> int:
             except Exception as e:  # compile="auto": a model dynamo cannot handle still trains, eagerly
                 if tc.compile != "auto" or model is raw_model:
                     raise
-                warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                              f"continuing eagerly", stacklevel=1)
+                warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                     f"continuing eagerly")
                 optimizer.zero_grad(set_to_none=True)
                 model = wrap_ddp(raw_model)
                 loss_sum = forward_backward(model, step)
@@ -419,8 +427,8 @@ def train(cfg: Config) -> int:
                 skips = 0
             else:
                 skips += 1
-                warnings.warn(f"step {step}: non-finite loss {loss_value} or grad norm {grad_norm_value}; "
-                              f"skipping the update ({skips}/{tc.max_nonfinite_skips})", stacklevel=1)
+                warn(f"step {step}: non-finite loss {loss_value} or grad norm {grad_norm_value}; "
+                     f"skipping the update ({skips}/{tc.max_nonfinite_skips})")
             optimizer.zero_grad(set_to_none=True)
             step += 1
             elapsed = time.perf_counter() - start

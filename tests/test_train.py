@@ -203,3 +203,30 @@ def test_resume_alias_parsing():
         "--train.resume", "out/ckpt-000010", "--train.lr", "1"]
     assert train.expand_aliases(["--overwrite", "--init_from=hf/dir"]) == [
         "--train.overwrite", "true", "--train.init_from", "hf/dir"]
+
+
+def test_resume_on_data_from_another_tokenizer_is_refused(data_dir, tmp_path):
+    first = run_cli(*args(data_dir, tmp_path / "run", "--train.max_steps", "2", "--train.eval_interval", "2"))
+    assert first.returncode == 0, first.stderr
+    other = tmp_path / "other"
+    (other / "tiny").mkdir(parents=True)
+    corpus = tmp_path / "other.txt"
+    corpus.write_text("an entirely different alphabet: XYZ 0123456789 " * 200)
+    prepared = subprocess.run([sys.executable, "prepare_data.py", "--data.dataset", "tiny", "--data.data_dir",
+                               str(other), "--data.input", str(corpus)], cwd=ROOT, capture_output=True, text=True)
+    assert prepared.returncode == 0, prepared.stderr
+    err = one_line_error(run_cli(*args(other, tmp_path / "run", "--train.max_steps", "2", "--train.eval_interval",
+                                       "2", "--resume")))
+    assert "was tokenized with another tokenizer than the checkpoint" in err
+
+
+def test_wandb_offline_keeps_its_run_id_across_resume(data_dir, tmp_path):
+    pytest.importorskip("wandb")
+    common = ["--train.eval_interval", "2", "--train.wandb", "offline"]
+    first = run_cli(*args(data_dir, tmp_path, "--train.max_steps", "2", *common))
+    assert first.returncode == 0, first.stderr
+    run_id = checkpoint.load_training_state(checkpoint.resolve(tmp_path))["wandb_run_id"]
+    assert run_id
+    resumed = run_cli(*args(data_dir, tmp_path, "--train.max_steps", "4", *common, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert checkpoint.load_training_state(checkpoint.resolve(tmp_path))["wandb_run_id"] == run_id
