@@ -15,7 +15,7 @@ context with the KV cache and without it (a full forward over the context).
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -29,10 +29,12 @@ from config import ModelConfig, SampleConfig  # noqa: E402
 from convert import read_llama2c  # noqa: E402
 from generate import compile_decode_step, generate  # noqa: E402
 from model import Llama  # noqa: E402
-from train_speed import hf_model, matmul_flops_per_s  # noqa: E402
+from train_speed import REFERENCE as TRAINING_REFERENCE  # noqa: E402
+from train_speed import benchmark_args, hf_model, matmul_flops_per_s  # noqa: E402
 
-REFERENCE = ModelConfig(vocab_size=8192, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, hidden_dim=1024,
-                        max_seq_len=1040)
+# The training benchmark's model, with room for the 1024-token cached-vs-uncached measurement.
+REFERENCE = dataclasses.replace(TRAINING_REFERENCE, max_seq_len=1040)
+
 STORIES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "stories260K.bin"
 PROMPT_LEN, NEW_TOKENS, LONG_CONTEXT = 16, 256, 1024
 
@@ -162,11 +164,7 @@ def print_report(result: dict, bandwidth: float, flops: float) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-compile", action="store_true", help="skip the compiled variant")
-    parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    args = benchmark_args(__doc__, default_rounds=3)
     torch.manual_seed(0)
     models = {"reference config": Llama(REFERENCE)}
     if STORIES.is_file():

@@ -66,12 +66,17 @@ def make_step(model: torch.nn.Module, is_hf: bool, compile_: bool):
     return step
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+def benchmark_args(doc: str, default_rounds: int) -> argparse.Namespace:
+    """The options every benchmark here takes."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=default_rounds, help="timed rounds (medians are reported)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = benchmark_args(__doc__, default_rounds=5)
 
     torch.manual_seed(0)
     ours = Llama(REFERENCE)
