@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from config import ModelConfig, SampleConfig  # noqa: E402
+from config import SampleConfig  # noqa: E402
 from convert import read_llama2c  # noqa: E402
 from generate import compile_decode_step, generate  # noqa: E402
 from model import Llama  # noqa: E402
