@@ -14,9 +14,11 @@ separated by EOS in the token stream. The split is deterministic: with several d
 from __future__ import annotations
 
 import glob
+import itertools
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.pool
 import shutil
 import sys
 import time
@@ -125,22 +127,26 @@ def documents(files: list[Path]) -> Iterator[str]:
             yield "".join(parts) if not any(DOC_SEPARATOR in p for p in parts) else "".join(parts).strip("\n")
 
 
-def split_documents(docs: Iterator[str], val_fraction: float) -> tuple[list[str], list[str], bool]:
-    """(train pieces, val pieces, several documents?). One document: its tail is val, as nanoGPT
-    splits Tiny Shakespeare; several: every 1/val_fraction-th document is val."""
+def is_multi_document(files: list[Path]) -> bool:
+    docs = documents(files)
     first = next(docs, None)
-    if first is None or (not first and next(docs, None) is None):
-        raise data.DataError("the corpus is empty: give a file with some text")
     second = next(docs, None)
-    if second is None:
-        cut = int(len(first) * (1 - val_fraction))
-        return [first[:cut]], [first[cut:]], False
-    train, val = [], []
-    for i, doc in enumerate([first, second]):
-        (val if int((i + 1) * val_fraction) > int(i * val_fraction) else train).append(doc)
-    for i, doc in enumerate(docs, start=2):
-        (val if int((i + 1) * val_fraction) > int(i * val_fraction) else train).append(doc)
-    return train, val, True
+    if first is None or (not first and second is None):
+        raise data.DataError("the corpus is empty: give a file with some text")
+    return second is not None
+
+
+def split_texts(files: list[Path], split: str, val_fraction: float, several: bool) -> Iterator[str]:
+    """The texts of one split, streamed. Several documents: every 1/val_fraction-th one is val.
+    One document: its tail is val, as nanoGPT splits Tiny Shakespeare (that document is read whole)."""
+    if not several:
+        text = next(documents(files))
+        cut = int(len(text) * (1 - val_fraction))
+        yield text[:cut] if split == "train" else text[cut:]
+        return
+    for i, doc in enumerate(documents(files)):
+        if (int((i + 1) * val_fraction) > int(i * val_fraction)) == (split == "val"):
+            yield doc
 
 
 _worker_tokenizer: Tokenizer | None = None
@@ -151,7 +157,7 @@ def _init_worker(folder: str) -> None:
     _worker_tokenizer = Tokenizer.load(folder)
 
 
-def _encode(batch: tuple[list[str], bool]) -> np.ndarray:
+def _encode(batch: tuple[list[str], bool]) -> np.ndarray:  # runs in a worker process
     texts, add_eos = batch
     ids = _worker_tokenizer.encode_batch(texts)
     if add_eos:
@@ -159,19 +165,29 @@ def _encode(batch: tuple[list[str], bool]) -> np.ndarray:
     return np.fromiter((t for doc in ids for t in doc), dtype=np.int64)
 
 
-def batches(texts: list[str], add_eos: bool) -> Iterator[tuple[list[str], bool]]:
+def batches(texts: Iterator[str], add_eos: bool) -> Iterator[list[str]]:
     """About a megabyte of text per batch; a single long document is cut at line ends."""
     batch, size = [], 0
     for text in texts:
-        pieces = [text] if add_eos else text.splitlines(keepends=True)
-        for piece in pieces:
+        for piece in [text] if add_eos else text.splitlines(keepends=True):
             batch.append(piece)
             size += len(piece)
             if size >= BATCH_CHARS:
-                yield (batch if add_eos else ["".join(batch)]), add_eos
+                yield batch if add_eos else ["".join(batch)]
                 batch, size = [], 0
     if batch:
-        yield (batch if add_eos else ["".join(batch)]), add_eos
+        yield batch if add_eos else ["".join(batch)]
+
+
+def encode_stream(pool: multiprocessing.pool.Pool, workers: int, texts: Iterator[str],
+                  add_eos: bool) -> Iterator[tuple[int, np.ndarray]]:
+    """(characters, token ids) per batch, in order. A few batches per worker are in flight at a
+    time (pool.imap would read the whole corpus ahead), so memory stays bounded."""
+    pending = batches(texts, add_eos)
+    while window := list(itertools.islice(pending, 4 * workers)):
+        encoded = pool.map(_encode, [(batch, add_eos) for batch in window])
+        for batch, ids in zip(window, encoded):
+            yield sum(len(t) for t in batch), ids
 
 
 def prepare(cfg: DataConfig) -> dict:
@@ -187,23 +203,29 @@ def prepare(cfg: DataConfig) -> dict:
     else:
         raise ConfigError(f"data.dataset={cfg.dataset!r} is not a named dataset ({', '.join(DATASETS)}): "
                           f"pass --data.input with your own files")
-    train_texts, val_texts, several = split_documents(documents(files), cfg.val_fraction)
+    several = is_multi_document(files)
     if kind == "char":
-        tokenizer = Tokenizer.train_char("".join(train_texts) + "".join(val_texts))
+        chars: set[str] = set()
+        for doc in documents(files):
+            chars.update(doc)
+        tokenizer = Tokenizer.train_char("".join(chars))
     else:
-        tokenizer = Tokenizer.train_bpe(train_texts, cfg.vocab_size, cfg.bpe_train_bytes)
+        train_stream = split_texts(files, "train", cfg.val_fraction, several)
+        tokenizer = Tokenizer.train_bpe(train_stream, cfg.vocab_size, cfg.bpe_train_bytes)
 
     tmp = out.with_name(out.name + ".tmp")  # the dataset appears whole, or not at all
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save(tmp)
-    counts = {}
+    counts, chars_seen = {}, {}
     with multiprocessing.get_context("spawn").Pool(cfg.workers, _init_worker, (str(tmp),)) as pool:
-        for split, texts in (("train", train_texts), ("val", val_texts)):
-            total = sum(len(t) for t in texts)
-            with tqdm(total=total, unit="char", unit_scale=True, desc=split) as bar:
+        for split in ("train", "val"):
+            chars_seen[split] = 0
+            with tqdm(unit="char", unit_scale=True, desc=split) as bar:
                 def chunks() -> Iterator[np.ndarray]:
-                    for batch, ids in zip(batches(texts, several), pool.imap(_encode, batches(texts, several))):
-                        bar.update(sum(len(t) for t in batch[0]))
+                    texts = split_texts(files, split, cfg.val_fraction, several)
+                    for n_chars, ids in encode_stream(pool, cfg.workers, texts, several):
+                        chars_seen[split] += n_chars
+                        bar.update(n_chars)
                         yield ids
                 counts[split] = data.write_tokens(tmp / f"{split}.bin", chunks(), tokenizer.vocab_size,
                                                   tokenizer.hash)
@@ -214,7 +236,7 @@ def prepare(cfg: DataConfig) -> dict:
             "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
             "dtype": data.token_dtype(tokenizer.vocab_size).name, "documents_split": several,
             "train_tokens": counts["train"], "val_tokens": counts["val"],
-            "train_chars": sum(len(t) for t in train_texts), "val_chars": sum(len(t) for t in val_texts),
+            "train_chars": chars_seen["train"], "val_chars": chars_seen["val"],
             "seconds": round(seconds, 2)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(out, ignore_errors=True)
