@@ -63,6 +63,14 @@ def test_rmsnorm_is_scale_invariant(a):
         torch.testing.assert_close(unit.pow(2).mean(-1), torch.ones(8), atol=1e-4, rtol=0)
 
 
+def test_rmsnorm_eps_error_is_as_stated():
+    torch.manual_seed(0)
+    x = 0.5 * torch.randn(1, 64)
+    exact, with_eps = RMSNorm(64, eps=0.0)(x), RMSNorm(64, eps=1e-5)(x)
+    relative = (1 - with_eps / exact).mean().item()
+    assert relative == pytest.approx(1e-5 / (2 * x.pow(2).mean().item()), rel=0.01)
+
+
 def test_rmsnorm_invariance_fails_near_eps():
     x = torch.randn(1, 512)
     x = x / x.pow(2).mean().sqrt()
@@ -294,7 +302,9 @@ def test_precision_numbers_as_quoted():
     fp16, bf16 = torch.finfo(torch.float16), torch.finfo(torch.bfloat16)
     assert (fp16.max, fp16.eps, fp16.tiny) == (65504.0, 2**-10, 2**-14)
     assert (bf16.eps, bf16.tiny) == (2**-7, torch.finfo(torch.float32).tiny)
-    assert bf16.max == pytest.approx(3.39e38, rel=1e-3)
+    assert bf16.max == pytest.approx(3.39e38, rel=1e-3) and bf16.eps / fp16.eps == 8
+    fp32 = torch.finfo(torch.float32)
+    assert (fp32.max, fp32.tiny, fp32.eps) == (pytest.approx(3.4e38, rel=0.01), pytest.approx(1.2e-38, rel=0.02), 2**-23)
     assert torch.tensor(2**-24).half().item() == 2**-24 and torch.tensor(2**-26).half().item() == 0.0
     assert torch.tensor(1e-8).half().item() == 0.0  # a small gradient vanishes in fp16...
     scale = torch.amp.GradScaler("cpu").get_scale()
