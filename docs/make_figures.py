@@ -125,6 +125,15 @@ def save(fig: plt.Figure, name: str) -> None:
     print(f"wrote docs/figures/{name}")
 
 
+def describe(ax: plt.Axes, xlabel: str, ylabel: str, title: str) -> None:
+    """Axis labels, title, legend and a light grid: the finish every line plot shares."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3, which="both")
+
+
 def fig_rmsnorm() -> None:
     torch.manual_seed(0)
     norm = RMSNorm(2, eps=1e-5)
@@ -230,11 +239,8 @@ def fig_kv_cache_memory() -> None:
     with torch.device("meta"):
         weights_gib = Llama(cfg).num_params() * 2 / 2**30
     ax.axhline(weights_gib, color="gray", ls="--", label=f"the bf16 weights ({weights_gib:.1f} GiB)")
-    ax.set_xlabel("context (K tokens), batch 1")
-    ax.set_ylabel("KV cache (GiB, bf16)")
-    ax.set_title("KV cache of a Llama-3-8B shape: 32 layers, 32 query heads, head_dim 128")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    describe(ax, "context (K tokens), batch 1", "KV cache (GiB, bf16)",
+             "KV cache of a Llama-3-8B shape: 32 layers, 32 query heads, head_dim 128")
     save(fig, "kv_cache_memory.png")
 
 
@@ -244,11 +250,8 @@ def fig_decode_cost() -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for cached, name in ((True, "with the KV cache"), (False, "without: the whole prefix again")):
         ax.semilogy(contexts, [decode_step_flops(cfg, t, cached) for t in contexts], label=name)
-    ax.set_xlabel("tokens already in the context")
-    ax.set_ylabel("forward FLOPs for the next token")
-    ax.set_title("decoding cost per token (bench/ reference config, 6 layers, dim 384)")
-    ax.legend()
-    ax.grid(alpha=0.3, which="both")
+    describe(ax, "tokens already in the context", "forward FLOPs for the next token",
+             "decoding cost per token (bench/ reference config, 6 layers, dim 384)")
     save(fig, "decode_cost.png")
 
 
@@ -258,11 +261,8 @@ def fig_lr_schedules() -> None:
     for schedule in ("cosine", "wsd", "constant"):
         cfg = TrainConfig(lr_schedule=schedule, **CPU_SCHEDULE)
         ax.plot(steps, [lr_at(s, cfg) for s in steps], label=schedule)
-    ax.set_xlabel("step")
-    ax.set_ylabel("learning rate")
-    ax.set_title("train.lr_at for configs/shakespeare_char_cpu.toml (100 warmup steps)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    describe(ax, "step", "learning rate",
+             "train.lr_at for configs/shakespeare_char_cpu.toml (100 warmup steps)")
     save(fig, "lr_schedules.png")
 
 
@@ -272,11 +272,8 @@ def fig_precision() -> None:
     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"), (torch.float16, "fp16")):
         error = ((x.to(dtype).double() - x).abs() / x).nan_to_num(posinf=1.0).clamp(max=1.0)
         ax.loglog(x, error.clamp(min=1e-10), label=name, lw=1)
-    ax.set_xlabel("|value|")
-    ax.set_ylabel("relative rounding error (1 = lost: zero or inf)")
-    ax.set_title("what a cast to each dtype keeps")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    describe(ax, "|value|", "relative rounding error (1 = lost: zero or inf)",
+             "what a cast to each dtype keeps")
     save(fig, "precision.png")
 
 
@@ -399,11 +396,7 @@ def fig_loss_curve() -> None:
     fig, ax = plt.subplots(figsize=(8, 4.2))
     ax.plot([m["step"] for m in steps], [m["loss"] for m in steps], lw=0.8, alpha=0.6, label="train (batch)")
     ax.plot([m["step"] for m in evals], [m["val_loss"] for m in evals], "o-", label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss")
-    ax.set_title(f"{runs[-1].parent.relative_to(ROOT)}")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    describe(ax, "step", "cross-entropy loss", str(runs[-1].parent.relative_to(ROOT)))
     save(fig, "loss_curve.png")
 
 
