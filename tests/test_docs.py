@@ -7,6 +7,7 @@ Each test names the page whose claim it checks. A number that appears in a page 
 import importlib.util
 import json
 import math
+import random
 from pathlib import Path
 
 import numpy as np
@@ -336,9 +337,9 @@ def test_rng_state_round_trips_through_a_weights_only_load(tmp_path):
     np.random.seed(0)
     state = rng_state()
     torch.save(state, tmp_path / "rng.pt")
-    expected = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    expected = (torch.rand(3), np.random.rand(3), random.random())
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
-    again = (torch.rand(3), np.random.rand(3), __import__("random").random())
+    again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
 
 
