@@ -161,7 +161,7 @@ def load_sweep(path: str | Path) -> Sweep:
 def find_base(base: Any, sweep_path: Path) -> Path:
     if not isinstance(base, str):
         raise ConfigError(f"{sweep_path} needs sweep.base, the config file every trial starts from")
-    for candidate in (sweep_path.parent / base, ROOT / base):
+    for candidate in (Path(os.path.normpath(sweep_path.parent / base)), ROOT / base):
         if candidate.is_file():
             return candidate
     raise ConfigError(f"base config {base!r} of {sweep_path} does not exist (looked in {sweep_path.parent} "

@@ -209,3 +209,8 @@ def test_trial_directory_of_another_sweep(tmp_path, data_dir, capsys):
         f"error: trial directory {trial} belongs to sweep 'theirs', not 'mine': give this sweep another name "
         f"or out_dir"]
     assert not (trial / "train.log").exists()
+    (trial / "sweep.json").write_text(json.dumps({"sweep": "mine", "args": ["--train.lr", "1"]}))
+    assert sweep.main([str(path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: trial directory {trial} was run with other overrides than sweep 'mine' now gives it: delete "
+        f"the folder to run it again"]
