@@ -345,7 +345,9 @@ def train(cfg: Config) -> int:
     wandb_run = None
     if tc.wandb != "off" and runtime.is_main:
         import wandb
-        wandb_run = wandb.init(project=tc.wandb_project, name=tc.wandb_run_name or out_dir.name,
+        # Under `wandb agent` (WANDB_SWEEP_ID set) W&B names the runs; otherwise the folder does.
+        default_name = None if os.environ.get("WANDB_SWEEP_ID") else out_dir.name
+        wandb_run = wandb.init(project=tc.wandb_project, name=tc.wandb_run_name or default_name,
                                group=tc.wandb_group, id=wandb_id, resume="allow", mode=tc.wandb,
                                config=cfg.to_dict(), dir=str(out_dir))
         wandb_id = wandb_run.id
