@@ -14,6 +14,7 @@ import torch
 
 import checkpoint
 import train
+from config import ModelConfig
 from model import Llama
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,3 +231,22 @@ def test_wandb_offline_keeps_its_run_id_across_resume(data_dir, tmp_path):
     resumed = run_cli(*args(data_dir, tmp_path, "--train.max_steps", "4", *common, "--resume"))
     assert resumed.returncode == 0, resumed.stderr
     assert checkpoint.load_training_state(checkpoint.resolve(tmp_path))["wandb_run_id"] == run_id
+
+
+def test_init_from_a_hugging_face_folder(data_dir, tmp_path):
+    import data
+
+    torch.manual_seed(3)
+    pretrained = Llama(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=1, max_seq_len=64))
+    pretrained.save_pretrained(tmp_path / "hf")
+    result = run_cli(*args(data_dir, tmp_path / "run", "--train.max_steps", "2", "--train.eval_interval", "2",
+                           "--init_from", str(tmp_path / "hf")))
+    assert result.returncode == 0, result.stderr
+    assert "initialized from" in result.stdout
+    # The first step's loss is the pretrained model's loss on the first batch: its weights were used.
+    sampler = data.BatchSampler(data.open_split(data_dir / "tiny", "train"), block_size=32, batch_size=4, seed=1337)
+    x, y = sampler.get(0, 0)
+    with torch.no_grad():
+        expected = Llama.from_pretrained(tmp_path / "hf", max_seq_len=32)(x, y)[1].item()
+    assert train_losses(tmp_path / "run")[0] == pytest.approx(expected, abs=1e-5)
+    assert Llama.from_pretrained(checkpoint.resolve(tmp_path / "run")).cfg.kv_heads == 1
