@@ -29,6 +29,10 @@ MARKER = "COMPLETE"
 STATE_FILE = "training_state.pt"
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the message is one line and says what survived."""
+
+
 def _sha256(path: Path) -> str:
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
@@ -84,8 +88,8 @@ def save(out_dir: str | Path, step: int, model: torch.nn.Module, training_state:
         shutil.rmtree(tmp, ignore_errors=True)
         previous = read_pointer(out_dir, "latest")
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise OSError(e.errno, f"saving {final} failed ({e.strerror or e}); {kept}: free disk space and "
-                               f"resume with --resume") from None
+        raise CheckpointError(f"saving {final} failed ({e.strerror or e}); {kept}: free disk space and "
+                              f"resume with --resume") from None
     return final
 
 

@@ -36,7 +36,7 @@ import checkpoint
 import data
 from config import Config, ConfigError, TrainConfig, build_config, load_toml, parse_cli, to_toml
 from model import Llama, read_hf_config
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, TokenizerError
 
 EXIT_INTERRUPTED = 3
 EXIT_NONFINITE = 4
@@ -510,14 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_cli(expand_aliases(list(sys.argv[1:] if argv is None else argv)), prog="train.py")
     try:
         return train(cfg)
-    except (ConfigError, data.DataError) as e:
+    except (ConfigError, data.DataError, TokenizerError, checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
-        if e.strerror and "free disk space" in e.strerror:
-            print(f"error: {e.strerror}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

@@ -67,10 +67,10 @@ def test_disk_full_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.torch, "save", no_space)
-    with pytest.raises(OSError) as err:
+    with pytest.raises(checkpoint.CheckpointError) as err:
         save(tmp_path, 2, model)
-    assert "the previous checkpoint ckpt-000001 is intact" in err.value.strerror
-    assert "No space left on device" in err.value.strerror
+    assert "the previous checkpoint ckpt-000001 is intact" in str(err.value)
+    assert "No space left on device" in str(err.value)
     assert checkpoint.read_pointer(tmp_path, "latest") == "ckpt-000001"
     assert not (tmp_path / "ckpt-000002.tmp").exists() and not (tmp_path / "ckpt-000002").exists()
     checkpoint.verify(tmp_path / "ckpt-000001")
