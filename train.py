@@ -457,10 +457,15 @@ def train(cfg: Config) -> int:
                 break
             done = step == tc.max_steps
             eval_now = step % tc.eval_interval == 0 or done
-            if stop.signal is not None or eval_now or step % tc.ckpt_interval == 0:
+            stopping = stop.signal is not None
+            if runtime.world > 1:  # a signal may land between two ranks' checks: all stop at the same step
+                flag = torch.tensor(float(stopping), device=runtime.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stopping = bool(flag.item())
+            if stopping or eval_now or step % tc.ckpt_interval == 0:
                 if runtime.is_main:
                     path = save(step)  # before evaluation: an eval that crashes loses nothing
-                if stop.signal is not None:
+                if stopping:
                     log(f"\nstopped by signal {stop.signal} at step {step}; checkpoint saved, continue with --resume")
                     exit_code = EXIT_INTERRUPTED
                     break
