@@ -240,11 +240,28 @@ class SampleConfig:
 
 
 @dataclass
+class ServeConfig:
+    host: str = _field("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to every network it can reach)")
+    port: int = _field(7860, "TCP port")
+    model_name: str | None = _field(None, "model id the API answers to (default: the checkpoint's folder or file name)")
+    max_prompt_tokens: int = _field(0, "longest prompt a request may send, in tokens (0 = the model's context)")
+    max_tokens: int = _field(512, "most new tokens a request may ask for")
+    max_batch: int = _field(32, "most completions in one request (prompts x n)")
+
+    def validate(self) -> None:
+        _positive(self, "serve", ["max_tokens", "max_batch"])
+        _non_negative(self, "serve", ["max_prompt_tokens"])
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"serve.port={self.port} must lie in 1..65535")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def validate(self) -> None:
         for section in SECTIONS:
@@ -257,7 +274,7 @@ class Config:
         return {section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}
 
 
-SECTIONS = ("model", "data", "train", "sample")
+SECTIONS = ("model", "data", "train", "sample", "serve")
 
 
 def _positive(obj: Any, section: str, keys: list[str]) -> None:
@@ -345,8 +362,9 @@ ALL_KEYS = [f"{s}.{k}" for s in SECTIONS for k in typing.get_type_hints(typing.g
 def _set(cfg: Config, dotted: str, value: Any) -> None:
     if dotted not in ALL_KEYS:
         close = difflib.get_close_matches(dotted, ALL_KEYS, n=1, cutoff=0.5)
-        if not close:  # a right key in the wrong section still deserves a hint
-            close = [k for k in ALL_KEYS if k.split(".")[1] == dotted.split(".")[-1]]
+        if not close:  # a right key in the wrong section, or without one, still deserves a hint
+            by_name = {k.split(".")[1]: k for k in reversed(ALL_KEYS)}
+            close = [by_name[k] for k in difflib.get_close_matches(dotted.split(".")[-1], by_name, n=1, cutoff=0.7)]
         hint = f"; did you mean '{close[0]}'?" if close else "; run with --help to list every key"
         raise ConfigError(f"unknown config key '{dotted}'{hint}")
     section, key = dotted.split(".")
@@ -439,6 +457,27 @@ def help_text(prog: str, sections: tuple[str, ...] = SECTIONS) -> str:
                          f"{f.metadata['help']}")
         lines.append("")
     return "\n".join(lines)
+
+
+def expand_short_flags(argv: list[str], sections: tuple[str, ...]) -> list[str]:
+    """Let a script's own sections drop their prefix: `--top_k 5` -> `--sample.top_k 5` (the first
+    of `sections` holding the key), and a bare boolean flag (`--json`) -> `--sample.json true`."""
+    types_ = {f"{s}.{k}": tp for s in sections for k, tp in _field_types(s).items()}
+    short: dict[str, str] = {}
+    for dotted in types_:
+        short.setdefault(dotted.split(".")[1], dotted)
+    out = []
+    for i, arg in enumerate(argv):
+        name = arg[2:].split("=", 1)[0] if arg.startswith("--") else ""
+        dotted = name if name in types_ else short.get(name)
+        if dotted is None:
+            out.append(arg)
+            continue
+        out.append("--" + dotted + arg[2 + len(name):])
+        is_bool = types_[dotted] is bool or bool in typing.get_args(types_[dotted])
+        if is_bool and "=" not in arg and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
+            out.append("true")
+    return out
 
 
 def parse_cli(argv: list[str] | None = None, prog: str = "script.py",

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import os
 import struct
+import typing
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
+
+if typing.TYPE_CHECKING:
+    import torch
 
 MAGIC = b"NLTOKENS"
 VERSION = 1
@@ -136,6 +139,8 @@ class BatchSampler:
         rng = np.random.default_rng([self.seed, step, index])
         starts = rng.integers(0, len(self.data) - self.block_size, size=self.batch_size)
         windows = np.stack([self.data.tokens[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
+        import torch  # here, not at the top: prepare_data's worker processes import this module, and
+        # torch would add ~220 MiB to each of them
         windows = torch.from_numpy(windows)
         return windows[:, :-1], windows[:, 1:]
 

@@ -15,6 +15,7 @@ The sampling functions are plain functions of (batch, vocab) logits, for reuse b
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import stat
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from config import ConfigError, SampleConfig, parse_cli
+from config import ConfigError, SampleConfig, expand_short_flags, parse_cli
 import checkpoint
 from convert import load_model
 from tokenizer import Tokenizer
@@ -181,8 +182,68 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
         model.clear_cache()
 
 
+def generate_text(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, eos_ids: Sequence[int],
+                  render: Callable[[list[int]], str], stops: Sequence[str] = (), *, live: bool = True,
+                  decode_step: DecodeStep | None = None) -> Iterator[tuple[list[Completion], list[str]]]:
+    """generate() with each row's text, yielded as (rows, texts) after every step.
+
+    A row's text is rendered after every step when `live` or when stop strings must be watched, else
+    once, when the row finishes (rendering a growing text every step costs time). The first stop
+    string in a row's text ends the row (finish_reason "stop"); the text keeps what precedes it.
+    """
+    texts = [""] * (len(prompts) * cfg.num_samples)
+    done: set[int] = set()
+    for rows in generate(model, prompts, cfg, eos_ids, decode_step=decode_step):
+        for i, row in enumerate(rows):
+            if i in done or not (live or stops or row.finish_reason):
+                continue
+            texts[i] = render(row.token_ids)
+            if (cut := min((texts[i].find(s) for s in stops if s in texts[i]), default=-1)) >= 0:
+                texts[i], row.finish_reason = texts[i][:cut], "stop"
+            if row.finish_reason:
+                done.add(i)
+        yield rows, texts
+
+
+def hold_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters may not be printed yet: a half-decoded UTF-8 character, or
+    the beginning of a stop string that the next tokens may complete."""
+    held = len(text) - len(text.rstrip("\ufffd"))
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), held, -1):  # the longest prefix of stop ending text
+            if text.endswith(stop[:n]):
+                held = n
+                break
+    return held
+
+
+def visible_text(text: str, finish_reason: str | None, stops: Sequence[str]) -> str:
+    """What of a row's text may be shown now: all of it once the row has finished, else all but
+    what hold_back keeps back."""
+    return text if finish_reason else text[:len(text) - hold_back(text, stops)]
+
+
 # ---------------------------------------------------------------------------------------------
 # Tokenizer and special tokens
+
+
+def load_for_sampling(cfg: SampleConfig) -> tuple[Llama, Tokenizer | None, int | None, list[int]]:
+    """cfg.checkpoint's model on cfg's device and dtype in eval mode, its tokenizer (None when it
+    has none), its BOS id and its EOS ids (cfg.eos, when set, replaces the checkpoint's)."""
+    if cfg.checkpoint is None:
+        raise ConfigError("no checkpoint given: pass --checkpoint PATH (a checkpoint, run or Hugging Face folder, "
+                          "or a llama2.c .bin)")
+    device, dtype = pick_device(cfg)
+    model = load_model(cfg.checkpoint, dtype).to(device).eval()
+    folder = None if Path(cfg.checkpoint).is_file() else checkpoint.resolve(cfg.checkpoint)
+    tokenizer = load_tokenizer(folder)
+    bos, eos = special_token_ids(folder, tokenizer)
+    return model, tokenizer, bos, eos if cfg.eos_ids() is None else cfg.eos_ids()
+
+
+def detokenize(tokenizer: Tokenizer | None, ids: list[int]) -> str:
+    """The text of `ids`; without a tokenizer, the ids themselves, each after a space."""
+    return tokenizer.decode(ids) if tokenizer is not None else "".join(f" {i}" for i in ids)
 
 
 def load_tokenizer(folder: Path | None) -> Tokenizer | None:
@@ -213,22 +274,6 @@ def special_token_ids(folder: Path | None, tokenizer) -> tuple[int | None, list[
 
 # ---------------------------------------------------------------------------------------------
 # Command line
-
-
-def expand_short_flags(argv: list[str]) -> list[str]:
-    """`--top_k 5` -> `--sample.top_k 5`, and a bare boolean flag (`--json`) -> `--sample.json true`."""
-    hints = typing.get_type_hints(SampleConfig)
-    out = []
-    for i, arg in enumerate(argv):
-        key = arg[2:].split("=", 1)[0].removeprefix("sample.") if arg.startswith("--") else None
-        if key not in hints:
-            out.append(arg)
-            continue
-        out.append("--sample." + arg[2:].removeprefix("sample."))
-        is_bool = hints[key] is bool or bool in typing.get_args(hints[key])
-        if is_bool and "=" not in arg and (i + 1 == len(argv) or argv[i + 1].startswith("--")):
-            out.append("true")
-    return out
 
 
 def read_prompt_text(cfg: SampleConfig) -> str:
@@ -290,20 +335,8 @@ def pick_device(cfg: SampleConfig) -> tuple[torch.device, torch.dtype]:
     return device, torch.bfloat16 if on_bf16_gpu else torch.float32
 
 
-def hold_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters may not be printed yet: a half-decoded UTF-8 character, or
-    the beginning of a stop string that the next tokens may complete."""
-    held = len(text) - len(text.rstrip("\ufffd"))
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), held, -1):  # the longest prefix of stop ending text
-            if text.endswith(stop[:n]):
-                held = n
-                break
-    return held
-
-
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_cli(expand_short_flags(list(sys.argv[1:] if argv is None else argv)), prog="generate.py",
+    cfg = parse_cli(expand_short_flags(list(sys.argv[1:] if argv is None else argv), ("sample",)), prog="generate.py",
                     sections=("sample",)).sample
     try:
         run(cfg)
@@ -315,55 +348,37 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(cfg: SampleConfig) -> None:
-    if cfg.checkpoint is None:
-        raise ConfigError("no checkpoint given: pass --checkpoint PATH (a checkpoint, run or Hugging Face folder, "
-                          "or a llama2.c .bin)")
-    device, dtype = pick_device(cfg)
-    model = load_model(cfg.checkpoint, dtype).to(device).eval()
-    folder = None if Path(cfg.checkpoint).is_file() else checkpoint.resolve(cfg.checkpoint)
-    tokenizer = load_tokenizer(folder)
-    bos, checkpoint_eos = special_token_ids(folder, tokenizer)
+    model, tokenizer, bos, eos = load_for_sampling(cfg)
     stops = cfg.stop_strings()
     if stops and tokenizer is None:
         raise ConfigError(f"stop strings need a tokenizer and {cfg.checkpoint} has none: stop on token ids with --eos")
     texts, id_lists = prompt_token_ids(cfg, tokenizer, bos, cfg.checkpoint)
     id_lists = fit_context(id_lists, cfg, model.cfg.max_seq_len)
-    eos = checkpoint_eos if cfg.eos_ids() is None else cfg.eos_ids()
     one_row = len(id_lists) * cfg.num_samples == 1
     if cfg.stream is True and not one_row:
         raise ConfigError("--stream prints a single sample: drop it, or use one prompt and num_samples=1")
     stream = one_row and not cfg.json and (sys.stdout.isatty() if cfg.stream == "auto" else cfg.stream)
 
-    def render(ids: list[int]) -> str:  # without a tokenizer the text is the ids, each after a space
-        return tokenizer.decode(ids) if tokenizer is not None else "".join(f" {i}" for i in ids)
-
+    render = functools.partial(detokenize, tokenizer)
     step = compile_decode_step(model) if cfg.compile else None
-    texts_out: dict[int, str] = {}
     finished_s: dict[int, float] = {}
     printed, first_token_s, start = 0, None, time.perf_counter()
     if stream:
         print(texts[0] if texts[0] is not None else render(id_lists[0]).lstrip(), end="", flush=True)
-    for rows in generate(model, id_lists, cfg, eos, decode_step=step):
+    for rows, texts_out in generate_text(model, id_lists, cfg, eos, render, stops, live=stream, decode_step=step):
         elapsed = time.perf_counter() - start
         first_token_s = elapsed if first_token_s is None else first_token_s
         for i, row in enumerate(rows):
-            if i in finished_s:
-                continue
-            if stops or stream:  # decoding every step costs time: only when something reads it
-                text = texts_out[i] = render(row.token_ids)
-                if (cut := min((text.find(s) for s in stops if s in text), default=-1)) >= 0:
-                    texts_out[i], row.finish_reason = text[:cut], "stop"
-            if row.finish_reason:
+            if row.finish_reason and i not in finished_s:
                 finished_s[i] = elapsed
         if stream:
-            text = texts_out[0]
-            visible = len(text) if rows[0].finish_reason else len(text) - hold_back(text, stops)
-            print(text[printed:visible], end="", flush=True)
-            printed = max(printed, visible)
+            visible = visible_text(texts_out[0], rows[0].finish_reason, stops)
+            print(visible[printed:], end="", flush=True)
+            printed = max(printed, len(visible))
     if stream:
         print()
     for i, row in enumerate(rows):
-        text = texts_out[i] if i in texts_out else render(row.token_ids)
+        text = texts_out[i]
         prompt = texts[i // cfg.num_samples]
         if cfg.json:
             print(json.dumps({"prompt": prompt, "prompt_ids": row.prompt_ids, "sample": row.sample, "text": text,

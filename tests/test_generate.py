@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from config import ConfigError, SampleConfig, build_config
+from config import ConfigError, SampleConfig, build_config, expand_short_flags
 from convert import read_llama2c, write_llama2c
-from generate import (Completion, apply_repetition_penalty, compile_decode_step, expand_short_flags, generate,
+from generate import (Completion, apply_repetition_penalty, compile_decode_step, generate,
                       hold_back, main, min_p_filter, sample_next, top_k_filter, top_p_filter)
 from test_convert import STORIES
 from test_model import make_model
@@ -217,10 +217,10 @@ def test_cli_truncates_only_when_asked(checkpoint_dir, capsys):
 
 
 def test_short_flags_map_to_the_sample_section():
-    assert expand_short_flags(["--checkpoint", "x", "--json", "--top_k=5", "--compile", "--sample.stream"]) == [
+    assert expand_short_flags(["--checkpoint", "x", "--json", "--top_k=5", "--compile", "--sample.stream"], ("sample",)) == [
         "--sample.checkpoint", "x", "--sample.json", "true", "--sample.top_k=5", "--sample.compile", "true",
         "--sample.stream", "true"]
-    assert expand_short_flags(["cfg.toml", "--json", "false", "--model.dim", "8"]) == [
+    assert expand_short_flags(["cfg.toml", "--json", "false", "--model.dim", "8"], ("sample",)) == [
         "cfg.toml", "--sample.json", "false", "--model.dim", "8"]
 
 

@@ -1,0 +1,440 @@
+"""Serve a checkpoint: a web demo in the browser and an OpenAI-compatible completions API.
+
+    pip install -r requirements-app.txt
+    python app.py --checkpoint out/shakespeare_char_cpu        # demo at http://127.0.0.1:7860/
+    python app.py --checkpoint out/run --port 8000 --max_tokens 256 --compile
+    python app.py --help                                       # every option ([sample] and [serve])
+
+The API answers `GET /v1/models` and `POST /v1/completions` (prompt string or list, max_tokens,
+temperature, top_p, n, stop, seed, stream as server-sent events), so the `openai` client works:
+
+    client = openai.OpenAI(base_url="http://127.0.0.1:7860/v1", api_key="unused")
+    client.completions.create(model="shakespeare_char_cpu", prompt="ROMEO:", max_tokens=64)
+
+top_k, min_p and repetition_penalty go through the client's `extra_body`. One thread owns the
+model and decodes one request at a time (the KV cache lives on the model), so concurrent requests
+wait their turn instead of sharing a cache. Both front ends decode with generate.py's sampler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+import os
+import queue
+import secrets
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, Literal
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline server
+
+from config import ConfigError, SampleConfig, ServeConfig, expand_short_flags, parse_cli
+from generate import compile_decode_step, detokenize, generate_text, load_for_sampling, visible_text
+from tokenizer import TokenizerError
+
+try:
+    import fastapi
+    import pydantic
+    import uvicorn
+    from fastapi.responses import JSONResponse, StreamingResponse
+except ImportError as missing:  # the server's packages are an optional extra
+    print(f"error: app.py needs {missing.name}: pip install -r requirements-app.txt", file=sys.stderr)
+    sys.exit(2)
+
+
+class RequestError(ValueError):
+    """A bad request: answered with an OpenAI-style error body naming the field at fault."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str | None = None):
+        super().__init__(message)
+        self.param, self.status, self.code = param, status, code
+
+    def response(self) -> JSONResponse:
+        kind = "invalid_request_error" if self.status < 500 else "server_error"
+        return JSONResponse({"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}},
+                            status_code=self.status)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine: one model, one thread that decodes on it
+
+
+@dataclasses.dataclass
+class RowText:
+    """One completion as far as it has been decoded: its showable text (stop strings cut, a
+    possible stop-string start held back), finish reason ("eos", "stop", "length" or None while
+    decoding) and token count."""
+    text: str
+    finish_reason: str | None
+    n_tokens: int
+
+
+@dataclasses.dataclass
+class Update:
+    rows: list[RowText]
+    elapsed_s: float  # since the request's decoding began
+
+
+@dataclasses.dataclass
+class Job:
+    prompts: list[list[int]]
+    cfg: SampleConfig
+    stops: list[str]
+    emit: Callable[[Update | BaseException | None], None]  # None: the job is over
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+class Engine:
+    """Loads a checkpoint and decodes requests on it one at a time, in arrival order."""
+
+    def __init__(self, sample: SampleConfig, serve: ServeConfig):
+        self.model, self.tokenizer, self.bos, self.eos = load_for_sampling(sample)
+        self.name = serve.model_name or Path(sample.checkpoint).name
+        self.context = self.model.cfg.max_seq_len
+        self.max_prompt_tokens = serve.max_prompt_tokens or self.context
+        self.defaults = sample
+        self.decode_step = compile_decode_step(self.model) if sample.compile else None
+        self.render = functools.partial(detokenize, self.tokenizer)
+        self.jobs: queue.Queue[Job] = queue.Queue()
+        threading.Thread(target=self._work, name="decoder", daemon=True).start()
+
+    def encode(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
+        """A prompt's ids, BOS first when the model has one; bad prompts raise RequestError."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError(f"{self.name} has no tokenizer: send the prompt as a list of token ids", param)
+            try:
+                ids = self.tokenizer.encode(prompt)
+            except TokenizerError as e:
+                raise RequestError(str(e), param) from None
+        else:
+            ids = list(prompt)
+            if bad := [i for i in ids if not 0 <= i < self.model.cfg.vocab_size]:
+                raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.model.cfg.vocab_size - 1})",
+                                   param)
+        if self.bos is not None and ids[:1] != [self.bos]:
+            ids = [self.bos] + ids
+        if not ids:
+            raise RequestError(f"the prompt is empty and {self.name} has no BOS token to start from", param)
+        if len(ids) > self.max_prompt_tokens:
+            raise RequestError(f"the prompt has {len(ids)} tokens, more than the {self.max_prompt_tokens} this server "
+                               f"accepts: shorten it", param)
+        return ids
+
+    async def stream(self, prompts: list[list[int]], cfg: SampleConfig, stops: list[str]) -> AsyncIterator[Update]:
+        """Queue a request and yield its progress after every decoded token; leaving early (a
+        client that went away) cancels it at the next token."""
+        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+        job = Job(prompts, cfg, stops, lambda item: loop.call_soon_threadsafe(updates.put_nowait, item))
+        self.jobs.put(job)
+        try:
+            while (item := await updates.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            job.cancelled.set()
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job.cancelled.is_set():
+                continue
+            try:
+                start = time.perf_counter()
+                for rows, texts in generate_text(self.model, job.prompts, job.cfg, self.eos, self.render, job.stops,
+                                                 decode_step=self.decode_step):
+                    job.emit(Update([RowText(visible_text(text, row.finish_reason, job.stops), row.finish_reason,
+                                             len(row.token_ids)) for row, text in zip(rows, texts)],
+                                    time.perf_counter() - start))
+                    if job.cancelled.is_set():
+                        break
+            except Exception as e:  # reported to the request that caused it; the server goes on
+                job.emit(e)
+            job.emit(None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The OpenAI-compatible API
+
+
+class StreamOptions(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    include_usage: bool = False
+
+
+class CompletionRequest(pydantic.BaseModel):
+    """POST /v1/completions. Strict: a field of the wrong type or an unknown field is an error,
+    not something to guess at. OpenAI fields we do not implement are accepted only at their
+    neutral value; top_k, min_p and repetition_penalty extend the API as vLLM does."""
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = pydantic.Field(16, ge=1)
+    temperature: float = pydantic.Field(1.0, ge=0.0, le=2.0)
+    top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
+    n: int = pydantic.Field(1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    top_k: int = pydantic.Field(0, ge=0)
+    min_p: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
+    repetition_penalty: float = pydantic.Field(1.0, gt=0.0)
+    echo: Literal[False] = False
+    logprobs: None = None
+    best_of: Literal[1] | None = None
+    suffix: None = None
+    frequency_penalty: Literal[0] = 0
+    presence_penalty: Literal[0] = 0
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a list of prompts: a string or a token-id list is one prompt."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        if not self.prompt:
+            raise RequestError("prompt is an empty list: send a string, token ids, or a list of either", "prompt")
+        return list(self.prompt)
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > 4 or not all(stops):
+            raise RequestError("stop takes up to 4 non-empty strings", "stop")
+        return stops
+
+
+UNSUPPORTED = {"echo": "false", "logprobs": "null", "best_of": "1", "suffix": "null", "frequency_penalty": "0",
+               "presence_penalty": "0"}
+
+
+def describe_validation_error(error: pydantic.ValidationError) -> RequestError:
+    """pydantic's first complaint as one line that names the field."""
+    first = error.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    field = loc[0] if loc else None
+    where = ".".join(loc) or "the request body"
+    if first["type"] == "extra_forbidden":
+        return RequestError(f"unknown field {where!r}: this server implements the OpenAI completions fields plus "
+                            f"top_k, min_p and repetition_penalty", field)
+    if first["type"] == "missing":
+        return RequestError(f"{where} is required", field)
+    if field in UNSUPPORTED:
+        return RequestError(f"{field} is not supported by this server (only {UNSUPPORTED[field]} is accepted)", field)
+    return RequestError(f"{where}: {first['msg'].lower()}, got {json.dumps(first.get('input'), default=str)[:80]}",
+                        field)
+
+
+def parse_request(body: bytes, engine: Engine, serve: ServeConfig) -> tuple[CompletionRequest, list[list[int]],
+                                                                              SampleConfig]:
+    """Validate a completions request: (request, prompt ids, sampling config). Raises RequestError."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise RequestError("the request body must be a JSON object")
+    try:
+        request = CompletionRequest.model_validate(data)
+    except pydantic.ValidationError as e:
+        raise describe_validation_error(e) from None
+    if request.model != engine.name:
+        raise RequestError(f"the model {request.model!r} does not exist: this server serves {engine.name!r}",
+                           "model", status=404, code="model_not_found")
+    if request.max_tokens > serve.max_tokens:
+        raise RequestError(f"max_tokens={request.max_tokens} is more than this server's limit of {serve.max_tokens}",
+                           "max_tokens")
+    prompts = request.prompts()
+    if len(prompts) * request.n > serve.max_batch:
+        raise RequestError(f"{len(prompts)} prompt(s) x n={request.n} is more than this server's limit of "
+                           f"{serve.max_batch} completions per request", "n")
+    ids = [engine.encode(p) for p in prompts]
+    stops = request.stop_strings()
+    if stops and engine.tokenizer is None:
+        raise RequestError(f"{engine.name} has no tokenizer, so it cannot watch for stop strings", "stop")
+    cfg = dataclasses.replace(
+        engine.defaults, max_new_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
+        top_k=request.top_k, min_p=request.min_p, repetition_penalty=request.repetition_penalty,
+        num_samples=request.n, seed=secrets.randbits(31) if request.seed is None else request.seed)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise RequestError(str(e)) from None
+    return request, ids, cfg
+
+
+OPENAI_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+def completion_body(request_id: str, created: int, model: str, choices: list[dict[str, Any]],
+                    usage: dict[str, int] | None = None) -> dict[str, Any]:
+    body = {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": choices}
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def usage_of(prompts: list[list[int]], rows: list[RowText]) -> dict[str, int]:
+    prompt_tokens, completion_tokens = sum(map(len, prompts)), sum(r.n_tokens for r in rows)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def build_api(engine: Engine, serve: ServeConfig) -> fastapi.FastAPI:
+    api = fastapi.FastAPI(title="nanollama", docs_url=None, redoc_url=None)
+
+    @api.exception_handler(RequestError)
+    async def request_error(_: fastapi.Request, error: RequestError) -> JSONResponse:
+        return error.response()
+
+    @api.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "nanollama", "max_model_len": engine.context}]}
+
+    @api.post("/v1/completions")
+    async def completions(raw: fastapi.Request) -> Any:
+        request, prompts, cfg = parse_request(await raw.body(), engine, serve)
+        request_id, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
+        updates = engine.stream(prompts, cfg, request.stop_strings())
+        if request.stream:
+            include_usage = request.stream_options is not None and request.stream_options.include_usage
+            return StreamingResponse(sse_events(updates, request_id, created, engine.name, prompts, include_usage),
+                                     media_type="text/event-stream")
+        rows: list[RowText] = []
+        async for update in updates:
+            rows = update.rows
+        choices = [{"text": r.text, "index": i, "logprobs": None, "finish_reason": OPENAI_FINISH[r.finish_reason]}
+                   for i, r in enumerate(rows)]
+        return completion_body(request_id, created, engine.name, choices, usage_of(prompts, rows))
+
+    return api
+
+
+async def sse_events(updates: AsyncIterator[Update], request_id: str, created: int, model: str,
+                     prompts: list[list[int]], include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: each chunk carries the new text of the choices that moved, a choice's
+    last chunk its finish_reason; then usage if asked for, then [DONE]."""
+    def event(body: dict[str, Any]) -> str:
+        return f"data: {json.dumps(body)}\n\n"
+
+    sent: list[int] = []
+    rows: list[RowText] = []
+    try:
+        async for update in updates:
+            rows, sent = update.rows, sent or [0] * len(update.rows)
+            choices = []
+            for i, row in enumerate(rows):
+                if sent[i] == -1 or (len(row.text) == sent[i] and not row.finish_reason):
+                    continue
+                choices.append({"text": row.text[sent[i]:], "index": i, "logprobs": None,
+                                "finish_reason": OPENAI_FINISH.get(row.finish_reason)})
+                sent[i] = -1 if row.finish_reason else len(row.text)
+            if choices:
+                yield event(completion_body(request_id, created, model, choices))
+        if include_usage:
+            yield event(completion_body(request_id, created, model, [], usage_of(prompts, rows)))
+    except Exception as e:  # headers are gone already: the error travels as an event
+        yield event({"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None,
+                               "code": None}})
+    yield "data: [DONE]\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The web demo
+
+
+def build_demo(engine: Engine, serve: ServeConfig) -> Any:
+    """A Gradio page: prompt, sampling controls, streamed output and speed; None without Gradio."""
+    try:
+        import gradio as gr
+    except ImportError:
+        return None
+    n_params = engine.model.num_params()
+    kind = engine.tokenizer.kind if engine.tokenizer is not None else "token ids"
+    d = engine.defaults
+
+    async def run(prompt: str, temperature: float, top_k: float, top_p: float, repetition_penalty: float,
+                  max_new_tokens: float, seed: float) -> AsyncIterator[tuple[str, str]]:
+        try:
+            ids = engine.encode(prompt if engine.tokenizer is not None else [int(t) for t in prompt.split()])
+            cfg = dataclasses.replace(d, temperature=temperature, top_k=int(top_k), top_p=top_p,
+                                      repetition_penalty=repetition_penalty, max_new_tokens=int(max_new_tokens),
+                                      num_samples=1, seed=int(seed))
+            cfg.validate()
+        except (RequestError, ConfigError, ValueError) as e:
+            raise gr.Error(str(e)) from None
+        async for update in engine.stream([ids], cfg, []):
+            row = update.rows[0]
+            speed = f"{row.n_tokens} tokens in {update.elapsed_s:.2f} s · {row.n_tokens / update.elapsed_s:,.1f} tokens/s"
+            yield prompt + row.text, speed + (f" · finished ({row.finish_reason})" if row.finish_reason else "")
+
+    with gr.Blocks(title=f"nanollama · {engine.name}") as demo:
+        gr.Markdown(f"## nanollama · {engine.name}\n{n_params:,} parameters · {kind} tokenizer · "
+                    f"context {engine.context} tokens", elem_id="model-info")
+        prompt = gr.Textbox(label="Prompt" if engine.tokenizer is not None else "Prompt (token ids)",
+                            lines=3, elem_id="prompt")
+        with gr.Row():
+            temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature (0 = greedy)")
+            top_k = gr.Slider(0, min(engine.model.cfg.vocab_size, 500), value=d.top_k, step=1, label="Top-k (0 = off)")
+            top_p = gr.Slider(0.01, 1.0, value=d.top_p, step=0.01, label="Top-p")
+        with gr.Row():
+            repetition_penalty = gr.Slider(1.0, 2.0, value=d.repetition_penalty, step=0.05, label="Repetition penalty")
+            max_new_tokens = gr.Slider(1, serve.max_tokens, value=min(d.max_new_tokens, serve.max_tokens), step=1,
+                                       label="Max new tokens")
+            seed = gr.Number(value=d.seed, precision=0, label="Seed")
+        button = gr.Button("Generate", variant="primary", elem_id="generate")
+        output = gr.Textbox(label="Output", lines=12, interactive=False, elem_id="output")
+        speed = gr.Markdown(elem_id="speed")
+        button.click(run, [prompt, temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed],
+                     [output, speed])
+    return demo
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_app(sample: SampleConfig, serve: ServeConfig) -> tuple[fastapi.FastAPI, bool]:
+    """The server (API, plus the demo at / when Gradio is installed) and whether the demo is on."""
+    engine = Engine(sample, serve)
+    api = build_api(engine, serve)
+    demo = build_demo(engine, serve)
+    if demo is None:
+        return api, False
+    import gradio as gr
+    # System fonts only: the default theme would fetch Google's, which an offline browser cannot.
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])
+    return gr.mount_gradio_app(api, demo, path="/", theme=theme, footer_links=[]), True
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_cli(expand_short_flags(list(sys.argv[1:] if argv is None else argv), ("serve", "sample")),
+                    prog="app.py", sections=("sample", "serve"))
+    try:
+        app, with_demo = build_app(cfg.sample, cfg.serve)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    host, port = cfg.serve.host, cfg.serve.port
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving {cfg.sample.checkpoint}: "
+          + (f"demo at http://{shown}:{port}/, " if with_demo else "no demo (pip install -r requirements-app.txt), ")
+          + f"OpenAI API at http://{shown}:{port}/v1", flush=True)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {host}: anyone who can reach this machine can use the model "
+              f"(there is no authentication)", file=sys.stderr, flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

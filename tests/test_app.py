@@ -1,0 +1,282 @@
+"""app.py: the OpenAI-compatible API through the official `openai` client, concurrent requests,
+bad requests, and the web demo driven in a real headless Chromium.
+
+Each server is a real `python app.py` process on a free local port, serving a small random model
+saved with its own tokenizer (char level for the API tests, BPE for the browser test). EOS is off
+(`--eos none`) so that every completion runs to its max_tokens whatever the random weights say."""
+
+import concurrent.futures
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from config import ModelConfig, SampleConfig
+from generate import detokenize, generate_text, load_for_sampling
+from model import Llama
+from tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "out" / "test-artifacts"
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n") * 4
+MAX_TOKENS, MAX_PROMPT_TOKENS = 200, 64
+
+
+def save_checkpoint(folder: Path, tokenizer: Tokenizer) -> Path:
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                              max_seq_len=128))
+    model.save_pretrained(folder)
+    tokenizer.save(folder)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(checkpoint: Path, *args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "app.py", "--checkpoint", str(checkpoint), "--port", str(port),
+                                "--max_tokens", str(MAX_TOKENS), "--max_prompt_tokens", str(MAX_PROMPT_TOKENS),
+                                "--eos", "none", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"app.py exited: {process.stdout.read()}")
+        try:
+            if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("app.py did not answer within 120 s")
+
+
+@pytest.fixture(scope="module")
+def char_checkpoint(tmp_path_factory) -> Path:
+    return save_checkpoint(tmp_path_factory.mktemp("char"), Tokenizer.train_char(TEXT))
+
+
+@pytest.fixture(scope="module")
+def server(char_checkpoint):
+    process, url = start_server(char_checkpoint)
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+
+
+def reference(checkpoint: Path, prompt: str, **sample) -> str:
+    """What generate.py's own decoding makes of the prompt: the server must produce the same."""
+    cfg = SampleConfig(checkpoint=str(checkpoint), eos="none", **sample)
+    model, tokenizer, bos, eos = load_for_sampling(cfg)
+    for rows, texts in generate_text(model, [[bos] + tokenizer.encode(prompt)], cfg, eos,
+                                     lambda ids: detokenize(tokenizer, ids)):
+        pass
+    return texts[0]
+
+
+# --- the openai client ----------------------------------------------------------------------
+
+
+def test_models_lists_the_checkpoint(client, char_checkpoint):
+    assert [m.id for m in client.models.list().data] == [char_checkpoint.name]
+
+
+def test_completion_equals_generate_py(client, char_checkpoint):
+    done = client.completions.create(model=char_checkpoint.name, prompt="First", max_tokens=24, seed=5,
+                                     temperature=0.9, top_p=0.95)
+    choice = done.choices[0]
+    assert choice.text == reference(char_checkpoint, "First", max_new_tokens=24, seed=5, temperature=0.9, top_p=0.95)
+    assert choice.finish_reason == "length" and choice.index == 0
+    # Char level: one token per character, and the prompt has BOS in front.
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (1 + len("First"), 24)
+    assert done.usage.total_tokens == 1 + len("First") + 24
+
+
+def test_stream_n_stop_and_seed(client, char_checkpoint):
+    model = char_checkpoint.name
+    whole = client.completions.create(model=model, prompt="All:", max_tokens=40, seed=11).choices[0].text
+    chunks = list(client.completions.create(model=model, prompt="All:", max_tokens=40, seed=11, stream=True))
+    assert len(chunks) > 1 and "".join(c.choices[0].text for c in chunks) == whole
+    assert [c.choices[0].finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
+
+    twice = [client.completions.create(model=model, prompt="All:", max_tokens=40, seed=11).choices[0].text
+             for _ in range(2)]
+    assert twice == [whole, whole]
+
+    pair = client.completions.create(model=model, prompt="All:", max_tokens=40, seed=11, n=2).choices
+    assert [c.index for c in pair] == [0, 1] and pair[0].text == whole and pair[1].text != whole
+
+    stop = whole[10:12]  # a string the unstopped text holds: the same seed stops right before it
+    stopped = client.completions.create(model=model, prompt="All:", max_tokens=40, seed=11, stop=[stop, "@@"])
+    assert stopped.choices[0].text == whole[:whole.find(stop)]
+    assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_list_of_prompts_with_extensions(client, char_checkpoint):
+    done = client.completions.create(model=char_checkpoint.name, prompt=["Speak", "You are"], max_tokens=8, n=2,
+                                     temperature=0.0, extra_body={"repetition_penalty": 1.3, "top_k": 5})
+    texts = [c.text for c in done.choices]
+    greedy = [reference(char_checkpoint, p, max_new_tokens=8, temperature=0.0, repetition_penalty=1.3)
+              for p in ("Speak", "You are")]
+    assert texts == [greedy[0], greedy[0], greedy[1], greedy[1]]  # prompt-major, n per prompt
+
+
+def test_stream_usage_chunk(server, char_checkpoint):
+    with httpx.stream("POST", f"{server}/v1/completions", json={
+            "model": char_checkpoint.name, "prompt": "All:", "max_tokens": 5, "stream": True,
+            "stream_options": {"include_usage": True}}) as response:
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    usage = json.loads(events[-2].removeprefix("data: "))
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
+
+
+# --- sharing the model ----------------------------------------------------------------------
+
+
+def test_twenty_concurrent_requests_are_unmixed(client, char_checkpoint):
+    model = char_checkpoint.name
+    jobs = [(p, seed, seed % 2 == 0) for seed, p in enumerate(["First", "All:", "Speak", "You", "hear"] * 4)]
+
+    def run(prompt: str, seed: int, stream: bool) -> str:
+        args = dict(model=model, prompt=prompt, max_tokens=30 + seed, seed=seed)
+        if stream:
+            return "".join(c.choices[0].text for c in client.completions.create(**args, stream=True))
+        return client.completions.create(**args).choices[0].text
+
+    expected = [run(*job) for job in jobs]
+    assert len(set(expected)) == 20
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        assert list(pool.map(lambda job: run(*job), jobs)) == expected
+
+
+def test_a_client_that_leaves_mid_stream_frees_the_model(server, char_checkpoint, client):
+    with httpx.stream("POST", f"{server}/v1/completions", json={
+            "model": char_checkpoint.name, "prompt": "All:", "max_tokens": MAX_TOKENS, "stream": True}) as response:
+        next(response.iter_lines())
+    start = time.monotonic()
+    client.completions.create(model=char_checkpoint.name, prompt="All:", max_tokens=3)
+    assert time.monotonic() - start < 30
+
+
+# --- bad requests ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body,param,message", [
+    (b'{"model": "m", "prompt": "hi"', None, "the request body is not valid JSON"),
+    (b'["not", "an", "object"]', None, "must be a JSON object"),
+    ({"prompt": "All:", "max_tokens": "ten"}, "max_tokens", "max_tokens: input should be a valid integer"),
+    ({"prompt": "All:", "temperature": "hot"}, "temperature", "temperature: input should be a valid number"),
+    ({"prompt": 5}, "prompt", "prompt"),
+    ({"prompt": "All:", "stream": "yes"}, "stream", "stream: input should be a valid boolean"),
+    ({"prompt": "All:", "max_token": 5}, "max_token", "unknown field 'max_token'"),
+    ({"prompt": "All:", "max_tokens": -3}, "max_tokens", "max_tokens: input should be greater than or equal to 1"),
+    ({"prompt": "All:", "max_tokens": MAX_TOKENS + 1}, "max_tokens", f"more than this server's limit of {MAX_TOKENS}"),
+    ({"prompt": "All:", "top_p": 2}, "top_p", "top_p: input should be less than or equal to 1, got 2"),
+    ({"prompt": "All:", "n": 40}, "n", "completions per request"),
+    ({"prompt": "All:", "logprobs": 3}, "logprobs", "logprobs is not supported"),
+    ({"prompt": "a" * MAX_PROMPT_TOKENS}, "prompt", f"more than the {MAX_PROMPT_TOKENS} this server accepts"),
+    ({"prompt": "All: ~"}, "prompt", "character '~'"),
+    ({"prompt": [1, 2, 999]}, "prompt", "token id 999 is outside the vocabulary"),
+    ({"prompt": []}, "prompt", "prompt is an empty list"),
+    ({"prompt": "All:", "stop": ["a", "b", "c", "d", "e"]}, "stop", "up to 4"),
+])
+def test_bad_requests_get_a_400_naming_the_field(server, char_checkpoint, body, param, message):
+    if isinstance(body, dict):
+        body = json.dumps({"model": char_checkpoint.name, **body}).encode()
+    response = httpx.post(f"{server}/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+    assert message in error["message"] and "\n" not in error["message"]
+
+
+def test_unknown_model_is_a_404_the_client_understands(client):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="gpt-5", prompt="All:", max_tokens=2)
+
+
+def test_bad_command_lines_fail_in_one_line(char_checkpoint):
+    for args, message in [([], "no checkpoint given"),
+                          (["--checkpoint", str(char_checkpoint), "--port", "0"], "serve.port=0 must lie in"),
+                          (["--checkpoint", str(char_checkpoint), "--max_tokens", "0"], "serve.max_tokens=0 must be"),
+                          (["--checkpoint", str(char_checkpoint), "--hots", "x"], "did you mean 'serve.host'")]:
+        done = subprocess.run([sys.executable, "app.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+# --- the web demo in a real browser ---------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        if os.environ.get("NANOLLAMA_REQUIRE_BROWSER"):
+            pytest.fail("chromium is not installed (CI installs Debian's chromium package)")
+        pytest.skip("chromium is not installed: apt-get install chromium")
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as playwright:
+        # Without the background-networking flags Chromium keeps calling Google's servers,
+        # which an offline machine refuses.
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        yield browser
+        browser.close()
+
+
+def test_demo_streams_text_in_a_browser(browser, tmp_path_factory):
+    corpus = ["First Citizen: Before we proceed any further, hear me speak. ✓ ünïcödé"] * 20
+    checkpoint = save_checkpoint(tmp_path_factory.mktemp("bpe"), Tokenizer.train_bpe(corpus, 300))
+    process, url = start_server(checkpoint, "--max_new_tokens", "80", "--temperature", "0.8", "--seed", "3")
+    try:
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(url)
+        assert f"{checkpoint.name}" in page.locator("#model-info").inner_text()
+        page.locator("#prompt textarea").fill("First Citizen:")
+        # Record every value the output box takes, to see the text arrive piece by piece.
+        page.evaluate("""() => {
+            window.seen = [];
+            setInterval(() => {
+                const box = document.querySelector('#output textarea');
+                if (box && box.value !== window.seen[window.seen.length - 1]) window.seen.push(box.value);
+            }, 2);
+        }""")
+        page.locator("#generate").click()
+        page.wait_for_function("() => document.querySelector('#speed').innerText.includes('finished')",
+                               timeout=60_000)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "app_demo.png"), full_page=True)
+        seen = [v for v in page.evaluate("window.seen") if v]
+        final = page.locator("#output textarea").input_value()
+        api = httpx.post(f"{url}/v1/completions", json={"model": checkpoint.name, "prompt": "First Citizen:",
+                                                          "max_tokens": 80, "temperature": 0.8, "seed": 3}).json()
+        assert final == "First Citizen:" + api["choices"][0]["text"]
+        assert len(seen) >= 3 and seen[-1] == final
+        assert all(final.startswith(v.rstrip("\ufffd")) for v in seen)  # pieces of one text, growing
+        assert "tokens/s" in page.locator("#speed").inner_text()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
