@@ -235,6 +235,8 @@ def load_for_sampling(cfg: SampleConfig) -> tuple[Llama, Tokenizer | None, int |
                           "or a llama2.c .bin)")
     device, dtype = pick_device(cfg)
     model = load_model(cfg.checkpoint, dtype).to(device).eval()
+    if device.type == "cpu":
+        model.use_decoding_layout()
     folder = None if Path(cfg.checkpoint).is_file() else checkpoint.resolve(cfg.checkpoint)
     tokenizer = load_tokenizer(folder)
     bos, eos = special_token_ids(folder, tokenizer)

@@ -106,6 +106,7 @@ def bench_model(name: str, ours: Llama, rounds: int, compile_: bool) -> dict:
     ours.eval()
     prompt = torch.randint(0, ours.cfg.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(0)).tolist()
     hf = hf_model(ours, "sdpa").eval()
+    ours.use_decoding_layout()  # as generate.py does on CPU
     variants = {"nanollama (eager)": ours_runner(ours, prompt, False)}
     if compile_:
         variants["nanollama (compiled)"] = ours_runner(ours, prompt, True)

@@ -72,6 +72,21 @@ def test_compiled_decoding_matches_eager(which):
         assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_decoding_layout_keeps_logits_and_tokens(tied):
+    model = make_model(**GQA, tie_embeddings=tied)
+    tokens = torch.tensor([[5, 17, 3, 60, 22, 9, 41]])
+    before, greedy = model(tokens)[0], decode(model, [tokens[0].tolist()], max_new_tokens=32)[0].token_ids
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    model.use_decoding_layout()
+    assert not model.layers[0].mlp.up_proj.weight.is_contiguous()  # widening: transposed in memory
+    assert model.layers[0].mlp.down_proj.weight.is_contiguous()  # narrowing: as it was
+    assert (model.lm_head.weight is model.embed_tokens.weight) == tied
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert (model(tokens)[0] - before).abs().max() <= 1e-5
+    assert decode(model, [tokens[0].tolist()], max_new_tokens=32)[0].token_ids == greedy
+
+
 def test_batched_rows_of_different_lengths_equal_solo_runs():
     model = make_model(**GQA)
     prompts = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13, 14], [30]]
