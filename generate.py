@@ -26,7 +26,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from config import ConfigError, SampleConfig, expand_short_flags, parse_cli
 import checkpoint
