@@ -207,8 +207,8 @@ def print_report(result: dict) -> None:
     def speedup(row: dict, key: str) -> str:
         return "-" if row[key] is None or base[key] is None else f"{row[key] / base[key]:.2f}x"
 
-    print(f"\n| workers | wall time | tokenizing | tokens/s | tokens/s tokenizing | speed-up (all / tokenizing) "
-          f"| CPU cores busy | peak RSS (tree) |")
+    print("\n| workers | wall time | tokenizing | tokens/s | tokens/s tokenizing | speed-up (all / tokenizing) "
+          "| CPU cores busy | peak RSS (tree) |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         tokenize = "-" if r["tokenize_s"] is None else f"{r['tokenize_s']:.1f} s"
