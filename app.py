@@ -35,7 +35,7 @@ from typing import Any, Literal
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline server
 
 from config import ConfigError, SampleConfig, ServeConfig, expand_short_flags, parse_cli
-from generate import compile_decode_step, detokenize, generate_text, load_for_sampling, visible_text
+from generate import compile_decode_step, detokenize, generate_text, load_for_sampling, start_prompt, visible_text
 from tokenizer import TokenizerError
 
 try:
@@ -57,9 +57,8 @@ class RequestError(ValueError):
         self.param, self.status, self.code = param, status, code
 
     def response(self) -> JSONResponse:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return JSONResponse({"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}},
-                            status_code=self.status)
+        return JSONResponse({"error": {"message": str(self), "type": "invalid_request_error", "param": self.param,
+                                       "code": self.code}}, status_code=self.status)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,6 +86,7 @@ class Job:
     prompts: list[list[int]]
     cfg: SampleConfig
     stops: list[str]
+    live: bool  # render every row's text after every token (streaming), or only when it finishes
     emit: Callable[[Update | BaseException | None], None]  # None: the job is over
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
@@ -98,41 +98,35 @@ class Engine:
         self.model, self.tokenizer, self.bos, self.eos = load_for_sampling(sample)
         self.name = serve.model_name or Path(sample.checkpoint).name
         self.context = self.model.cfg.max_seq_len
-        self.max_prompt_tokens = serve.max_prompt_tokens or self.context
+        # A prompt must also leave room in the context for at least one new token.
+        self.max_prompt_tokens = min(serve.max_prompt_tokens or self.context, self.context)
         self.defaults = sample
         self.decode_step = compile_decode_step(self.model) if sample.compile else None
         self.render = functools.partial(detokenize, self.tokenizer)
         self.jobs: queue.Queue[Job] = queue.Queue()
         threading.Thread(target=self._work, name="decoder", daemon=True).start()
 
-    def encode(self, prompt: str | list[int], param: str = "prompt") -> list[int]:
+    def encode(self, prompt: str | list[int]) -> list[int]:
         """A prompt's ids, BOS first when the model has one; bad prompts raise RequestError."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise RequestError(f"{self.name} has no tokenizer: send the prompt as a list of token ids", param)
-            try:
-                ids = self.tokenizer.encode(prompt)
-            except TokenizerError as e:
-                raise RequestError(str(e), param) from None
-        else:
-            ids = list(prompt)
-            if bad := [i for i in ids if not 0 <= i < self.model.cfg.vocab_size]:
-                raise RequestError(f"token id {bad[0]} is outside the vocabulary (0..{self.model.cfg.vocab_size - 1})",
-                                   param)
-        if self.bos is not None and ids[:1] != [self.bos]:
-            ids = [self.bos] + ids
-        if not ids:
-            raise RequestError(f"the prompt is empty and {self.name} has no BOS token to start from", param)
+        if isinstance(prompt, str) and self.tokenizer is None:
+            raise RequestError(f"{self.name} has no tokenizer: send the prompt as a list of token ids", "prompt")
+        try:
+            ids = start_prompt(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt, self.bos,
+                               self.model.cfg.vocab_size, self.name)
+        except (TokenizerError, ConfigError) as e:
+            raise RequestError(str(e), "prompt") from None
         if len(ids) > self.max_prompt_tokens:
             raise RequestError(f"the prompt has {len(ids)} tokens, more than the {self.max_prompt_tokens} this server "
-                               f"accepts: shorten it", param)
+                               f"accepts: shorten it", "prompt")
         return ids
 
-    async def stream(self, prompts: list[list[int]], cfg: SampleConfig, stops: list[str]) -> AsyncIterator[Update]:
-        """Queue a request and yield its progress after every decoded token; leaving early (a
-        client that went away) cancels it at the next token."""
+    async def stream(self, prompts: list[list[int]], cfg: SampleConfig, stops: list[str],
+                     live: bool) -> AsyncIterator[Update]:
+        """Queue a request and yield its progress after every decoded token (with `live`, every
+        row's text so far; else a row's text once it has finished); leaving early (a client that
+        went away) cancels it at the next token."""
         loop, updates = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(prompts, cfg, stops, lambda item: loop.call_soon_threadsafe(updates.put_nowait, item))
+        job = Job(prompts, cfg, stops, live, lambda item: loop.call_soon_threadsafe(updates.put_nowait, item))
         self.jobs.put(job)
         try:
             while (item := await updates.get()) is not None:
@@ -150,7 +144,7 @@ class Engine:
             try:
                 start = time.perf_counter()
                 for rows, texts in generate_text(self.model, job.prompts, job.cfg, self.eos, self.render, job.stops,
-                                                 decode_step=self.decode_step):
+                                                 live=job.live, decode_step=self.decode_step):
                     job.emit(Update([RowText(visible_text(text, row.finish_reason, job.stops), row.finish_reason,
                                              len(row.token_ids)) for row, text in zip(rows, texts)],
                                     time.perf_counter() - start))
@@ -233,9 +227,10 @@ def describe_validation_error(error: pydantic.ValidationError) -> RequestError:
                         field)
 
 
-def parse_request(body: bytes, engine: Engine, serve: ServeConfig) -> tuple[CompletionRequest, list[list[int]],
-                                                                              SampleConfig]:
-    """Validate a completions request: (request, prompt ids, sampling config). Raises RequestError."""
+def parse_request(body: bytes, engine: Engine,
+                  serve: ServeConfig) -> tuple[CompletionRequest, list[list[int]], SampleConfig, list[str]]:
+    """Validate a completions request: (request, prompt ids, sampling config, stop strings).
+    Raises RequestError."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -268,7 +263,7 @@ def parse_request(body: bytes, engine: Engine, serve: ServeConfig) -> tuple[Comp
         cfg.validate()
     except ConfigError as e:
         raise RequestError(str(e)) from None
-    return request, ids, cfg
+    return request, ids, cfg, stops
 
 
 OPENAI_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -302,9 +297,9 @@ def build_api(engine: Engine, serve: ServeConfig) -> fastapi.FastAPI:
 
     @api.post("/v1/completions")
     async def completions(raw: fastapi.Request) -> Any:
-        request, prompts, cfg = parse_request(await raw.body(), engine, serve)
+        request, prompts, cfg, stops = parse_request(await raw.body(), engine, serve)
         request_id, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
-        updates = engine.stream(prompts, cfg, request.stop_strings())
+        updates = engine.stream(prompts, cfg, stops, live=request.stream)
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
             return StreamingResponse(sse_events(updates, request_id, created, engine.name, prompts, include_usage),
@@ -326,18 +321,20 @@ async def sse_events(updates: AsyncIterator[Update], request_id: str, created: i
     def event(body: dict[str, Any]) -> str:
         return f"data: {json.dumps(body)}\n\n"
 
-    sent: list[int] = []
+    sent: dict[int, int] = {}  # characters sent so far, per choice
+    closed: set[int] = set()  # choices whose finish_reason has been sent
     rows: list[RowText] = []
     try:
         async for update in updates:
-            rows, sent = update.rows, sent or [0] * len(update.rows)
-            choices = []
+            rows, choices = update.rows, []
             for i, row in enumerate(rows):
-                if sent[i] == -1 or (len(row.text) == sent[i] and not row.finish_reason):
+                if i in closed or (len(row.text) == sent.get(i, 0) and not row.finish_reason):
                     continue
-                choices.append({"text": row.text[sent[i]:], "index": i, "logprobs": None,
+                choices.append({"text": row.text[sent.get(i, 0):], "index": i, "logprobs": None,
                                 "finish_reason": OPENAI_FINISH.get(row.finish_reason)})
-                sent[i] = -1 if row.finish_reason else len(row.text)
+                sent[i] = len(row.text)
+                if row.finish_reason:
+                    closed.add(i)
             if choices:
                 yield event(completion_body(request_id, created, model, choices))
         if include_usage:
@@ -372,7 +369,7 @@ def build_demo(engine: Engine, serve: ServeConfig) -> Any:
             cfg.validate()
         except (RequestError, ConfigError, ValueError) as e:
             raise gr.Error(str(e)) from None
-        async for update in engine.stream([ids], cfg, []):
+        async for update in engine.stream([ids], cfg, [], live=True):
             row = update.rows[0]
             speed = f"{row.n_tokens} tokens in {update.elapsed_s:.2f} s · {row.n_tokens / update.elapsed_s:,.1f} tokens/s"
             yield prompt + row.text, speed + (f" · finished ({row.finish_reason})" if row.finish_reason else "")

@@ -294,7 +294,18 @@ def read_prompt_text(cfg: SampleConfig) -> str:
     return sys.stdin.read() if stat.S_ISFIFO(mode) or stat.S_ISREG(mode) else ""  # piped in, not a terminal
 
 
-def prompt_token_ids(cfg: SampleConfig, tokenizer, bos: int | None, source: str) -> tuple[list[str | None], list[list[int]]]:
+def start_prompt(ids: Sequence[int], bos: int | None, vocab_size: int, source: str) -> list[int]:
+    """A prompt's ids checked against the vocabulary and starting with BOS when the model has one."""
+    if (bad := next((i for i in ids if not 0 <= i < vocab_size), None)) is not None:
+        raise ConfigError(f"prompt token id {bad} is outside the vocabulary of {source} (0..{vocab_size - 1})")
+    ids = list(ids) if bos is None or ids[:1] == [bos] else [bos, *ids]
+    if not ids:
+        raise ConfigError(f"the prompt is empty and {source} defines no BOS token to start from: give a prompt")
+    return ids
+
+
+def prompt_token_ids(cfg: SampleConfig, tokenizer, bos: int | None, vocab_size: int,
+                     source: str) -> tuple[list[str | None], list[list[int]]]:
     """(prompt texts, None for raw ids; prompt token ids) each starting with BOS when there is one."""
     if cfg.prompt_ids is not None:
         id_lists = cfg.prompt_id_lists()
@@ -306,11 +317,7 @@ def prompt_token_ids(cfg: SampleConfig, tokenizer, bos: int | None, source: str)
         if tokenizer is None and any(texts):
             raise ConfigError(f"{source} has no tokenizer.json: give the prompt as token ids, e.g. --prompt_ids '1 403 9'")
         id_lists = [tokenizer.encode(t) if t else [] for t in texts]
-    if bos is not None:
-        id_lists = [ids if ids[:1] == [bos] else [bos] + ids for ids in id_lists]
-    if not all(id_lists):
-        raise ConfigError(f"the prompt is empty and {source} defines no BOS token to start from: give a prompt")
-    return texts, id_lists
+    return texts, [start_prompt(ids, bos, vocab_size, source) for ids in id_lists]
 
 
 def fit_context(id_lists: list[list[int]], cfg: SampleConfig, context: int) -> list[list[int]]:
@@ -353,7 +360,7 @@ def run(cfg: SampleConfig) -> None:
     stops = cfg.stop_strings()
     if stops and tokenizer is None:
         raise ConfigError(f"stop strings need a tokenizer and {cfg.checkpoint} has none: stop on token ids with --eos")
-    texts, id_lists = prompt_token_ids(cfg, tokenizer, bos, cfg.checkpoint)
+    texts, id_lists = prompt_token_ids(cfg, tokenizer, bos, model.cfg.vocab_size, cfg.checkpoint)
     id_lists = fit_context(id_lists, cfg, model.cfg.max_seq_len)
     one_row = len(id_lists) * cfg.num_samples == 1
     if cfg.stream is True and not one_row:

@@ -277,7 +277,7 @@ class Llama(nn.Module):
         At batch 1 a projection is a vector-matrix product bound by reading the weight. Over the
         standard layout the CPU BLAS takes a dot product per output, each over a short row of `in`
         floats; over the transposed one it streams long rows of `out` floats and reads memory
-        about twice as fast (measured in bench/generate_speed.py). Narrowing projections are
+        faster (bench/generate_speed.py runs both layouts). Narrowing projections are
         already faster as they are. Meant for inference; the math and the parameter names do
         not change, and save_pretrained writes the standard layout.
         """

@@ -7,6 +7,9 @@ weights) and stories260K when ../shared/data/stories260K.bin exists. Each run de
 tokens after a 16-token prompt; tokens/s counts all 256 over the whole call (prefill included).
 Rounds alternate between variants so machine noise hits all of them; medians are reported.
 
+nanollama runs twice: with the weights as training leaves them and with Llama.use_decoding_layout()
+(what generate.py does on CPU), so the layout's gain is measured in the same run.
+
 Decoding one token reads every weight once and does ~2 FLOPs per weight, so its limits are the
 weight bytes over the memory bandwidth (measured here by summing a 256 MB tensor) and the FLOPs
 over the fp32 matmul rate. Also measured: time to first token, and one token's cost at a 1024-token
@@ -15,6 +18,7 @@ context with the KV cache and without it (a full forward over the context).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import statistics
@@ -106,9 +110,12 @@ def bench_model(name: str, ours: Llama, rounds: int, compile_: bool) -> dict:
     ours.eval()
     prompt = torch.randint(0, ours.cfg.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(0)).tolist()
     hf = hf_model(ours, "sdpa").eval()
+    standard = copy.deepcopy(ours)  # the weights in their training layout, for the layout's own ratio
     ours.use_decoding_layout()  # as generate.py does on CPU
-    variants = {"nanollama (eager)": ours_runner(ours, prompt, False)}
+    variants = {"nanollama (eager, training layout)": ours_runner(standard, prompt, False),
+                "nanollama (eager)": ours_runner(ours, prompt, False)}
     if compile_:
+        variants["nanollama (compiled, training layout)"] = ours_runner(standard, prompt, True)
         variants["nanollama (compiled)"] = ours_runner(ours, prompt, True)
     variants["transformers generate (dynamic cache)"] = hf_runner(hf, prompt, None)
     variants["transformers generate (static cache)"] = hf_runner(hf, prompt, "static")

@@ -5,6 +5,7 @@ Each server is a real `python app.py` process on a free local port, serving a sm
 saved with its own tokenizer (char level for the API tests, BPE for the browser test). EOS is off
 (`--eos none`) so that every completion runs to its max_tokens whatever the random weights say."""
 
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -20,7 +21,8 @@ import openai
 import pytest
 import torch
 
-from config import ModelConfig, SampleConfig
+import app
+from config import ModelConfig, SampleConfig, ServeConfig
 from generate import detokenize, generate_text, load_for_sampling
 from model import Llama
 from tokenizer import Tokenizer
@@ -177,6 +179,41 @@ def test_a_client_that_leaves_mid_stream_frees_the_model(server, char_checkpoint
     start = time.monotonic()
     client.completions.create(model=char_checkpoint.name, prompt="All:", max_tokens=3)
     assert time.monotonic() - start < 30
+
+
+def test_a_failed_decode_reaches_its_request_and_the_engine_goes_on(char_checkpoint):
+    engine = app.Engine(SampleConfig(checkpoint=str(char_checkpoint), eos="none"), ServeConfig())
+    cfg = SampleConfig(max_new_tokens=4, eos="none")
+    prompt = [engine.encode("All:")]
+
+    async def collect(live: bool) -> list[app.Update]:
+        return [update async for update in engine.stream(prompt, cfg, [], live=live)]
+
+    async def events() -> list[str]:
+        updates = engine.stream(prompt, cfg, [], live=True)
+        return [e async for e in app.sse_events(updates, "cmpl-x", 0, engine.name, prompt, include_usage=False)]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    engine.model.forward = broken
+    with pytest.raises(RuntimeError, match="out of memory"):
+        asyncio.run(collect(live=True))
+    *_, error, done = asyncio.run(events())
+    assert "generation failed: out of memory" in json.loads(error.removeprefix("data: "))["error"]["message"]
+    assert done == "data: [DONE]\n\n"
+    del engine.model.forward
+    live, final_only = asyncio.run(collect(live=True)), asyncio.run(collect(live=False))
+    assert [u.rows[0].text for u in live][-1] == final_only[-1].rows[0].text
+    assert all(u.rows[0].text == "" for u in final_only[:-1])  # not rendered until it finished
+
+
+def test_the_prompt_cap_never_exceeds_the_context(char_checkpoint):
+    engine = app.Engine(SampleConfig(checkpoint=str(char_checkpoint)), ServeConfig(max_prompt_tokens=10_000))
+    assert engine.max_prompt_tokens == engine.context == 128
+    with pytest.raises(app.RequestError, match="more than the 128 this server accepts") as e:
+        engine.encode("a" * 200)
+    assert e.value.param == "prompt"
 
 
 # --- bad requests ---------------------------------------------------------------------------

@@ -262,13 +262,14 @@ def test_bad_sample_config_messages(override, message):
     (["--checkpoint", "nowhere"], "error: checkpoint nowhere does not exist"),
     (["--checkpoint", "{bin}", "--prompt", "hi"], "has no tokenizer.json: give the prompt as token ids"),
     (["--checkpoint", "{bin}", "--stop", "x"], "stop strings need a tokenizer"),
+    (["--checkpoint", "{bin}", "--prompt_ids", "1 16"], "prompt token id 16 is outside the vocabulary of {bin} (0..15)"),
 ])
 def test_bad_cli_input_is_one_line(args, message, tmp_path, capsys):
     write_llama2c(make_model(vocab_size=16, dim=16, n_layers=1, n_heads=2), tmp_path / "m.bin")
     with pytest.raises(SystemExit) as e:
         main([a.format(bin=tmp_path / "m.bin") for a in args])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1 and message in err
+    assert e.value.code == 2 and err.count("\n") == 1 and message.format(bin=tmp_path / "m.bin") in err
 
 
 def test_cli_error_in_a_subprocess():
