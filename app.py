@@ -34,9 +34,8 @@ from typing import Any, Literal
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline server
 
-from config import ConfigError, SampleConfig, ServeConfig, expand_short_flags, parse_cli
+from config import SampleConfig, ServeConfig, UserError, bounds_of, expand_short_flags, parse_cli, script
 from generate import compile_decode_step, detokenize, generate_text, load_for_sampling, start_prompt, visible_text
-from tokenizer import TokenizerError
 
 try:
     import fastapi
@@ -48,7 +47,7 @@ except ImportError as missing:  # the server's packages are an optional extra
     sys.exit(2)
 
 
-class RequestError(ValueError):
+class RequestError(UserError):
     """A bad request: answered with an OpenAI-style error body naming the field at fault."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400,
@@ -113,7 +112,7 @@ class Engine:
         try:
             ids = start_prompt(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt, self.bos,
                                self.model.cfg.vocab_size, self.name)
-        except (TokenizerError, ConfigError) as e:
+        except UserError as e:
             raise RequestError(str(e), "prompt") from None
         if len(ids) > self.max_prompt_tokens:
             raise RequestError(f"the prompt has {len(ids)} tokens, more than the {self.max_prompt_tokens} this server "
@@ -164,6 +163,17 @@ class StreamOptions(pydantic.BaseModel):
     include_usage: bool = False
 
 
+def knob(default: Any, sample_key: str) -> Any:
+    """An API field with the bounds SampleConfig declares for `sample_key` (the defaults are
+    OpenAI's, which differ from the command line's)."""
+    return pydantic.Field(default, allow_inf_nan=False, **bounds_of(SampleConfig, sample_key).as_kwargs())
+
+
+# The request fields that set a SampleConfig knob.
+API_KNOBS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_p": "top_p", "n": "num_samples",
+             "seed": "seed", "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty"}
+
+
 class CompletionRequest(pydantic.BaseModel):
     """POST /v1/completions. Strict: a field of the wrong type or an unknown field is an error,
     not something to guess at. OpenAI fields we do not implement are accepted only at their
@@ -172,18 +182,18 @@ class CompletionRequest(pydantic.BaseModel):
 
     model: str
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = pydantic.Field(16, ge=1)
-    temperature: float = pydantic.Field(1.0, ge=0.0, le=2.0)
-    top_p: float = pydantic.Field(1.0, gt=0.0, le=1.0)
-    n: int = pydantic.Field(1, ge=1)
+    max_tokens: int = knob(16, "max_new_tokens")
+    temperature: float = knob(1.0, "temperature")
+    top_p: float = knob(1.0, "top_p")
+    n: int = knob(1, "num_samples")
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = knob(None, "seed")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    top_k: int = pydantic.Field(0, ge=0)
-    min_p: float = pydantic.Field(0.0, ge=0.0, lt=1.0)
-    repetition_penalty: float = pydantic.Field(1.0, gt=0.0)
+    top_k: int = knob(0, "top_k")
+    min_p: float = knob(0.0, "min_p")
+    repetition_penalty: float = knob(1.0, "repetition_penalty")
     echo: Literal[False] = False
     logprobs: None = None
     best_of: Literal[1] | None = None
@@ -261,7 +271,7 @@ def parse_request(body: bytes, engine: Engine,
         num_samples=request.n, seed=secrets.randbits(31) if request.seed is None else request.seed)
     try:
         cfg.validate()
-    except ConfigError as e:
+    except UserError as e:
         raise RequestError(str(e)) from None
     return request, ids, cfg, stops
 
@@ -349,6 +359,15 @@ async def sse_events(updates: AsyncIterator[Update], request_id: str, created: i
 # The web demo
 
 
+def slider_range(sample_key: str, step: float, top: float | None = None) -> tuple[float, float]:
+    """A demo control's ends for a sampling knob: the bounds SampleConfig declares, an open end
+    moved in by one step, and `top` where the knob has no upper bound."""
+    b = bounds_of(SampleConfig, sample_key)
+    low = b.ge if b.ge is not None else b.gt + step
+    high = b.le if b.le is not None else b.lt - step if b.lt is not None else top
+    return low, high
+
+
 def build_demo(engine: Engine, serve: ServeConfig) -> Any:
     """A Gradio page: prompt, sampling controls, streamed output and speed; None without Gradio."""
     try:
@@ -367,7 +386,7 @@ def build_demo(engine: Engine, serve: ServeConfig) -> Any:
                                       repetition_penalty=repetition_penalty, max_new_tokens=int(max_new_tokens),
                                       num_samples=1, seed=int(seed))
             cfg.validate()
-        except (RequestError, ConfigError, ValueError) as e:
+        except (UserError, ValueError) as e:
             raise gr.Error(str(e)) from None
         async for update in engine.stream([ids], cfg, [], live=True):
             row = update.rows[0]
@@ -380,14 +399,19 @@ def build_demo(engine: Engine, serve: ServeConfig) -> Any:
         prompt = gr.Textbox(label="Prompt" if engine.tokenizer is not None else "Prompt (token ids)",
                             lines=3, elem_id="prompt")
         with gr.Row():
-            temperature = gr.Slider(0.0, 2.0, value=d.temperature, step=0.05, label="Temperature (0 = greedy)")
-            top_k = gr.Slider(0, min(engine.model.cfg.vocab_size, 500), value=d.top_k, step=1, label="Top-k (0 = off)")
-            top_p = gr.Slider(0.01, 1.0, value=d.top_p, step=0.01, label="Top-p")
+            temperature = gr.Slider(*slider_range("temperature", 0.05), value=d.temperature, step=0.05,
+                                    label="Temperature (0 = greedy)", elem_id="temperature")
+            top_k = gr.Slider(*slider_range("top_k", 1, top=engine.model.cfg.vocab_size), value=d.top_k, step=1,
+                              label="Top-k (0 = off)", elem_id="top_k")
+            top_p = gr.Slider(*slider_range("top_p", 0.01), value=d.top_p, step=0.01, label="Top-p", elem_id="top_p")
         with gr.Row():
-            repetition_penalty = gr.Slider(1.0, 2.0, value=d.repetition_penalty, step=0.05, label="Repetition penalty")
-            max_new_tokens = gr.Slider(1, serve.max_tokens, value=min(d.max_new_tokens, serve.max_tokens), step=1,
-                                       label="Max new tokens")
-            seed = gr.Number(value=d.seed, precision=0, label="Seed")
+            repetition_penalty = gr.Slider(*slider_range("repetition_penalty", 0.05), value=d.repetition_penalty,
+                                           step=0.05, label="Repetition penalty", elem_id="repetition_penalty")
+            max_new_tokens = gr.Slider(*slider_range("max_new_tokens", 1, top=serve.max_tokens),
+                                       value=min(d.max_new_tokens, serve.max_tokens), step=1, label="Max new tokens",
+                                       elem_id="max_new_tokens")
+            low, high = slider_range("seed", 1)
+            seed = gr.Number(value=d.seed, precision=0, minimum=low, maximum=high, label="Seed", elem_id="seed")
         button = gr.Button("Generate", variant="primary", elem_id="generate")
         output = gr.Textbox(label="Output", lines=12, interactive=False, elem_id="output")
         speed = gr.Markdown(elem_id="speed")
@@ -414,14 +438,10 @@ def build_app(sample: SampleConfig, serve: ServeConfig) -> tuple[fastapi.FastAPI
     return gr.mount_gradio_app(api, demo, path="/", theme=theme, footer_links=[]), True
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_cli(expand_short_flags(list(sys.argv[1:] if argv is None else argv), ("serve", "sample")),
-                    prog="app.py", sections=("sample", "serve"))
-    try:
-        app, with_demo = build_app(cfg.sample, cfg.serve)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+@script
+def main(argv: list[str]) -> None:
+    cfg = parse_cli(expand_short_flags(argv, ("serve", "sample")), prog="app.py", sections=("sample", "serve"))
+    app, with_demo = build_app(cfg.sample, cfg.serve)
     host, port = cfg.serve.host, cfg.serve.port
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {cfg.sample.checkpoint}: "
@@ -434,4 +454,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,4 +1,7 @@
-"""Crash-safe checkpoints: each one is a Hugging Face model folder plus the training state.
+"""Every file a model lives in: our crash-safe training checkpoints, Hugging Face Llama folders,
+and llama2.c's legacy .bin files. `load_model` opens any of them.
+
+Training checkpoints are Hugging Face model folders plus the training state:
 
     out_dir/
       ckpt-000500/          config.json, model.safetensors, tokenizer files, training_state.pt,
@@ -10,6 +13,12 @@ A checkpoint is written into `ckpt-<step>.tmp/`, every file fsynced, the folder 
 then does `latest` move (by an atomic replace). A folder without its COMPLETE marker, or whose
 files no longer match the hashes in it, is never loaded, so a crash at any moment leaves the
 previous checkpoint as the one to resume from.
+
+The legacy llama2.c file is 7 int32s (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size,
+seq_len; a negative vocab_size means the classifier is not shared with the embedding), then every
+weight as float32 grouped by kind across layers, the RoPE tables run.c no longer reads, and the
+classifier when unshared. Meta's RoPE rotates adjacent pairs (x0, x1), (x2, x3)... while we, like
+Hugging Face, rotate halves (x_i, x_{i+head_dim/2}), so q and k rows are permuted on the way.
 """
 
 from __future__ import annotations
@@ -18,19 +27,23 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import safetensors.torch
 import torch
 
-from config import ConfigError
+from config import ConfigError, ModelConfig, UserError
+from model import Llama
 
 MARKER = "COMPLETE"
 STATE_FILE = "training_state.pt"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written; the message is one line and says what survived."""
+class CheckpointError(UserError):
+    """A checkpoint could not be written; the message says what survived."""
 
 
 def _sha256(path: Path) -> str:
@@ -69,7 +82,7 @@ def save(out_dir: str | Path, step: int, model: torch.nn.Module, training_state:
     shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a save that was killed
     tmp.mkdir(parents=True)
     try:
-        model.save_pretrained(tmp)
+        save_hf(model, tmp)
         torch.save(training_state, tmp / STATE_FILE)
         (tmp / "config.toml").write_text(config_toml)
         for file in extra_files:
@@ -137,3 +150,220 @@ def prune(out_dir: str | Path, keep_last: int) -> None:
     for ckpt in list_checkpoints(out_dir)[:-keep_last]:
         if ckpt.name not in keep:
             shutil.rmtree(ckpt)
+
+
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
+               max_seq_len: int | None = None) -> tuple[Llama, Path | None]:
+    """Any checkpoint we can run, and the folder it came from (None for a llama2.c .bin): a run
+    folder (its latest checkpoint), a checkpoint folder or a Hugging Face Llama folder."""
+    path = Path(path)
+    if path.is_file():
+        return read_llama2c(path, dtype, max_seq_len), None
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint {path} does not exist: give a checkpoint or run folder, a Hugging Face "
+                          f"Llama folder or a llama2.c .bin file")
+    folder = resolve(path)
+    return load_hf(folder, dtype, max_seq_len), folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face Llama folders: config.json and (sharded) model.safetensors
+
+
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, max_seq_len: int | None = None) -> Llama:
+    """Load a Hugging Face Llama folder (config.json + model.safetensors, sharded or not)."""
+    cfg = read_hf_config(path)
+    if max_seq_len is not None:
+        cfg.max_seq_len = max_seq_len
+    state = read_hf_weights(path)
+    with torch.device("meta"):
+        expected = set(Llama(cfg).state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    if missing := sorted(expected - set(state)):
+        raise ConfigError(f"{path} has no weights for {missing[0]} (and {len(missing) - 1} more): "
+                          f"is it a complete Llama checkpoint?")
+    if unexpected := sorted(set(state) - expected - {"lm_head.weight"}):
+        raise ConfigError(f"{path} has weights this architecture lacks, e.g. {unexpected[0]}: "
+                          f"it is not a plain Llama model")
+    return Llama.from_state_dict(cfg, state, dtype)
+
+
+def save_hf(model: Llama, path: str | Path) -> None:
+    """Write a folder that transformers.LlamaForCausalLM.from_pretrained loads as is."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(hf_config_dict(model.cfg, model.lm_head.weight.dtype), indent=2))
+    # Tied weights are one tensor: safetensors refuses aliases, and HF re-ties on load.
+    state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous()
+             for k, v in model.state_dict().items()
+             if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+    safetensors.torch.save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+_HF_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
+    rope_scaling = None
+    if cfg.rope_scaling == "llama3":
+        rope_scaling = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
+                        "low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,
+                        "original_max_position_embeddings": cfg.rope_original_max_seq_len}
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling,
+        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": _HF_DTYPES[dtype],
+    }
+
+
+def read_hf_config(path: str | Path) -> ModelConfig:
+    """ModelConfig from a Hugging Face Llama config.json; what we cannot run is refused by name."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"{path} has no config.json: point at a Hugging Face model folder")
+    hf = json.loads(file.read_text())
+    if hf.get("model_type") != "llama":
+        raise ConfigError(f"{file} describes model_type={hf.get('model_type')!r}; only 'llama' is supported")
+    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if hf.get(key, ok) != ok:
+            raise ConfigError(f"{file} sets {key}={hf[key]!r}; this Llama implementation needs {key}={ok!r}")
+    # transformers 5 folds rope_theta and rope_scaling into rope_parameters; accept both spellings.
+    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise ConfigError(f"{file} uses rope_type={rope_type!r}; supported: default, llama3")
+    cfg = ModelConfig(
+        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        hidden_dim=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+    if rope_type == "llama3":
+        cfg.rope_scaling = "llama3"
+        cfg.rope_scaling_factor = float(rope["factor"])
+        cfg.rope_low_freq_factor = float(rope["low_freq_factor"])
+        cfg.rope_high_freq_factor = float(rope["high_freq_factor"])
+        cfg.rope_original_max_seq_len = int(rope["original_max_position_embeddings"])
+    if hf.get("head_dim") not in (None, cfg.head_dim):
+        raise ConfigError(f"{file} sets head_dim={hf['head_dim']} but hidden_size/num_attention_heads="
+                          f"{cfg.head_dim}; decoupled head sizes are not supported")
+    cfg.validate()
+    return cfg
+
+
+def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a (possibly sharded) safetensors checkpoint, keyed by our parameter names."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (path / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    elif any(path.glob("pytorch_model*.bin")):
+        raise ConfigError(f"{path} holds only pickled pytorch_model.bin weights; re-save it with "
+                          f"safe_serialization=True (transformers) to get model.safetensors")
+    else:
+        raise ConfigError(f"{path} has no model.safetensors or model.safetensors.index.json")
+    state = {}
+    for name in files:
+        for key, tensor in safetensors.torch.load_file(str(path / name)).items():
+            if key.endswith("rotary_emb.inv_freq"):  # a buffer older exports saved; we recompute it
+                continue
+            state[key.removeprefix("model.")] = tensor
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# llama2.c legacy .bin files
+
+LLAMA2C_HEADER = struct.Struct("<7i")
+# run.c hard-codes these; a model trained with others would run there silently wrong.
+LLAMA2C_ROPE_THETA, LLAMA2C_NORM_EPS = 10000.0, 1e-5
+
+
+def rope_permute(w: torch.Tensor, n_heads: int, to_pairs: bool = False) -> torch.Tensor:
+    """Reorder the rows of a q or k projection between Meta's adjacent-pair RoPE layout and our
+    rotate-half layout (to_pairs=False: pairs -> halves, the permute of HF's Llama converter)."""
+    rows, cols = w.shape
+    split = (n_heads, 2, rows // n_heads // 2) if to_pairs else (n_heads, rows // n_heads // 2, 2)
+    return w.reshape(*split, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def llama2c_layout(cfg: ModelConfig, shared_classifier: bool) -> list[tuple[str | None, tuple[int, ...]]]:
+    """(our parameter name, shape) of every array in a legacy file, in file order; None = RoPE table."""
+    d, hd, kv = cfg.dim, cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    per_layer = [("input_layernorm", (d,)), ("self_attn.q_proj", (d, d)), ("self_attn.k_proj", (kv, d)),
+                 ("self_attn.v_proj", (kv, d)), ("self_attn.o_proj", (d, d)), ("post_attention_layernorm", (d,)),
+                 ("mlp.gate_proj", (cfg.ffn_dim, d)), ("mlp.down_proj", (d, cfg.ffn_dim)),
+                 ("mlp.up_proj", (cfg.ffn_dim, d))]
+    layout = [("embed_tokens.weight", (cfg.vocab_size, d))]
+    layout += [(f"layers.{i}.{name}.weight", shape) for name, shape in per_layer for i in range(cfg.n_layers)]
+    layout += [("norm.weight", (d,)), (None, (cfg.max_seq_len, hd // 2)), (None, (cfg.max_seq_len, hd // 2))]
+    if not shared_classifier:
+        layout.append(("lm_head.weight", (cfg.vocab_size, d)))
+    return layout
+
+
+def read_llama2c(path: str | Path, dtype: torch.dtype = torch.float32, max_seq_len: int | None = None) -> Llama:
+    """Load a legacy llama2.c checkpoint (as written by llama2.c's export.py --version 0)."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if len(raw) < LLAMA2C_HEADER.size:
+        raise ConfigError(f"{path} is too short to be a llama2.c checkpoint")
+    dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = LLAMA2C_HEADER.unpack_from(raw)
+    try:
+        cfg = ModelConfig(vocab_size=abs(vocab_size), dim=dim, n_layers=n_layers, n_heads=n_heads,
+                          n_kv_heads=n_kv_heads, hidden_dim=hidden_dim, max_seq_len=seq_len,
+                          norm_eps=LLAMA2C_NORM_EPS, rope_theta=LLAMA2C_ROPE_THETA, tie_embeddings=vocab_size > 0)
+        cfg.validate()
+    except (ConfigError, ZeroDivisionError):
+        raise ConfigError(f"{path} has no valid llama2.c header (read {dim=} {n_heads=} {n_kv_heads=} "
+                          f"{vocab_size=}): is it a legacy llama2.c .bin?") from None
+    layout = llama2c_layout(cfg, shared_classifier=cfg.tie_embeddings)
+    expected = LLAMA2C_HEADER.size + 4 * sum(int(np.prod(shape)) for _, shape in layout)
+    if len(raw) != expected:
+        raise ConfigError(f"{path} holds {len(raw)} bytes but its header (dim {dim}, {n_layers} layers, vocab "
+                          f"{vocab_size}) needs {expected}: the file is truncated or not a legacy llama2.c file")
+    floats = torch.from_numpy(np.frombuffer(raw, dtype="<f4", offset=LLAMA2C_HEADER.size).copy())
+    state, offset = {}, 0
+    for name, shape in layout:
+        size = int(np.prod(shape))
+        if name is not None:
+            state[name] = floats[offset:offset + size].view(shape)
+        offset += size
+    for i in range(n_layers):
+        for proj, heads in (("q_proj", cfg.n_heads), ("k_proj", cfg.n_kv_heads)):
+            key = f"layers.{i}.self_attn.{proj}.weight"
+            state[key] = rope_permute(state[key], heads)
+    if max_seq_len is not None:
+        cfg.max_seq_len = max_seq_len
+    return Llama.from_state_dict(cfg, state, dtype)
+
+
+def write_llama2c(model: Llama, path: str | Path) -> None:
+    """Write `model` as a legacy llama2.c checkpoint (float32), the classifier shared when tied."""
+    cfg = model.cfg
+    if cfg.rope_theta != LLAMA2C_ROPE_THETA or cfg.norm_eps != LLAMA2C_NORM_EPS or cfg.rope_scaling != "none":
+        raise ConfigError(f"llama2.c fixes rope_theta={LLAMA2C_ROPE_THETA:g}, norm_eps={LLAMA2C_NORM_EPS:g} and no "
+                          f"RoPE scaling, but this model has rope_theta={cfg.rope_theta:g}, norm_eps={cfg.norm_eps:g}, "
+                          f"rope_scaling={cfg.rope_scaling}: it cannot run there")
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    shared = cfg.tie_embeddings or torch.equal(state["embed_tokens.weight"], state["lm_head.weight"])
+    for i in range(cfg.n_layers):
+        for proj, heads in (("q_proj", cfg.n_heads), ("k_proj", cfg.n_kv_heads)):
+            key = f"layers.{i}.self_attn.{proj}.weight"
+            state[key] = rope_permute(state[key], heads, to_pairs=True)
+    half = cfg.head_dim // 2
+    rope_tables = iter((model.rope_cos[:, :half].float().cpu(), model.rope_sin[:, :half].float().cpu()))
+    with Path(path).open("wb") as f:
+        f.write(LLAMA2C_HEADER.pack(cfg.dim, cfg.ffn_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads,
+                            cfg.vocab_size if shared else -cfg.vocab_size, cfg.max_seq_len))
+        for name, _ in llama2c_layout(cfg, shared):
+            tensor = next(rope_tables) if name is None else state[name]
+            f.write(tensor.contiguous().numpy().astype("<f4").tobytes())

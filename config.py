@@ -10,49 +10,131 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
+import os
 import sys
 import tomllib
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 
-class ConfigError(ValueError):
-    """A problem with a config file or override; its message is one line meant for the user."""
+class UserError(ValueError):
+    """Something the user gave (a config, a file, a prompt, a request) is wrong. Its message is
+    one line that says what and how to fix it; every user-facing error derives from this."""
 
 
-def _field(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
+class ConfigError(UserError):
+    """A problem with a config file or override."""
+
+
+def script(main: Callable[[list[str]], int | None]) -> Callable[[list[str] | None], int]:
+    """The one error path of every script's `main(argv)`: a UserError prints `error: ...` and
+    returns 2, Ctrl-C returns 130, and a reader that closes the pipe (`... --help | head`) ends
+    the script quietly. Anything else is a bug and keeps its traceback."""
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            try:
+                return main(list(sys.argv[1:] if argv is None else argv)) or 0
+            finally:
+                sys.stdout.flush()  # a closed pipe surfaces here, inside the try, not at interpreter exit
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+        except BrokenPipeError:
+            # Python flushes stdout again at exit; pointing it at /dev/null keeps that quiet too.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 128 + 13  # what a shell reports for a process killed by SIGPIPE
+    return run
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The range a numeric field must lie in: ge/le are inclusive ends, gt/lt exclusive (pydantic's
+    names, so the HTTP schema takes them as they are). Floats must also be finite."""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def admits(self, value: float) -> bool:
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def describe(self) -> str:
+        """The rule in words: "must be positive", "must lie in (0, 1]", ..."""
+        low, opening = (self.ge, "[") if self.gt is None else (self.gt, "(")
+        high, closing = (self.le, "]") if self.lt is None else (self.lt, ")")
+        if low is not None and high is not None:
+            return f"must lie in {opening}{_number(low)}, {_number(high)}{closing}"
+        if high is not None:
+            return f"must be at most {_number(high)}" if closing == "]" else f"must be below {_number(high)}"
+        if low == 0:
+            return "must be positive" if opening == "(" else "must not be negative"
+        return f"must be at least {_number(low)}" if opening == "[" else f"must be greater than {_number(low)}"
+
+    def as_kwargs(self) -> dict[str, float]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+# Seeds go to torch.manual_seed and numpy's generators, which take 64-bit values; sample i of a
+# prompt draws from seed + i, so the top stays clear of the end.
+MAX_SEED = 2**63 - 1
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _field(default: Any, help: str, **bounds: float) -> Any:
+    return field(default=default, metadata={"help": help, "bounds": Bounds(**bounds)})
+
+
+def bounds_of(section: type, key: str) -> Bounds:
+    """The declared range of a config field (unbounded when it declares none)."""
+    return next(f.metadata["bounds"] for f in dataclasses.fields(section) if f.name == key)
+
+
+def check_fields(obj: Any, section: str) -> None:
+    """Every numeric field of a config section finite and inside its declared bounds."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value):
+            raise ConfigError(f"{section}.{f.name}={value} must be a finite number")
+        if not f.metadata["bounds"].admits(value):
+            raise ConfigError(f"{section}.{f.name}={value} {f.metadata['bounds'].describe()}")
 
 
 @dataclass
 class ModelConfig:
-    vocab_size: int = _field(32000, "number of token ids the embedding and LM head cover")
-    dim: int = _field(288, "width of the residual stream")
-    n_layers: int = _field(6, "number of transformer blocks")
-    n_heads: int = _field(6, "number of query heads")
-    n_kv_heads: int | None = _field(None, "number of key/value heads (none = n_heads; 1 = MQA)")
-    hidden_dim: int | None = _field(None, "SwiGLU hidden width (none = 2/3 * 4 * dim rounded up to multiple_of)")
-    multiple_of: int = _field(32, "round the derived SwiGLU hidden width up to a multiple of this")
-    norm_eps: float = _field(1e-5, "epsilon inside RMSNorm")
-    max_seq_len: int = _field(256, "longest sequence the model (and its KV cache) handles")
-    rope_theta: float = _field(10000.0, "RoPE base frequency")
+    vocab_size: int = _field(32000, "number of token ids the embedding and LM head cover", gt=0)
+    dim: int = _field(288, "width of the residual stream", gt=0)
+    n_layers: int = _field(6, "number of transformer blocks", gt=0)
+    n_heads: int = _field(6, "number of query heads", gt=0)
+    n_kv_heads: int | None = _field(None, "number of key/value heads (none = n_heads; 1 = MQA)", gt=0)
+    hidden_dim: int | None = _field(None, "SwiGLU hidden width (none = 2/3 * 4 * dim rounded up to multiple_of)", gt=0)
+    multiple_of: int = _field(32, "round the derived SwiGLU hidden width up to a multiple of this", gt=0)
+    norm_eps: float = _field(1e-5, "epsilon inside RMSNorm", gt=0)
+    max_seq_len: int = _field(256, "longest sequence the model (and its KV cache) handles", gt=0)
+    rope_theta: float = _field(10000.0, "RoPE base frequency", gt=0)
     rope_scaling: Literal["none", "llama3"] = _field("none", "RoPE frequency scaling scheme")
-    rope_scaling_factor: float = _field(8.0, "llama3 scaling: how much longer the context becomes")
-    rope_low_freq_factor: float = _field(1.0, "llama3 scaling: wavelengths above original/low are fully scaled")
-    rope_high_freq_factor: float = _field(4.0, "llama3 scaling: wavelengths below original/high are kept")
-    rope_original_max_seq_len: int = _field(8192, "llama3 scaling: context length the model was trained on")
+    rope_scaling_factor: float = _field(8.0, "llama3 scaling: how much longer the context becomes", gt=0)
+    rope_low_freq_factor: float = _field(1.0, "llama3 scaling: wavelengths above original/low are fully scaled", gt=0)
+    rope_high_freq_factor: float = _field(4.0, "llama3 scaling: wavelengths below original/high are kept", gt=0)
+    rope_original_max_seq_len: int = _field(8192, "llama3 scaling: context length the model was trained on", gt=0)
     tie_embeddings: bool = _field(False, "share the token embedding with the LM head")
     attention: Literal["sdpa", "reference"] = _field("sdpa", "attention kernel: sdpa (FlashAttention on CUDA) or the readable reference")
-    init_std: float = _field(0.02, "std of the normal init (residual projections are scaled by 1/sqrt(2*n_layers))")
-
-    @property
-    def kv_heads(self) -> int:
-        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+    init_std: float = _field(0.02, "std of the normal init (residual projections are scaled by 1/sqrt(2*n_layers))", gt=0)
 
     @property
     def head_dim(self) -> int:
@@ -66,21 +148,21 @@ class ModelConfig:
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
     def validate(self) -> None:
-        _positive(self, "model", ["vocab_size", "dim", "n_layers", "n_heads", "multiple_of", "max_seq_len",
-                                  "norm_eps", "rope_theta", "init_std"])
+        """Check every field; an unset n_kv_heads becomes n_heads (MHA), so after validation
+        n_kv_heads is always the number of key/value heads."""
+        check_fields(self, "model")
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
         if self.dim % self.n_heads:
             raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: "
                               f"choose dim as a multiple of n_heads")
         if self.head_dim % 2:
             raise ConfigError(f"model.dim/model.n_heads={self.head_dim} is odd: RoPE rotates pairs, "
                               f"so the head dim must be even")
-        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
-            raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.kv_heads}: "
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}: "
                               f"use a divisor of n_heads (1 = MQA, n_heads = MHA)")
-        if self.hidden_dim is not None and self.hidden_dim < 1:
-            raise ConfigError(f"model.hidden_dim={self.hidden_dim} must be a positive integer or none")
         if self.rope_scaling == "llama3":
-            _positive(self, "model", ["rope_scaling_factor", "rope_low_freq_factor", "rope_original_max_seq_len"])
             if self.rope_high_freq_factor <= self.rope_low_freq_factor:
                 raise ConfigError(f"model.rope_high_freq_factor={self.rope_high_freq_factor} must be greater than "
                                   f"model.rope_low_freq_factor={self.rope_low_freq_factor}")
@@ -94,46 +176,45 @@ class DataConfig:
     input: str | None = _field(None, "your own corpus: a .txt/.jsonl file, a folder of them, or a glob")
     sha256: str | None = _field(None, "expected sha256 of the downloaded or --data.source file (none = the dataset's own)")
     tokenizer: Literal["char", "bpe"] = _field("char", "tokenizer kind for --data.input corpora (named datasets fix it)")
-    vocab_size: int = _field(4096, "BPE vocabulary size (ignored for char)")
-    bpe_train_bytes: int = _field(100_000_000, "BPE merges are learned from at most this many bytes of the corpus")
-    val_fraction: float = _field(0.1, "share of the corpus held out for validation")
-    workers: int = _field(2, "tokenizer processes")
+    vocab_size: int = _field(4096, "BPE vocabulary size (ignored for char)", gt=0)
+    bpe_train_bytes: int = _field(100_000_000, "BPE merges are learned from at most this many bytes of the corpus", gt=0)
+    val_fraction: float = _field(0.1, "share of the corpus held out for validation", gt=0, lt=1)
+    workers: int = _field(2, "tokenizer processes", gt=0)
 
     def validate(self) -> None:
-        _positive(self, "data", ["vocab_size", "bpe_train_bytes", "workers"])
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction={self.val_fraction} must lie strictly between 0 and 1")
+        check_fields(self, "data")
 
 
 @dataclass
 class TrainConfig:
     out_dir: str = _field("out", "folder for checkpoints, logs and plots")
-    seed: int = _field(1337, "seed for init, batches and dropout-free sampling")
+    seed: int = _field(1337, "seed for init, batches and dropout-free sampling", ge=0, le=MAX_SEED)
     device: str = _field("auto", "auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
         "auto", "autocast dtype (auto: bf16 on GPUs that support it, else fp16; fp32 on CPU)")
     compile: Literal["auto"] | bool = _field("auto", "torch.compile the model (auto: try, fall back to eager)")
-    batch_tokens: int = _field(16384, "global batch in tokens (micro_batch_size * block_size * accumulation * world)")
-    micro_batch_size: int = _field(32, "sequences per forward/backward pass on one process")
-    block_size: int = _field(256, "training sequence length (at most model.max_seq_len)")
-    max_steps: int = _field(5000, "optimizer steps to train for")
+    batch_tokens: int = _field(16384, "global batch in tokens (micro_batch_size * block_size * accumulation * world)", gt=0)
+    micro_batch_size: int = _field(32, "sequences per forward/backward pass on one process", gt=0)
+    block_size: int = _field(256, "training sequence length (at most model.max_seq_len)", gt=0)
+    max_steps: int = _field(5000, "optimizer steps to train for", gt=0)
     optimizer: Literal["adamw"] = _field("adamw", "optimizer (AdamW, decay on 2-D weights only)")
-    lr: float = _field(1e-3, "peak learning rate")
-    min_lr: float = _field(1e-4, "learning rate at the end of the decay")
+    lr: float = _field(1e-3, "peak learning rate", gt=0)
+    min_lr: float = _field(1e-4, "learning rate at the end of the decay", ge=0)
     lr_schedule: Literal["cosine", "wsd", "constant"] = _field("cosine", "learning-rate schedule after warmup")
-    warmup_steps: int = _field(100, "linear warmup steps")
-    decay_fraction: float = _field(0.2, "WSD: share of max_steps spent in the final decay")
-    weight_decay: float = _field(0.1, "AdamW weight decay (2-D weights only)")
-    beta1: float = _field(0.9, "AdamW beta1")
-    beta2: float = _field(0.95, "AdamW beta2")
-    grad_clip: float = _field(1.0, "clip the global grad norm to this (0 = off)")
-    eval_interval: int = _field(250, "evaluate every this many steps")
-    eval_iters: int = _field(20, "batches per split in each evaluation")
-    log_interval: int = _field(10, "log every this many steps")
-    ckpt_interval: int = _field(1000, "checkpoint every this many steps (also at the end)")
-    keep_last: int = _field(2, "how many recent checkpoints to keep (the best one is kept too)")
-    max_nonfinite_skips: int = _field(5, "stop after this many consecutive non-finite steps")
-    peak_tflops: float | None = _field(None, "peak TFLOP/s for MFU (none = a table for known GPUs, a measured matmul on CPU)")
+    warmup_steps: int = _field(100, "linear warmup steps", ge=0)
+    decay_fraction: float = _field(0.2, "WSD: share of max_steps spent in the final decay", ge=0, le=1)
+    weight_decay: float = _field(0.1, "AdamW weight decay (2-D weights only)", ge=0)
+    beta1: float = _field(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = _field(0.95, "AdamW beta2", ge=0, lt=1)
+    grad_clip: float = _field(1.0, "clip the global grad norm to this (0 = off)", ge=0)
+    eval_interval: int = _field(250, "evaluate every this many steps", gt=0)
+    eval_iters: int = _field(20, "batches per split in each evaluation", gt=0)
+    log_interval: int = _field(10, "log every this many steps", gt=0)
+    ckpt_interval: int = _field(1000, "checkpoint every this many steps (also at the end)", gt=0)
+    keep_last: int = _field(2, "how many recent checkpoints to keep (the best one too; at least 2, so a failed write "
+                         "never leaves zero good ones)", ge=2)
+    max_nonfinite_skips: int = _field(5, "stop after this many consecutive non-finite steps", gt=0)
+    peak_tflops: float | None = _field(None, "peak TFLOP/s for MFU (none = a table for known GPUs, a measured matmul on CPU)", gt=0)
     init_from: str | None = _field(None, "Hugging Face Llama folder to fine-tune from")
     resume: str | None = _field(None, "resume from 'latest' in out_dir or from a checkpoint folder (--resume [PATH])")
     overwrite: bool = _field(False, "start afresh in an out_dir that holds another run (--overwrite)")
@@ -143,23 +224,12 @@ class TrainConfig:
     wandb_group: str | None = _field(None, "W&B group (sweeps set this)")
 
     def validate(self) -> None:
-        _positive(self, "train", ["batch_tokens", "micro_batch_size", "block_size", "max_steps", "lr",
-                                  "eval_interval", "eval_iters", "log_interval", "ckpt_interval",
-                                  "max_nonfinite_skips"])
-        _non_negative(self, "train", ["min_lr", "warmup_steps", "weight_decay", "grad_clip"])
+        check_fields(self, "train")
         if self.warmup_steps > self.max_steps:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps} exceeds train.max_steps={self.max_steps}: "
                               f"shorten the warmup or train longer")
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}")
-        if not 0.0 <= self.decay_fraction <= 1.0:
-            raise ConfigError(f"train.decay_fraction={self.decay_fraction} must lie in [0, 1]")
-        for key in ("beta1", "beta2"):
-            if not 0.0 <= getattr(self, key) < 1.0:
-                raise ConfigError(f"train.{key}={getattr(self, key)} must lie in [0, 1)")
-        if self.keep_last < 2:
-            raise ConfigError(f"train.keep_last={self.keep_last} must be at least 2 so a bad write never "
-                              f"leaves zero good checkpoints")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
 
@@ -172,14 +242,14 @@ class SampleConfig:
     prompt_ids: str | None = _field(None, "prompt as token ids, e.g. '1 403 9' ('1 5; 1 7 8' = two prompts in one batch)")
     batch_lines: bool = _field(False, "each non-empty line of the prompt is its own prompt; all decode as one batch")
     truncate: Literal["none", "left"] = _field("none", "none = refuse a prompt longer than the context; left = cut its start so max_new_tokens fit")
-    max_new_tokens: int = _field(256, "tokens to generate per sample")
-    temperature: float = _field(0.8, "softmax temperature (0 = greedy)")
-    top_k: int = _field(0, "keep only the k most likely tokens (0 = off)")
-    top_p: float = _field(1.0, "nucleus sampling: keep the smallest set reaching this mass (1 = off)")
-    min_p: float = _field(0.0, "drop tokens below min_p times the top probability (0 = off)")
-    repetition_penalty: float = _field(1.0, "Hugging Face-style repetition penalty over prompt and output (1 = off)")
-    num_samples: int = _field(1, "samples per prompt")
-    seed: int = _field(1337, "sampling seed (sample i of every prompt draws from seed + i)")
+    max_new_tokens: int = _field(256, "tokens to generate per sample", gt=0)
+    temperature: float = _field(0.8, "softmax temperature (0 = greedy)", ge=0, le=2)
+    top_k: int = _field(0, "keep only the k most likely tokens (0 = off)", ge=0)
+    top_p: float = _field(1.0, "nucleus sampling: keep the smallest set reaching this mass (1 = off)", gt=0, le=1)
+    min_p: float = _field(0.0, "drop tokens below min_p times the top probability (0 = off)", ge=0, lt=1)
+    repetition_penalty: float = _field(1.0, "Hugging Face-style repetition penalty over prompt and output (1 = off)", gt=0, le=2)
+    num_samples: int = _field(1, "samples per prompt", gt=0)
+    seed: int = _field(1337, "sampling seed (sample i of every prompt draws from seed + i)", ge=0, le=MAX_SEED)
     eos: str = _field("auto", "end-of-sequence token ids, e.g. '2' or '2,32000' (auto = the checkpoint's; none = off)")
     stop: str | None = _field(None, "stop string, or a JSON list of them, e.g. '[\"\\n\\n\", \"The end\"]'")
     stream: Literal["auto"] | bool = _field("auto", "print tokens as they come (auto: when stdout is a terminal)")
@@ -190,12 +260,7 @@ class SampleConfig:
         "auto", "weights and KV cache dtype (auto: bf16 on GPUs that support it, else fp32)")
 
     def validate(self) -> None:
-        _positive(self, "sample", ["max_new_tokens", "num_samples", "repetition_penalty"])
-        _non_negative(self, "sample", ["temperature", "top_k"])
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"sample.top_p={self.top_p} must lie in (0, 1]")
-        if not 0.0 <= self.min_p < 1.0:
-            raise ConfigError(f"sample.min_p={self.min_p} must lie in [0, 1)")
+        check_fields(self, "sample")
         given = [key for key in ("prompt", "prompt_file", "prompt_ids") if getattr(self, key)]
         if len(given) > 1:
             raise ConfigError(f"sample.{given[0]} and sample.{given[1]} are both set: give the prompt one way")
@@ -242,17 +307,14 @@ class SampleConfig:
 @dataclass
 class ServeConfig:
     host: str = _field("127.0.0.1", "address to listen on (0.0.0.0 exposes the server to every network it can reach)")
-    port: int = _field(7860, "TCP port")
+    port: int = _field(7860, "TCP port", ge=1, le=65535)
     model_name: str | None = _field(None, "model id the API answers to (default: the checkpoint's folder or file name)")
-    max_prompt_tokens: int = _field(0, "longest prompt a request may send, in tokens (0 = the model's context)")
-    max_tokens: int = _field(512, "most new tokens a request may ask for")
-    max_batch: int = _field(32, "most completions in one request (prompts x n)")
+    max_prompt_tokens: int = _field(0, "longest prompt a request may send, in tokens (0 = the model's context)", ge=0)
+    max_tokens: int = _field(512, "most new tokens a request may ask for", gt=0)
+    max_batch: int = _field(32, "most completions in one request (prompts x n)", gt=0)
 
     def validate(self) -> None:
-        _positive(self, "serve", ["max_tokens", "max_batch"])
-        _non_negative(self, "serve", ["max_prompt_tokens"])
-        if not 0 < self.port < 65536:
-            raise ConfigError(f"serve.port={self.port} must lie in 1..65535")
+        check_fields(self, "serve")
 
 
 @dataclass
@@ -275,18 +337,6 @@ class Config:
 
 
 SECTIONS = ("model", "data", "train", "sample", "serve")
-
-
-def _positive(obj: Any, section: str, keys: list[str]) -> None:
-    for key in keys:
-        if getattr(obj, key) <= 0:
-            raise ConfigError(f"{section}.{key}={getattr(obj, key)} must be positive")
-
-
-def _non_negative(obj: Any, section: str, keys: list[str]) -> None:
-    for key in keys:
-        if getattr(obj, key) < 0:
-            raise ConfigError(f"{section}.{key}={getattr(obj, key)} must not be negative")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,21 +534,17 @@ def parse_cli(argv: list[str] | None = None, prog: str = "script.py",
               sections: tuple[str, ...] = SECTIONS) -> Config:
     """The command line of every script: an optional TOML path, then overrides.
 
-    Config errors print one line and exit with status 2; --help and --print-config exit 0.
+    Config errors raise ConfigError; --help and --print-config print and exit with status 0.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         print(help_text(prog, sections))
-        sys.exit(0)
+        raise SystemExit(0)
     print_config = "--print-config" in argv
     argv = [a for a in argv if a != "--print-config"]
-    try:
-        toml_data = load_toml(argv.pop(0)) if argv and not argv[0].startswith("--") else {}
-        cfg = build_config(toml_data, argv)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    toml_data = load_toml(argv.pop(0)) if argv and not argv[0].startswith("--") else {}
+    cfg = build_config(toml_data, argv)
     if print_config:
         print(to_toml(cfg))
-        sys.exit(0)
+        raise SystemExit(0)
     return cfg

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from config import UserError
+
 if typing.TYPE_CHECKING:
     import torch
 
@@ -29,7 +31,7 @@ HEADER = struct.Struct("<8sIIQQ32s")  # 64 bytes, so the tokens that follow stay
 EVAL_STREAM = 2**32 - 1  # a step number no run reaches: evaluation windows never repeat training ones
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with a dataset whose message is one line meant for the user."""
 
 

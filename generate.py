@@ -27,11 +27,10 @@ from pathlib import Path
 
 import torch
 
-from config import ConfigError, SampleConfig, expand_short_flags, parse_cli
 import checkpoint
-from convert import load_model
-from tokenizer import Tokenizer
+from config import ConfigError, SampleConfig, expand_short_flags, parse_cli, script
 from model import Llama
+from tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------------------------
 # Sampling: each function maps (batch, vocab) logits to logits, -inf marking what was dropped
@@ -233,10 +232,10 @@ def load_for_sampling(cfg: SampleConfig) -> tuple[Llama, Tokenizer | None, int |
         raise ConfigError("no checkpoint given: pass --checkpoint PATH (a checkpoint, run or Hugging Face folder, "
                           "or a llama2.c .bin)")
     device, dtype = pick_device(cfg)
-    model = load_model(cfg.checkpoint, dtype).to(device).eval()
+    model, folder = checkpoint.load_model(cfg.checkpoint, dtype)
+    model = model.to(device).eval()
     if device.type == "cpu":
         model.use_decoding_layout()
-    folder = None if Path(cfg.checkpoint).is_file() else checkpoint.resolve(cfg.checkpoint)
     tokenizer = load_tokenizer(folder)
     bos, eos = special_token_ids(folder, tokenizer)
     return model, tokenizer, bos, eos if cfg.eos_ids() is None else cfg.eos_ids()
@@ -343,16 +342,9 @@ def pick_device(cfg: SampleConfig) -> tuple[torch.device, torch.dtype]:
     return device, torch.bfloat16 if on_bf16_gpu else torch.float32
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse_cli(expand_short_flags(list(sys.argv[1:] if argv is None else argv), ("sample",)), prog="generate.py",
-                    sections=("sample",)).sample
-    try:
-        run(cfg)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        sys.exit(130)
+@script
+def main(argv: list[str]) -> None:
+    run(parse_cli(expand_short_flags(argv, ("sample",)), prog="generate.py", sections=("sample",)).sample)
 
 
 def run(cfg: SampleConfig) -> None:
@@ -402,4 +394,4 @@ def run(cfg: SampleConfig) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

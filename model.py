@@ -2,8 +2,8 @@
 
 RMSNorm -> attention with RoPE and grouped-query heads -> residual, RMSNorm -> SwiGLU -> residual,
 repeated n_layers times, then a final RMSNorm and the LM head. Parameter names follow Hugging
-Face's `LlamaForCausalLM` (minus its `model.` prefix) so weights move between the two by name.
-The math behind each piece is in docs/.
+Face's `LlamaForCausalLM` (minus its `model.` prefix) so weights move between the two by name;
+reading and writing model files is checkpoint.py's job. The math behind each piece is in docs/.
 
     python model.py configs/shakespeare_char.toml   # build the model, run a training step, report
 """
@@ -13,14 +13,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import safetensors.torch
 
-from config import ConfigError, ModelConfig
+from config import ModelConfig, parse_cli, script
 
 
 class RMSNorm(nn.Module):
@@ -119,11 +117,11 @@ def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.kernel = cfg.attention
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.cache: KVCache | None = None
 
@@ -196,6 +194,20 @@ class Llama(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
 
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor],
+                        dtype: torch.dtype = torch.float32) -> "Llama":
+        """A model holding `state`'s tensors (lm_head.weight may be absent when tied), built
+        without first initializing weights that would be overwritten."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+        model.load_state_dict({k: state[k].to(dtype) for k in expected}, strict=False, assign=True)
+        if cfg.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model.rope_cos, model.rope_sin = rope_cos_sin(cfg)  # buffers built on the meta device
+        return model
+
     def reset_parameters(self) -> None:
         """normal(0, init_std) everywhere; the projections that write into the residual stream
         are shrunk by 1/sqrt(2 * n_layers) so its variance does not grow with depth."""
@@ -263,7 +275,7 @@ class Llama(nn.Module):
         (default: the model's; a shorter one saves memory, and compiled decoding attends over all of it)."""
         device, dtype = self.lm_head.weight.device, dtype or self.lm_head.weight.dtype
         for layer in self.layers:
-            layer.self_attn.cache = KVCache(batch_size, self.cfg.kv_heads, max_seq_len or self.cfg.max_seq_len,
+            layer.self_attn.cache = KVCache(batch_size, self.cfg.n_kv_heads, max_seq_len or self.cfg.max_seq_len,
                                             self.cfg.head_dim, dtype, device)
 
     def clear_cache(self) -> None:
@@ -304,133 +316,10 @@ class Llama(nn.Module):
         matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         return 6 * matmul_weights + 12 * self.cfg.n_layers * self.cfg.dim * seq_len
 
-    def estimate_mfu(self, tokens_per_second: float, seq_len: int, peak_flops: float) -> float:
-        """Model FLOPs utilization: achieved training FLOP/s over the hardware's peak."""
-        return self.flops_per_token(seq_len) * tokens_per_second / peak_flops
 
-    # --- Hugging Face interchange ----------------------------------------------------------------
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32,
-                        max_seq_len: int | None = None) -> "Llama":
-        """Load a Hugging Face Llama folder (config.json + model.safetensors, sharded or not)."""
-        cfg = read_hf_config(path)
-        if max_seq_len is not None:
-            cfg.max_seq_len = max_seq_len
-        with torch.device("meta"):
-            model = cls(cfg)
-        state = read_hf_weights(path)
-        expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
-        if missing := sorted(expected - set(state)):
-            raise ConfigError(f"{path} has no weights for {missing[0]} (and {len(missing) - 1} more): "
-                              f"is it a complete Llama checkpoint?")
-        if unexpected := sorted(set(state) - expected - {"lm_head.weight"}):
-            raise ConfigError(f"{path} has weights this architecture lacks, e.g. {unexpected[0]}: "
-                              f"it is not a plain Llama model")
-        model.load_state_dict({k: state[k].to(dtype) for k in expected}, strict=False, assign=True)
-        if cfg.tie_embeddings:
-            model.lm_head.weight = model.embed_tokens.weight
-        model.rope_cos, model.rope_sin = rope_cos_sin(cfg)
-        return model
-
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write a folder that transformers.LlamaForCausalLM.from_pretrained loads as is."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(hf_config_dict(self.cfg, self.lm_head.weight.dtype), indent=2))
-        # Tied weights are one tensor: safetensors refuses aliases, and HF re-ties on load.
-        state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous()
-                 for k, v in self.state_dict().items()
-                 if not (self.cfg.tie_embeddings and k == "lm_head.weight")}
-        safetensors.torch.save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face config.json and safetensors files
-
-_HF_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> dict:
-    rope_scaling = None
-    if cfg.rope_scaling == "llama3":
-        rope_scaling = {"rope_type": "llama3", "factor": cfg.rope_scaling_factor,
-                        "low_freq_factor": cfg.rope_low_freq_factor, "high_freq_factor": cfg.rope_high_freq_factor,
-                        "original_max_position_embeddings": cfg.rope_original_max_seq_len}
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim, "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta, "rope_scaling": rope_scaling,
-        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False, "torch_dtype": _HF_DTYPES[dtype],
-    }
-
-
-def read_hf_config(path: str | Path) -> ModelConfig:
-    """ModelConfig from a Hugging Face Llama config.json; what we cannot run is refused by name."""
-    file = Path(path) / "config.json"
-    if not file.is_file():
-        raise ConfigError(f"{path} has no config.json: point at a Hugging Face model folder")
-    hf = json.loads(file.read_text())
-    if hf.get("model_type") != "llama":
-        raise ConfigError(f"{file} describes model_type={hf.get('model_type')!r}; only 'llama' is supported")
-    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
-        if hf.get(key, ok) != ok:
-            raise ConfigError(f"{file} sets {key}={hf[key]!r}; this Llama implementation needs {key}={ok!r}")
-    # transformers 5 folds rope_theta and rope_scaling into rope_parameters; accept both spellings.
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise ConfigError(f"{file} uses rope_type={rope_type!r}; supported: default, llama3")
-    cfg = ModelConfig(
-        vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        hidden_dim=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    )
-    if rope_type == "llama3":
-        cfg.rope_scaling = "llama3"
-        cfg.rope_scaling_factor = float(rope["factor"])
-        cfg.rope_low_freq_factor = float(rope["low_freq_factor"])
-        cfg.rope_high_freq_factor = float(rope["high_freq_factor"])
-        cfg.rope_original_max_seq_len = int(rope["original_max_position_embeddings"])
-    if hf.get("head_dim") not in (None, cfg.head_dim):
-        raise ConfigError(f"{file} sets head_dim={hf['head_dim']} but hidden_size/num_attention_heads="
-                          f"{cfg.head_dim}; decoupled head sizes are not supported")
-    cfg.validate()
-    return cfg
-
-
-def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a (possibly sharded) safetensors checkpoint, keyed by our parameter names."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    elif any(path.glob("pytorch_model*.bin")):
-        raise ConfigError(f"{path} holds only pickled pytorch_model.bin weights; re-save it with "
-                          f"safe_serialization=True (transformers) to get model.safetensors")
-    else:
-        raise ConfigError(f"{path} has no model.safetensors or model.safetensors.index.json")
-    state = {}
-    for name in files:
-        for key, tensor in safetensors.torch.load_file(str(path / name)).items():
-            if key.endswith("rotary_emb.inv_freq"):  # a buffer older exports saved; we recompute it
-                continue
-            state[key.removeprefix("model.")] = tensor
-    return state
-
-
-def _smoke_run(argv: list[str] | None = None) -> None:
+@script
+def main(argv: list[str]) -> None:
     """Build the configured model and time one forward/backward on random tokens."""
-    from config import parse_cli
     cfg = parse_cli(argv, prog="model.py", sections=("model", "train"))
     torch.manual_seed(cfg.train.seed)
     model = Llama(cfg.model)
@@ -444,7 +333,7 @@ def _smoke_run(argv: list[str] | None = None) -> None:
         "params": model.num_params(),
         "params_non_embedding": model.num_params(non_embedding=True),
         "flops_per_token": model.flops_per_token(T),
-        "kv_cache_bytes_per_token_fp32": 2 * cfg.model.n_layers * cfg.model.kv_heads * cfg.model.head_dim * 4,
+        "kv_cache_bytes_per_token_fp32": 2 * cfg.model.n_layers * cfg.model.n_kv_heads * cfg.model.head_dim * 4,
         "initial_loss": round(loss.item(), 4),
         "uniform_loss": round(math.log(cfg.model.vocab_size), 4),
         "train_step_tokens_per_s": round(B * T / seconds),
@@ -453,4 +342,4 @@ def _smoke_run(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    _smoke_run()
+    raise SystemExit(main())

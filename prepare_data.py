@@ -31,8 +31,8 @@ import numpy as np
 from tqdm import tqdm
 
 import data
-from config import ConfigError, DataConfig, parse_cli
-from tokenizer import Tokenizer, TokenizerError
+from config import ConfigError, DataConfig, parse_cli, script
+from tokenizer import Tokenizer
 
 DOC_SEPARATOR = "<|endoftext|>"
 BATCH_CHARS = 1 << 20  # documents are tokenized in batches of about a megabyte
@@ -250,14 +250,9 @@ def prepare(cfg: DataConfig) -> dict:
     return meta
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_cli(argv, prog="prepare_data.py", sections=("data",))
-    try:
-        prepare(cfg.data)
-    except (ConfigError, data.DataError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+@script
+def main(argv: list[str]) -> None:
+    prepare(parse_cli(argv, prog="prepare_data.py", sections=("data",)).data)
 
 
 if __name__ == "__main__":

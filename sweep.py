@@ -77,7 +77,7 @@ from typing import Any
 
 import checkpoint
 import data
-from config import Config, ConfigError, build_config, load_toml
+from config import Config, ConfigError, build_config, load_toml, script
 from train import EXIT_INTERRUPTED, StopRequest, read_metrics
 
 ROOT = Path(__file__).resolve().parent
@@ -528,27 +528,23 @@ def plot_val_curves(sweep: Sweep, trials: list[Trial], png: Path) -> None:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, like every other nanollama error
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    def error(self, message: str) -> None:  # through script()'s one error path
+        raise ConfigError(message)
 
 
-def main(argv: list[str] | None = None) -> int:
+@script
+def main(argv: list[str]) -> int:
     parser = _Parser(prog="sweep.py", description="Run a sweep of train.py trials (format: see sweep.py).")
     parser.add_argument("sweep", help="sweep TOML file, e.g. configs/sweeps/attention.toml")
     parser.add_argument("--parallel", type=int, default=1, metavar="N", help="trials to run at once (default 1)")
     parser.add_argument("--dry-run", action="store_true", help="print the trials and their commands, run nothing")
     args = parser.parse_args(argv)
-    try:
-        if args.parallel < 1:
-            raise ConfigError(f"--parallel {args.parallel} must be at least 1")
-        sweep = load_sweep(args.sweep)
-        for trial in sweep.trials:
-            check_owner(sweep, trial)
-        check_data(sweep)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.parallel < 1:
+        raise ConfigError(f"--parallel {args.parallel} must be at least 1")
+    sweep = load_sweep(args.sweep)
+    for trial in sweep.trials:
+        check_owner(sweep, trial)
+    check_data(sweep)
     if args.dry_run:
         print(f"sweep {sweep.name}: {len(sweep.trials)} trials in {sweep.out_dir}")
         for trial in sweep.trials:

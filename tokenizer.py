@@ -16,6 +16,8 @@ from typing import Literal
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from config import UserError
+
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 # Llama 3's pre-tokenizer split (the same rule as GPT-4's cl100k), which llama.cpp implements:
 # contractions, letter runs, 1-3 digit groups, punctuation runs, newlines, other whitespace.
@@ -23,7 +25,7 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
     """A tokenizer problem whose message is one line meant for the user."""
 
 

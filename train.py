@@ -34,9 +34,9 @@ from tqdm import tqdm
 
 import checkpoint
 import data
-from config import Config, ConfigError, TrainConfig, build_config, load_toml, parse_cli, to_toml
-from model import Llama, read_hf_config
-from tokenizer import Tokenizer, TokenizerError
+from config import Config, ConfigError, TrainConfig, build_config, load_toml, parse_cli, script, to_toml
+from model import Llama
+from tokenizer import Tokenizer
 
 EXIT_INTERRUPTED = 3
 EXIT_NONFINITE = 4
@@ -85,6 +85,11 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def log(self, message: str) -> None:
+        """Print on the main process only."""
+        if self.is_main:
+            print(message)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32)
@@ -231,7 +236,46 @@ def append_metric(path: Path, record: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The run
+# The run: its state, then one function per step of the recipe
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a training run carries from one step to the next."""
+    cfg: Config
+    runtime: Runtime
+    out_dir: Path
+    dataset_dir: Path
+    model: Llama  # the weights: what is saved, clipped and evaluated
+    step_model: torch.nn.Module  # what trains: the model, compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_batches: data.BatchSampler
+    val_batches: data.BatchSampler
+    accum: int  # micro-batches per optimizer step on each process
+    step: int = 0  # optimizer steps taken
+    best_val: float = math.inf
+    nonfinite_streak: int = 0
+    wandb_id: str | None = None
+    wandb_run: Any = None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    @property
+    def tokens_per_step(self) -> int:
+        tc = self.cfg.train
+        return self.accum * tc.micro_batch_size * tc.block_size * self.runtime.world
+
+
+@dataclasses.dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    applied: bool  # False: the loss or gradient was not finite and the update was skipped
+    seconds: float
 
 
 def prepare_out_dir(cfg: Config) -> Path:
@@ -249,9 +293,9 @@ def prepare_out_dir(cfg: Config) -> Path:
 
 
 def check_resume_compatible(cfg: Config, ckpt: Path) -> None:
-    saved = read_hf_config(ckpt)
+    saved = checkpoint.read_hf_config(ckpt)
     ours = cfg.model
-    shape = ("vocab_size", "dim", "n_layers", "n_heads", "kv_heads", "ffn_dim", "tie_embeddings")
+    shape = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings")
     for key in shape:
         if getattr(saved, key) != getattr(ours, key):
             raise ConfigError(f"cannot resume {ckpt}: model.{key} was {getattr(saved, key)}, the config now says "
@@ -263,229 +307,271 @@ def check_resume_compatible(cfg: Config, ckpt: Path) -> None:
                  f"the run will no longer equal an uninterrupted one")
 
 
-def train(cfg: Config) -> int:
-    """Run the configured training; returns the process exit code."""
+def find_resume_checkpoint(cfg: Config, out_dir: Path) -> Path | None:
+    """The verified checkpoint --resume names, or None for a fresh run."""
+    if cfg.train.resume is None:
+        return None
+    ckpt = checkpoint.resolve(out_dir if cfg.train.resume == "latest" else cfg.train.resume)
+    checkpoint.verify(ckpt)
+    check_resume_compatible(cfg, ckpt)
+    return ckpt
+
+
+def build_model(cfg: Config, resume_from: Path | None, runtime: Runtime) -> Llama:
+    """A freshly initialized model from the seed, or the weights of --init_from (whose config.json
+    then replaces the [model] section). A resumed run's weights are loaded later, in restore()."""
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.init_from and resume_from is None:
+        model = checkpoint.load_hf(cfg.train.init_from, max_seq_len=cfg.model.max_seq_len)
+        cfg.model = model.cfg
+        runtime.log(f"initialized from {cfg.train.init_from}: model section replaced by its config.json")
+        return model
+    return Llama(cfg.model)
+
+
+def accumulation_steps(tc: TrainConfig, world: int) -> int:
+    per_micro = tc.micro_batch_size * tc.block_size * world
+    if tc.batch_tokens % per_micro:
+        raise ConfigError(f"train.batch_tokens={tc.batch_tokens} is not a multiple of micro_batch_size * block_size "
+                          f"* world_size = {per_micro}: pick a multiple of it")
+    return tc.batch_tokens // per_micro
+
+
+def start_run(cfg: Config) -> Run:
+    """Device and processes, data, model, optimizer, and the state of a resumed run."""
     tc = cfg.train
     runtime = setup_runtime(tc)
-    log = print if runtime.is_main else (lambda *a, **k: None)
     out_dir = prepare_out_dir(cfg) if runtime.is_main else Path(tc.out_dir)
     if runtime.world > 1:
         dist.barrier()
-
     dataset_dir = Path(cfg.data.data_dir) / cfg.data.dataset
-    train_tokens = data.open_split(dataset_dir, "train")
-    val_tokens = data.open_split(dataset_dir, "val")
-
-    resume_from = None
-    if tc.resume is not None:
-        resume_from = checkpoint.resolve(out_dir if tc.resume == "latest" else tc.resume)
-        checkpoint.verify(resume_from)
-        check_resume_compatible(cfg, resume_from)
-    torch.manual_seed(tc.seed)
-    if tc.init_from and resume_from is None:
-        model = Llama.from_pretrained(tc.init_from, max_seq_len=cfg.model.max_seq_len)
-        cfg.model = model.cfg
-        log(f"initialized from {tc.init_from}: model section replaced by its config.json")
-    else:
-        model = Llama(cfg.model)
+    train_tokens, val_tokens = data.open_split(dataset_dir, "train"), data.open_split(dataset_dir, "val")
+    resume_from = find_resume_checkpoint(cfg, out_dir)
+    model = build_model(cfg, resume_from, runtime)
     # A checkpoint carries its tokenizer: resuming on data from another one would train garbage.
     ckpt_tokenizer = resume_from is not None and (resume_from / "tokenizer.json").is_file()
     data.check_compatible(train_tokens, val_tokens, model_vocab_size=cfg.model.vocab_size, block_size=tc.block_size,
                           tokenizer_hash=Tokenizer.load(resume_from).hash if ckpt_tokenizer else None)
     model.to(runtime.device)
-
-    per_micro = tc.micro_batch_size * tc.block_size * runtime.world
-    if tc.batch_tokens % per_micro:
-        raise ConfigError(f"train.batch_tokens={tc.batch_tokens} is not a multiple of micro_batch_size * block_size "
-                          f"* world_size = {per_micro}: pick a multiple of it")
-    accum = tc.batch_tokens // per_micro
+    accum = accumulation_steps(tc, runtime.world)
     optimizer = configure_optimizer(model, tc, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
-
-    step, best_val, wandb_id = 0, float("inf"), None
-    metrics_path = out_dir / "metrics.jsonl"
+    run = Run(cfg, runtime, out_dir, dataset_dir, model, model, optimizer, scaler,
+              data.BatchSampler(train_tokens, tc.block_size, tc.micro_batch_size, tc.seed),
+              data.BatchSampler(val_tokens, tc.block_size, tc.micro_batch_size, tc.seed), accum)
     if resume_from is not None:
-        state = checkpoint.load_training_state(resume_from)
-        model.load_state_dict(Llama.from_pretrained(resume_from).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        step, best_val, wandb_id = state["step"], state["best_val_loss"], state["wandb_run_id"] or None
-        if runtime.is_main:  # forget what was logged after the checkpoint: those steps run again
-            kept = [m for m in read_metrics(metrics_path) if m["step"] <= step]
-            metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
-        log(f"resumed from {resume_from} at step {step}")
+        restore(run, resume_from)
+    run.step_model = wrap_for_training(torch.compile(model) if tc.compile is not False else model, runtime)
+    return run
 
-    def wrap_ddp(module: torch.nn.Module) -> torch.nn.Module:
-        if runtime.world == 1:
-            return module
-        return torch.nn.parallel.DistributedDataParallel(
-            module, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
 
-    raw_model = model
-    model = wrap_ddp(torch.compile(model) if tc.compile is not False else model)
+def restore(run: Run, ckpt: Path) -> None:
+    """Weights, optimizer, loss scaler, every RNG and the loop's counters from a checkpoint."""
+    state = checkpoint.load_training_state(ckpt)
+    run.model.load_state_dict(checkpoint.load_hf(ckpt).state_dict())
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state["rng"])
+    run.step, run.best_val, run.wandb_id = state["step"], state["best_val_loss"], state["wandb_run_id"] or None
+    if run.runtime.is_main:  # forget what was logged after the checkpoint: those steps run again
+        kept = [m for m in read_metrics(run.metrics_path) if m["step"] <= run.step]
+        run.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    run.runtime.log(f"resumed from {ckpt} at step {run.step}")
 
-    train_batches = data.BatchSampler(train_tokens, tc.block_size, tc.micro_batch_size, tc.seed)
-    val_batches = data.BatchSampler(val_tokens, tc.block_size, tc.micro_batch_size, tc.seed)
-    flops_per_token = raw_model.flops_per_token(tc.block_size)
-    peak = peak_flops(tc, runtime)
-    tokens_per_step = accum * per_micro
+
+def wrap_for_training(module: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
+    if runtime.world == 1:
+        return module
+    return torch.nn.parallel.DistributedDataParallel(
+        module, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
+
+
+def start_logging(run: Run) -> tuple[int, float]:
+    """Record the config and environment, print the setup, open W&B; returns (training FLOPs per
+    token, the peak FLOP/s that MFU divides by)."""
+    cfg, runtime, model = run.cfg, run.runtime, run.model
+    flops_per_token = model.flops_per_token(cfg.train.block_size)
+    peak = peak_flops(cfg.train, runtime)
     if runtime.is_main:
-        (out_dir / "config.toml").write_text(to_toml(cfg))
-        (out_dir / "run_info.json").write_text(json.dumps({
+        (run.out_dir / "config.toml").write_text(to_toml(cfg))
+        (run.out_dir / "run_info.json").write_text(json.dumps({
             "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "device": str(runtime.device), "amp_dtype": str(runtime.amp_dtype), "world_size": runtime.world,
-            "params": raw_model.num_params(), "flops_per_token": flops_per_token,
-            "peak_flops": peak}, indent=2))
-    log(f"device {runtime.device} | amp {str(runtime.amp_dtype).removeprefix('torch.')} | compile {tc.compile} | "
-        f"world {runtime.world}")
-    log(f"params {raw_model.num_params():,} | micro batch {tc.micro_batch_size} x {tc.block_size} tokens | "
-        f"accumulation {accum} | {tokens_per_step:,} tokens/step | peak {peak / 1e12:.2f} TFLOP/s")
-
-    wandb_run = None
-    if tc.wandb != "off" and runtime.is_main:
+            "params": model.num_params(), "flops_per_token": flops_per_token, "peak_flops": peak}, indent=2))
+    run.runtime.log(f"device {runtime.device} | amp {str(runtime.amp_dtype).removeprefix('torch.')} | "
+            f"compile {cfg.train.compile} | world {runtime.world}")
+    run.runtime.log(f"params {model.num_params():,} | micro batch {cfg.train.micro_batch_size} x {cfg.train.block_size} "
+            f"tokens | accumulation {run.accum} | {run.tokens_per_step:,} tokens/step | peak {peak / 1e12:.2f} TFLOP/s")
+    if cfg.train.wandb != "off" and runtime.is_main:
         import wandb
         # Under `wandb agent` (WANDB_SWEEP_ID set) W&B names the runs; otherwise the folder does.
-        default_name = None if os.environ.get("WANDB_SWEEP_ID") else out_dir.name
-        wandb_run = wandb.init(project=tc.wandb_project, name=tc.wandb_run_name or default_name,
-                               group=tc.wandb_group, id=wandb_id, resume="allow", mode=tc.wandb,
-                               config=cfg.to_dict(), dir=str(out_dir))
-        wandb_id = wandb_run.id
+        default_name = None if os.environ.get("WANDB_SWEEP_ID") else run.out_dir.name
+        run.wandb_run = wandb.init(project=cfg.train.wandb_project, name=cfg.train.wandb_run_name or default_name,
+                                   group=cfg.train.wandb_group, id=run.wandb_id, resume="allow", mode=cfg.train.wandb,
+                                   config=cfg.to_dict(), dir=str(run.out_dir))
+        run.wandb_id = run.wandb_run.id
+    return flops_per_token, peak
 
-    def micro_batch(sampler: data.BatchSampler, at_step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def accumulate_gradients(run: Run) -> torch.Tensor:
+    """Forward and backward over the step's micro-batches; returns the mean loss over processes."""
+    runtime, accum = run.runtime, run.accum
+    loss_sum = torch.zeros((), device=runtime.device)
+    for micro in range(accum):
         # Each global micro-batch index (micro * world + rank) draws the same window whatever
         # the world size, so 2 processes x accumulation A equal 1 process x accumulation 2A.
-        x, y = sampler.get(at_step, micro * runtime.world + runtime.rank)
-        return x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+        x, y = run.train_batches.get(run.step, micro * runtime.world + runtime.rank)
+        x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+        sync = micro == accum - 1 or runtime.world == 1
+        with (contextlib.nullcontext() if sync else run.step_model.no_sync()), runtime.autocast():
+            _, loss = run.step_model(x, y)
+            loss = loss / accum
+        run.scaler.scale(loss).backward()
+        loss_sum += loss.detach().float()
+    if runtime.world > 1:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    return loss_sum
 
-    def save(at_step: int) -> Path:
-        state = {"step": at_step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                 "rng": rng_state(), "best_val_loss": best_val, "wandb_run_id": wandb_id or ""}
-        path = checkpoint.save(out_dir, at_step, raw_model, state, to_toml(cfg), data.tokenizer_files(dataset_dir))
-        checkpoint.prune(out_dir, tc.keep_last)
-        return path
 
-    def forward_backward(step_model: torch.nn.Module, at_step: int) -> torch.Tensor:
-        """Accumulate the gradients of one optimizer step; returns the mean loss over processes."""
-        loss_sum = torch.zeros((), device=runtime.device)
-        for micro in range(accum):
-            x, y = micro_batch(train_batches, at_step, micro)
-            sync = micro == accum - 1 or runtime.world == 1
-            with (contextlib.nullcontext() if sync else step_model.no_sync()), runtime.autocast():
-                _, loss = step_model(x, y)
-                loss = loss / accum
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach().float()
+def train_step(run: Run) -> StepResult:
+    """One optimizer step: LR, gradients, clipping, and the update unless something is not finite."""
+    tc, start = run.cfg.train, time.perf_counter()
+    lr = lr_at(run.step, tc)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    try:
+        loss = accumulate_gradients(run)
+    except Exception as e:  # compile="auto": a model dynamo cannot handle still trains, eagerly
+        if tc.compile != "auto" or run.step_model is run.model:
+            raise
+        warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); continuing eagerly")
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step_model = wrap_for_training(run.model, run.runtime)
+        loss = accumulate_gradients(run)
+    run.scaler.unscale_(run.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else
+                                               float("inf"))
+    loss_value, grad_norm_value = loss.item(), grad_norm.item()
+    # Under fp16 loss scaling an overflowing gradient is routine (the scaler skips and backs
+    # off); anywhere else a non-finite value means the step would poison the weights.
+    finite = math.isfinite(loss_value) and (run.scaler.is_enabled() or math.isfinite(grad_norm_value))
+    if finite:
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.nonfinite_streak = 0
+    else:
+        run.nonfinite_streak += 1
+        warn(f"step {run.step}: non-finite loss {loss_value} or grad norm {grad_norm_value}; "
+             f"skipping the update ({run.nonfinite_streak}/{tc.max_nonfinite_skips})")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.step += 1
+    return StepResult(loss_value, grad_norm_value, lr, finite, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """Mean loss over the same eval_iters batches of each split at every evaluation."""
+    runtime, tc = run.runtime, run.cfg.train
+    run.step_model.eval()
+    losses = {}
+    for split, sampler in (("train", run.train_batches), ("val", run.val_batches)):
+        total = torch.zeros((), device=runtime.device)
+        for i in range(tc.eval_iters):
+            x, y = sampler.get_eval(i * runtime.world + runtime.rank)
+            with runtime.autocast():
+                total += run.model(x.to(runtime.device), y.to(runtime.device))[1].float()
         if runtime.world > 1:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        return loss_sum
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        losses[split] = total.item() / tc.eval_iters
+    run.step_model.train()
+    return losses
 
-    @torch.no_grad()
-    def evaluate() -> dict[str, float]:
-        model.eval()
-        losses = {}
-        for split, sampler in (("train", train_batches), ("val", val_batches)):
-            total = torch.zeros((), device=runtime.device)
-            for i in range(tc.eval_iters):
-                x, y = sampler.get_eval(i * runtime.world + runtime.rank)
-                with runtime.autocast():
-                    total += raw_model(x.to(runtime.device), y.to(runtime.device))[1].float()
-            if runtime.world > 1:
-                dist.all_reduce(total, op=dist.ReduceOp.AVG)
-            losses[split] = total.item() / tc.eval_iters
-        model.train()
-        return losses
 
+def save_checkpoint(run: Run) -> Path:
+    state = {"step": run.step, "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+             "rng": rng_state(), "best_val_loss": run.best_val, "wandb_run_id": run.wandb_id or ""}
+    path = checkpoint.save(run.out_dir, run.step, run.model, state, to_toml(run.cfg),
+                           data.tokenizer_files(run.dataset_dir))
+    checkpoint.prune(run.out_dir, run.cfg.train.keep_last)
+    return path
+
+
+def stop_requested(run: Run, stop: StopRequest) -> bool:
+    """Whether a signal asked to stop; under torchrun every rank agrees, so all stop at one step."""
+    stopping = stop.signal is not None
+    if run.runtime.world > 1:
+        flag = torch.tensor(float(stopping), device=run.runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stopping = bool(flag.item())
+    return stopping
+
+
+def log_step(run: Run, result: StepResult, flops_per_token: int, peak: float, bar: tqdm) -> None:
+    if run.runtime.is_main:
+        tokens_per_s = run.tokens_per_step / result.seconds
+        mfu = flops_per_token * tokens_per_s / peak
+        record = {"kind": "train", "step": run.step, "loss": result.loss, "lr": result.lr,
+                  "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                  "skipped": not result.applied}
+        append_metric(run.metrics_path, record)
+        if run.wandb_run is not None:
+            run.wandb_run.log({k: v for k, v in record.items() if k not in ("kind", "step")}, step=run.step)
+        if run.step % run.cfg.train.log_interval == 0 or run.step == run.cfg.train.max_steps:
+            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                            mfu=f"{100 * mfu:.1f}%")
+    bar.update(1)
+
+
+def log_eval(run: Run, losses: dict[str, float], ckpt: Path, bar: tqdm) -> None:
+    """Record an evaluation, move the `best` pointer when val improved, redraw loss.png."""
+    if not run.runtime.is_main:
+        return
+    append_metric(run.metrics_path, {"kind": "eval", "step": run.step, "train_loss": losses["train"],
+                                     "val_loss": losses["val"]})
+    if losses["val"] < run.best_val:
+        run.best_val = losses["val"]
+        checkpoint.write_pointer(run.out_dir, "best", ckpt.name)
+    if run.wandb_run is not None:
+        run.wandb_run.log({"val_loss": losses["val"], "train_loss_eval": losses["train"]}, step=run.step)
+    plot_curves(read_metrics(run.metrics_path), run.out_dir / "loss.png")
+    bar.write(f"step {run.step}: train {losses['train']:.4f} | val {losses['val']:.4f} | best val {run.best_val:.4f}")
+
+
+def train(cfg: Config) -> int:
+    """Run the configured training; returns the process exit code."""
+    tc = cfg.train
+    run = start_run(cfg)
+    flops_per_token, peak = start_logging(run)
+    bar = tqdm(total=tc.max_steps, initial=run.step, disable=not run.runtime.is_main, dynamic_ncols=True, unit="step")
+    exit_code = 0
     with StopRequest() as stop:
-        skips = 0
-        bar = tqdm(total=tc.max_steps, initial=step, disable=not runtime.is_main, dynamic_ncols=True, unit="step")
-        model.train()
-        exit_code = 0
-        while step < tc.max_steps:
-            start = time.perf_counter()
-            lr = lr_at(step, tc)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            try:
-                loss_sum = forward_backward(model, step)
-            except Exception as e:  # compile="auto": a model dynamo cannot handle still trains, eagerly
-                if tc.compile != "auto" or model is raw_model:
-                    raise
-                warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
-                     f"continuing eagerly")
-                optimizer.zero_grad(set_to_none=True)
-                model = wrap_ddp(raw_model)
-                loss_sum = forward_backward(model, step)
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tc.grad_clip if tc.grad_clip > 0 else
-                                                       float("inf"))
-            loss_value, grad_norm_value = loss_sum.item(), grad_norm.item()
-            # Under fp16 loss scaling an overflowing gradient is routine (the scaler skips and backs
-            # off); anywhere else a non-finite value means the step would poison the weights.
-            finite = math.isfinite(loss_value) and (scaler.is_enabled() or math.isfinite(grad_norm_value))
-            if finite:
-                scaler.step(optimizer)
-                scaler.update()
-                skips = 0
-            else:
-                skips += 1
-                warn(f"step {step}: non-finite loss {loss_value} or grad norm {grad_norm_value}; "
-                     f"skipping the update ({skips}/{tc.max_nonfinite_skips})")
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            elapsed = time.perf_counter() - start
-            tokens_per_s = tokens_per_step / elapsed
-            mfu = flops_per_token * tokens_per_s / peak
-            if runtime.is_main:
-                record = {"kind": "train", "step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm_value,
-                          "tokens_per_s": tokens_per_s, "mfu": mfu, "skipped": not finite}
-                append_metric(metrics_path, record)
-                if wandb_run is not None:
-                    wandb_run.log({k: v for k, v in record.items() if k not in ("kind", "step")}, step=step)
-                if step % tc.log_interval == 0 or step == tc.max_steps:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                                    mfu=f"{100 * mfu:.1f}%")
-            bar.update(1)
-
-            if skips >= tc.max_nonfinite_skips:
-                if runtime.is_main:
-                    path = save(step)
-                    log(f"error: {skips} consecutive non-finite steps; no update was applied on them and the "
-                        f"weights in {path} are the last good state. Likely causes: learning rate too high "
-                        f"(train.lr), fp16 overflow (use bf16 or float32), or bad data.", file=sys.stderr)
+        run.step_model.train()
+        while run.step < tc.max_steps:
+            result = train_step(run)
+            log_step(run, result, flops_per_token, peak, bar)
+            if run.nonfinite_streak >= tc.max_nonfinite_skips:
+                if run.runtime.is_main:
+                    ckpt = save_checkpoint(run)
+                    print(f"error: {run.nonfinite_streak} consecutive non-finite steps; no update was applied on "
+                          f"them and the weights in {ckpt} are the last good state. Likely causes: learning rate "
+                          f"too high (train.lr), fp16 overflow (use bf16 or float32), or bad data.", file=sys.stderr)
                 exit_code = EXIT_NONFINITE
                 break
-            done = step == tc.max_steps
-            eval_now = step % tc.eval_interval == 0 or done
-            stopping = stop.signal is not None
-            if runtime.world > 1:  # a signal may land between two ranks' checks: all stop at the same step
-                flag = torch.tensor(float(stopping), device=runtime.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                stopping = bool(flag.item())
-            if stopping or eval_now or step % tc.ckpt_interval == 0:
-                if runtime.is_main:
-                    path = save(step)  # before evaluation: an eval that crashes loses nothing
+            eval_now = run.step % tc.eval_interval == 0 or run.step == tc.max_steps
+            stopping = stop_requested(run, stop)
+            if stopping or eval_now or run.step % tc.ckpt_interval == 0:
+                ckpt = save_checkpoint(run) if run.runtime.is_main else None  # before an eval that may crash
                 if stopping:
-                    log(f"\nstopped by signal {stop.signal} at step {step}; checkpoint saved, continue with --resume")
+                    run.runtime.log(f"\nstopped by signal {stop.signal} at step {run.step}; checkpoint saved, continue "
+                            f"with --resume")
                     exit_code = EXIT_INTERRUPTED
                     break
             if eval_now:
-                losses = evaluate()
-                if runtime.is_main:
-                    append_metric(metrics_path, {"kind": "eval", "step": step, "train_loss": losses["train"],
-                                                 "val_loss": losses["val"]})
-                    if losses["val"] < best_val:
-                        best_val = losses["val"]
-                        checkpoint.write_pointer(out_dir, "best", path.name)
-                    if wandb_run is not None:
-                        wandb_run.log({"val_loss": losses["val"], "train_loss_eval": losses["train"]}, step=step)
-                    plot_curves(read_metrics(metrics_path), out_dir / "loss.png")
-                    bar.write(f"step {step}: train {losses['train']:.4f} | val {losses['val']:.4f} | "
-                              f"best val {best_val:.4f}")
+                log_eval(run, evaluate(run), ckpt, bar)
     bar.close()
-    if wandb_run is not None:
-        wandb_run.finish()
-    if runtime.world > 1:
+    if run.wandb_run is not None:
+        run.wandb_run.finish()
+    if run.runtime.world > 1:
         dist.destroy_process_group()
     return exit_code
 
@@ -511,13 +597,9 @@ def expand_aliases(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    cfg = parse_cli(expand_aliases(list(sys.argv[1:] if argv is None else argv)), prog="train.py")
-    try:
-        return train(cfg)
-    except (ConfigError, data.DataError, TokenizerError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+@script
+def main(argv: list[str]) -> int:
+    return train(parse_cli(expand_aliases(argv), prog="train.py"))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import SampleConfig  # noqa: E402
-from convert import read_llama2c  # noqa: E402
+from checkpoint import read_llama2c  # noqa: E402
 from generate import compile_decode_step, generate  # noqa: E402
 from model import Llama  # noqa: E402
 from train_speed import REFERENCE as TRAINING_REFERENCE  # noqa: E402
@@ -60,7 +60,7 @@ def decode_limits(model: Llama) -> dict[str, float]:
     matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
     norms = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 1)
     context = PROMPT_LEN + NEW_TOKENS // 2
-    kv_bytes = 2 * model.cfg.n_layers * model.cfg.kv_heads * model.cfg.head_dim * context * 4
+    kv_bytes = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * context * 4
     return {"weight_bytes": 4 * (matmul_weights + norms + model.cfg.dim), "kv_bytes": kv_bytes,
             "flops": 2 * matmul_weights + 4 * model.cfg.n_layers * model.cfg.dim * context}
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import checkpoint  # noqa: E402
 from config import ModelConfig  # noqa: E402
 from model import Llama  # noqa: E402
 
@@ -44,7 +45,7 @@ def hf_model(ours: Llama, attn: str) -> torch.nn.Module:
 
     import transformers
     with tempfile.TemporaryDirectory() as tmp:
-        ours.save_pretrained(tmp)
+        checkpoint.save_hf(ours, tmp)
         return transformers.LlamaForCausalLM.from_pretrained(tmp, attn_implementation=attn)
 
 
@@ -115,7 +116,7 @@ def main() -> None:
                      "fraction_of_matmul_ceiling": round(flops_per_step / seconds / ceiling, 3),
                      "speed_vs_fastest_transformers": round(best_hf / seconds, 3)})
     print(f"\nconfig: {REFERENCE.n_layers} layers, dim {REFERENCE.dim}, {REFERENCE.n_heads} heads / "
-          f"{REFERENCE.kv_heads} KV, FFN {REFERENCE.ffn_dim}, vocab {REFERENCE.vocab_size}, batch {BATCH} x {SEQ}, "
+          f"{REFERENCE.n_kv_heads} KV, FFN {REFERENCE.ffn_dim}, vocab {REFERENCE.vocab_size}, batch {BATCH} x {SEQ}, "
           f"fp32, {torch.get_num_threads()} threads")
     print(f"step needs {flops_per_step / 1e9:.1f} GFLOP; matmul ceiling {ceiling / 1e9:.0f} GFLOP/s -> "
           f"at most {ceiling / flops_per_step * BATCH * SEQ:,.0f} tokens/s\n")

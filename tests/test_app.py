@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import app
+import checkpoint
 from config import ModelConfig, SampleConfig, ServeConfig
 from generate import detokenize, generate_text, load_for_sampling
 from model import Llama
@@ -38,7 +39,7 @@ def save_checkpoint(folder: Path, tokenizer: Tokenizer) -> Path:
     torch.manual_seed(0)
     model = Llama(ModelConfig(vocab_size=tokenizer.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                               max_seq_len=128))
-    model.save_pretrained(folder)
+    checkpoint.save_hf(model, folder)
     tokenizer.save(folder)
     return folder
 
@@ -227,7 +228,7 @@ def test_the_prompt_cap_never_exceeds_the_context(char_checkpoint):
     ({"prompt": 5}, "prompt", "prompt"),
     ({"prompt": "All:", "stream": "yes"}, "stream", "stream: input should be a valid boolean"),
     ({"prompt": "All:", "max_token": 5}, "max_token", "unknown field 'max_token'"),
-    ({"prompt": "All:", "max_tokens": -3}, "max_tokens", "max_tokens: input should be greater than or equal to 1"),
+    ({"prompt": "All:", "max_tokens": -3}, "max_tokens", "max_tokens: input should be greater than 0"),
     ({"prompt": "All:", "max_tokens": MAX_TOKENS + 1}, "max_tokens", f"more than this server's limit of {MAX_TOKENS}"),
     ({"prompt": "All:", "top_p": 2}, "top_p", "top_p: input should be less than or equal to 1, got 2"),
     ({"prompt": "All:", "n": 40}, "n", "completions per request"),

@@ -29,8 +29,8 @@ def test_toml_then_overrides(tmp_path):
     (["--train.lr=2e-4"], ("train", "lr", 2e-4)),
     (["--model.tie_embeddings", "true"], ("model", "tie_embeddings", True)),
     (["--model.tie_embeddings=False"], ("model", "tie_embeddings", False)),  # W&B agent spelling
-    (["--model.n_kv_heads", "none"], ("model", "n_kv_heads", None)),
-    (["--model.n_kv_heads=None"], ("model", "n_kv_heads", None)),
+    (["--model.n_kv_heads", "none"], ("model", "n_kv_heads", 6)),  # none = as many as n_heads
+    (["--model.n_kv_heads=None"], ("model", "n_kv_heads", 6)),
     (["--train.compile", "auto"], ("train", "compile", "auto")),
     (["--train.compile", "true"], ("train", "compile", True)),
     (["--train.batch_tokens", "1_024"], ("train", "batch_tokens", 1024)),

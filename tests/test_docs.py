@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import data
 from config import ModelConfig, SampleConfig, TrainConfig
-from convert import rope_permute
+from checkpoint import rope_permute
 from generate import apply_repetition_penalty, min_p_filter, sample_next, top_k_filter, top_p_filter
 from model import FeedForward, Llama, RMSNorm, apply_rope, reference_attention, rope_cos_sin, rope_frequencies
 from tokenizer import Tokenizer
@@ -122,21 +122,21 @@ def test_rope_layouts_agree_after_permutation():
     cos, sin = rope_cos_sin(cfg)
     hd, T = cfg.head_dim, 12
     x = torch.randn(T, cfg.dim)
-    wq_meta, wk_meta = torch.randn(cfg.n_heads * hd, cfg.dim), torch.randn(cfg.kv_heads * hd, cfg.dim)
+    wq_meta, wk_meta = torch.randn(cfg.n_heads * hd, cfg.dim), torch.randn(cfg.n_kv_heads * hd, cfg.dim)
     positions = torch.arange(T)
 
     # Meta: project, then rotate adjacent pairs. (T, heads, hd)
     q_meta = rope_adjacent_pairs((x @ wq_meta.T).view(T, cfg.n_heads, hd), positions, rope_frequencies(cfg))
-    k_meta = rope_adjacent_pairs((x @ wk_meta.T).view(T, cfg.kv_heads, hd), positions, rope_frequencies(cfg))
+    k_meta = rope_adjacent_pairs((x @ wk_meta.T).view(T, cfg.n_kv_heads, hd), positions, rope_frequencies(cfg))
     # Ours: permute the weight rows once, project, then rotate halves. (heads, T, hd)
     q_ours = apply_rope((x @ rope_permute(wq_meta, cfg.n_heads).T).view(T, cfg.n_heads, hd).transpose(0, 1), cos[:T], sin[:T])
-    k_ours = apply_rope((x @ rope_permute(wk_meta, cfg.kv_heads).T).view(T, cfg.kv_heads, hd).transpose(0, 1), cos[:T], sin[:T])
+    k_ours = apply_rope((x @ rope_permute(wk_meta, cfg.n_kv_heads).T).view(T, cfg.n_kv_heads, hd).transpose(0, 1), cos[:T], sin[:T])
 
     # The rotated vectors are the same numbers in another order: evens first, then odds...
     halves_order = torch.cat([torch.arange(0, hd, 2), torch.arange(1, hd, 2)])
     torch.testing.assert_close(q_ours, q_meta[..., halves_order].transpose(0, 1), atol=1e-4, rtol=1e-4)
     # ...so every attention score (a dot product, blind to the order) is identical.
-    rep = cfg.n_heads // cfg.kv_heads
+    rep = cfg.n_heads // cfg.n_kv_heads
     scores_meta = torch.einsum("qhd,khd->hqk", q_meta, k_meta.repeat_interleave(rep, dim=1))
     scores_ours = q_ours @ k_ours.repeat_interleave(rep, dim=0).transpose(-2, -1)
     torch.testing.assert_close(scores_ours, scores_meta, atol=1e-3, rtol=1e-4)
@@ -232,7 +232,7 @@ def test_swiglu_hidden_size_and_parameters():
 def test_parameter_count_adds_up():
     model = small_reference_model()
     c = model.cfg
-    attention = c.dim * c.n_heads * c.head_dim * 2 + c.dim * c.kv_heads * c.head_dim * 2
+    attention = c.dim * c.n_heads * c.head_dim * 2 + c.dim * c.n_kv_heads * c.head_dim * 2
     per_layer = attention + 3 * c.dim * c.ffn_dim + 2 * c.dim
     assert model.num_params() == 2 * c.vocab_size * c.dim + c.n_layers * per_layer + c.dim == 755_328
 

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from checkpoint import load_hf, save_hf
 from config import ConfigError, ModelConfig
 from model import KVCache, Llama, RMSNorm, causal_mask, reference_attention
 
@@ -45,7 +46,7 @@ def hf_config(**kw) -> "transformers.LlamaConfig":
                         "original_max_position_embeddings": cfg.rope_original_max_seq_len}
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
         max_position_embeddings=64, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
         rope_scaling=rope_scaling, tie_word_embeddings=cfg.tie_embeddings)
 
@@ -58,7 +59,7 @@ def tokens(vocab_size: int, batch: int = 2, length: int = 48, seed: int = 1) -> 
 def test_ours_to_transformers(name, tmp_path):
     kw = PARITY_CONFIGS[name]
     ours = make_model(**kw)
-    ours.save_pretrained(tmp_path)
+    save_hf(ours, tmp_path)
     theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     x = tokens(kw["vocab_size"])
     with torch.no_grad():
@@ -77,7 +78,7 @@ def test_transformers_to_ours(name, tmp_path):
     # A tiny shard size forces the sharded layout (model.safetensors.index.json + several files).
     theirs.save_pretrained(tmp_path, max_shard_size="20KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
-    ours = Llama.from_pretrained(tmp_path)
+    ours = load_hf(tmp_path)
     assert ours.cfg.tie_embeddings == kw.get("tie_embeddings", False)
     if ours.cfg.tie_embeddings:
         assert ours.lm_head.weight is ours.embed_tokens.weight
@@ -89,7 +90,7 @@ def test_transformers_to_ours(name, tmp_path):
 
 def test_training_loss_matches_transformers(tmp_path):
     ours = make_model(**PARITY_CONFIGS["gqa_untied"])
-    ours.save_pretrained(tmp_path)
+    save_hf(ours, tmp_path)
     theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
     x = tokens(67, length=33)
     _, loss = ours(x[:, :-1], x[:, 1:])
@@ -99,11 +100,11 @@ def test_training_loss_matches_transformers(tmp_path):
 
 
 def test_saved_config_is_plain_json(tmp_path):
-    make_model(**PARITY_CONFIGS["llama31_rope"]).save_pretrained(tmp_path)
+    save_hf(make_model(**PARITY_CONFIGS["llama31_rope"]), tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["num_key_value_heads"] == 2 and saved["rope_scaling"]["rope_type"] == "llama3"
     original = make_model(**PARITY_CONFIGS["llama31_rope"]).cfg
-    assert Llama.from_pretrained(tmp_path).cfg == dataclasses.replace(original, hidden_dim=original.ffn_dim)
+    assert load_hf(tmp_path).cfg == dataclasses.replace(original, hidden_dim=original.ffn_dim)
 
 
 # --- components against torch's own ---------------------------------------------------------
@@ -201,14 +202,14 @@ def test_init_scales_residual_projections():
 
 def test_from_pretrained_errors(tmp_path):
     with pytest.raises(ConfigError, match="has no config.json"):
-        Llama.from_pretrained(tmp_path)
+        load_hf(tmp_path)
     hf_config(**PARITY_CONFIGS["gqa_untied"]).save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="has no model.safetensors"):
-        Llama.from_pretrained(tmp_path)
+        load_hf(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(ConfigError, match="only pickled pytorch_model.bin"):
-        Llama.from_pretrained(tmp_path)
+        load_hf(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
     with pytest.raises(ConfigError, match="only 'llama' is supported"):
-        Llama.from_pretrained(tmp_path)
+        load_hf(tmp_path)

@@ -164,7 +164,7 @@ def test_wandb_agent_command_line_trains(data_dir, tmp_path):
                            "--train.lr=0.001", "--model.tie_embeddings=True", "--model.n_kv_heads=None"))
     assert result.returncode == 0, result.stderr
     cfg = build_config(load_toml(tmp_path / "config.toml"))
-    assert cfg.train.lr == 0.001 and cfg.model.tie_embeddings is True and cfg.model.n_kv_heads is None
+    assert cfg.train.lr == 0.001 and cfg.model.tie_embeddings is True and cfg.model.n_kv_heads == cfg.model.n_heads
 
 
 # --- bad input: one line each, before any trial starts ------------------------------------------

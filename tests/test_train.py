@@ -103,7 +103,7 @@ def test_checkpoint_loads_in_transformers(data_dir, tmp_path):
     ckpt = checkpoint.resolve(tmp_path)
     assert (tmp_path / "loss.png").stat().st_size > 1000
     assert (ckpt / "tokenizer.json").is_file()
-    ours = Llama.from_pretrained(ckpt)
+    ours = checkpoint.load_hf(ckpt)
     theirs = transformers.LlamaForCausalLM.from_pretrained(ckpt).eval()
     x = torch.randint(0, 64, (2, 16))
     with torch.no_grad():
@@ -147,7 +147,7 @@ def test_nonfinite_steps_are_skipped_then_stop(data_dir, tmp_path, monkeypatch, 
     records = [m for m in train.read_metrics(tmp_path / "metrics.jsonl") if m["kind"] == "train"]
     assert [m["skipped"] for m in records] == [False, True, True, False, False, False, True, True, True]
     assert "3 consecutive non-finite steps" in capsys.readouterr().err
-    saved = Llama.from_pretrained(checkpoint.resolve(tmp_path))
+    saved = checkpoint.load_hf(checkpoint.resolve(tmp_path))
     assert all(torch.isfinite(p).all() for p in saved.parameters())
 
 
@@ -238,7 +238,7 @@ def test_init_from_a_hugging_face_folder(data_dir, tmp_path):
 
     torch.manual_seed(3)
     pretrained = Llama(ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=1, max_seq_len=64))
-    pretrained.save_pretrained(tmp_path / "hf")
+    checkpoint.save_hf(pretrained, tmp_path / "hf")
     result = run_cli(*args(data_dir, tmp_path / "run", "--train.max_steps", "2", "--train.eval_interval", "2",
                            "--init_from", str(tmp_path / "hf")))
     assert result.returncode == 0, result.stderr
@@ -247,6 +247,6 @@ def test_init_from_a_hugging_face_folder(data_dir, tmp_path):
     sampler = data.BatchSampler(data.open_split(data_dir / "tiny", "train"), block_size=32, batch_size=4, seed=1337)
     x, y = sampler.get(0, 0)
     with torch.no_grad():
-        expected = Llama.from_pretrained(tmp_path / "hf", max_seq_len=32)(x, y)[1].item()
+        expected = checkpoint.load_hf(tmp_path / "hf", max_seq_len=32)(x, y)[1].item()
     assert train_losses(tmp_path / "run")[0] == pytest.approx(expected, abs=1e-5)
-    assert Llama.from_pretrained(checkpoint.resolve(tmp_path / "run")).cfg.kv_heads == 1
+    assert checkpoint.load_hf(checkpoint.resolve(tmp_path / "run")).cfg.n_kv_heads == 1
