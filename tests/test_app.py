@@ -6,6 +6,7 @@ saved with its own tokenizer (char level for the API tests, BPE for the browser 
 (`--eos none`) so that every completion runs to its max_tokens whatever the random weights say."""
 
 import asyncio
+import dataclasses
 import concurrent.futures
 import json
 import os
@@ -23,7 +24,7 @@ import torch
 
 import app
 import checkpoint
-from config import ModelConfig, SampleConfig, ServeConfig
+from config import ConfigError, ModelConfig, SampleConfig, ServeConfig, bounds_of
 from generate import detokenize, generate_text, load_for_sampling
 from model import Llama
 from tokenizer import Tokenizer
@@ -217,6 +218,56 @@ def test_the_prompt_cap_never_exceeds_the_context(char_checkpoint):
     assert e.value.param == "prompt"
 
 
+# --- one declaration per sampling knob ------------------------------------------------------
+
+
+def cli_accepts(key: str, value: float) -> bool:
+    try:
+        dataclasses.replace(SampleConfig(), **{key: value}).validate()
+        return True
+    except ConfigError:
+        return False
+
+
+def api_accepts(field: str, value: float) -> bool:
+    try:
+        app.CompletionRequest.model_validate({"model": "m", "prompt": "x", field: value})
+        return True
+    except app.pydantic.ValidationError:
+        return False
+
+
+def test_cli_api_and_demo_agree_on_every_knob(char_checkpoint):
+    """SampleConfig declares each knob's range once: the command line, the OpenAI schema and the
+    demo's controls must all take exactly that range."""
+    serve = ServeConfig(max_tokens=300)
+    engine = app.Engine(SampleConfig(checkpoint=str(char_checkpoint)), serve)
+    controls = {block.elem_id: block for block in app.build_demo(engine, serve).blocks.values()
+                if getattr(block, "elem_id", None)}
+    integer = {"max_new_tokens", "num_samples", "seed", "top_k"}
+    for field, key in app.API_KNOBS.items():
+        b = bounds_of(SampleConfig, key)
+        ends = [e for e in (b.ge, b.gt, b.le, b.lt) if e is not None]
+        nudge = 1 if key in integer else 1e-6
+        probes = {v for e in ends for v in (e - nudge, e, e + nudge)} | {nudge, -nudge}
+        if key not in integer:
+            probes |= {float("inf"), float("-inf"), float("nan")}
+        for value in probes:
+            value = int(value) if key in integer else float(value)
+            assert cli_accepts(key, value) == api_accepts(field, value), (field, value)
+        if key in controls:  # the control spans the declared range (an open end one step in)
+            control = controls[key]
+            assert cli_accepts(key, control.minimum) and cli_accepts(key, control.maximum), key
+            step = getattr(control, "step", 1)
+            if b.ge is not None or b.gt is not None:
+                assert not cli_accepts(key, control.minimum - step), key
+            if b.le is not None or b.lt is not None:
+                assert not cli_accepts(key, control.maximum + step), key
+    assert set(controls) >= {"temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens", "seed"}
+    assert controls["top_k"].maximum == engine.model.cfg.vocab_size
+    assert controls["max_new_tokens"].maximum == serve.max_tokens
+
+
 # --- bad requests ---------------------------------------------------------------------------
 
 
@@ -238,6 +289,9 @@ def test_the_prompt_cap_never_exceeds_the_context(char_checkpoint):
     ({"prompt": [1, 2, 999]}, "prompt", "token id 999 is outside the vocabulary"),
     ({"prompt": []}, "prompt", "prompt is an empty list"),
     ({"prompt": "All:", "stop": ["a", "b", "c", "d", "e"]}, "stop", "up to 4"),
+    ({"prompt": "All:", "seed": 2**70}, "seed", "seed: input should be less than or equal to"),
+    ({"prompt": "All:", "seed": -1}, "seed", "seed: input should be greater than or equal to 0"),
+    ({"prompt": "All:", "temperature": 5}, "temperature", "temperature: input should be less than or equal to 2"),
 ])
 def test_bad_requests_get_a_400_naming_the_field(server, char_checkpoint, body, param, message):
     if isinstance(body, dict):

@@ -1,0 +1,199 @@
+"""The README and bench/README.md are runnable: every command in their ```bash blocks runs.
+
+A command cannot do its real work here (train, download, serve), so each runs in the form that
+checks everything but the work: train.py, model.py, generate.py, app.py and prepare_data.py take
+the same arguments plus --print-config (config.parse_cli validates the TOML file and every override,
+prints the resolved config and exits 0); sweep.py runs with --dry-run (which builds and validates
+every trial, in a scratch folder holding a tiny prepared dataset, since it checks each trial's
+data); convert.py and the benchmarks with --help. The install, quickstart and test-suite lines are
+CI's own steps (.ci/run) and are skipped by name, so a command of any other form fails here until
+this file learns how to check it. The ```python blocks must compile, and every relative
+link must point at a file that exists (and, with an #anchor, at a heading of that file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", ROOT / "bench" / "README.md"]
+LINKED_PAGES = PAGES + sorted((ROOT / "docs").glob("*.md"))
+
+# The exact line CI's .ci/run executes as "the README's test command".
+TEST_COMMAND = ("python3 -m venv .venv && .venv/bin/pip install -r requirements-dev.txt "
+                "&& .venv/bin/python -m pytest")
+CONFIG_SCRIPTS = {"train.py", "model.py", "generate.py", "app.py", "prepare_data.py"}
+HELP_SCRIPTS = {"convert.py", "bench/train_speed.py", "bench/generate_speed.py", "bench/prepare_speed.py"}
+# Forms run by CI itself (.ci/run) or feeding another command's stdin: skipped, but only these.
+SKIPPED_FORMS = {"quickstart", "pip install", "test command", "stdin feeder"}
+FENCE_LANGUAGES = {"bash", "python", "text", "yaml", "toml", ""}  # a ```sh block would escape the checks
+
+
+def fenced_blocks(page: Path) -> list[tuple[str, str]]:
+    """(language, body) of every ``` block of a markdown page."""
+    return re.findall(r"^```(\S*)\n(.*?)^```", page.read_text(), flags=re.S | re.M)
+
+
+def command_lines(page: Path) -> list[str]:
+    """Every command line of the page's ```bash blocks, continuations joined, blanks and comment-only
+    lines dropped (parse one with words())."""
+    lines = []
+    for language, body in fenced_blocks(page):
+        if language == "bash":
+            lines += [line.strip() for line in body.replace("\\\n", " ").splitlines() if words(line)]
+    return lines
+
+
+def words(line: str) -> list[str]:
+    """A command line as the shell splits it, its comment dropped."""
+    return shlex.split(line, comments=True)
+
+
+def segments(argv: list[str]) -> list[list[str]]:
+    """A command line cut at |, && and ; into the commands it runs."""
+    parts: list[list[str]] = [[]]
+    for word in argv:
+        if word in ("|", "&&", ";"):
+            parts.append([])
+        else:
+            parts[-1].append(word)
+    return [p for p in parts if p]
+
+
+def classify(line: str) -> list[tuple[str, list[str] | None]]:
+    """(form, argv to run or None when skipped) for each command of a line; form 'unknown' fails."""
+    if words(line) == words(TEST_COMMAND):
+        return [("test command", None)]
+    out = []
+    parts = segments(words(line))
+    for i, argv in enumerate(parts):
+        while argv and (argv[0] == "time" or re.fullmatch(r"[A-Za-z_]\w*=.*", argv[0])):
+            argv = argv[1:]  # `time ...`, `VAR=value ...`
+        if not argv:
+            out.append(("unknown", None))
+            continue
+        head, rest = argv[0], argv[1:]
+        if head == "bash" and rest[:1] == ["quickstart.sh"]:
+            out.append(("quickstart", None))
+        elif head == "pip" and rest[:1] == ["install"]:
+            out.append(("pip install", None))
+        elif head == "echo" and i + 1 < len(parts):
+            out.append(("stdin feeder", None))
+        elif head in ("python", "python3") and rest and rest[0].endswith(".py"):
+            out.append(script_check(rest[0], rest[1:]))
+        elif head == "torchrun":
+            script = next((j for j, w in enumerate(rest) if w.endswith(".py")), None)
+            out.append(("unknown", None) if script is None else script_check(rest[script], rest[script + 1:]))
+        else:
+            out.append(("unknown", None))
+    return out
+
+
+def script_check(script: str, args: list[str]) -> tuple[str, list[str] | None]:
+    if script in CONFIG_SCRIPTS:
+        extra = [] if {"--help", "-h", "--print-config"} & set(args) else ["--print-config"]
+        return "config script", [script, *args, *extra]
+    if script == "sweep.py":
+        return "sweep", [script, *args, *([] if "--dry-run" in args else ["--dry-run"])]
+    if script in HELP_SCRIPTS:
+        return "help", [script, "--help"]
+    return "unknown", None
+
+
+COMMANDS = [(page, line) for page in PAGES for line in command_lines(page)]
+RUNS = [(page, line, argv, form) for page, line in COMMANDS for form, argv in classify(line) if argv is not None]
+
+
+def _id(page: Path, line: str) -> str:
+    shown = re.split(r"\s+#", line)[0]  # the comment cut, for display
+    return f"{page.relative_to(ROOT)}: {shown[:80]}"
+
+
+def test_every_command_has_a_known_form():
+    unknown = [_id(page, line) for page, line in COMMANDS if any(f == "unknown" for f, _ in classify(line))]
+    assert not unknown, f"commands this test cannot check (teach classify() their form): {unknown}"
+    skipped = {form for _, line in COMMANDS for form, argv in classify(line) if argv is None}
+    assert skipped <= SKIPPED_FORMS, f"new skipped forms {skipped - SKIPPED_FORMS}: check them here instead"
+    assert {"quickstart", "test command"} <= skipped, "the README lost one of its two commands"
+
+
+def test_readme_holds_the_test_command_ci_runs():
+    assert words(TEST_COMMAND) in [words(line) for line in command_lines(ROOT / "README.md")]
+    assert TEST_COMMAND in (ROOT / ".ci" / "run").read_text()
+
+
+def test_only_known_fence_languages():
+    for page in PAGES:
+        for language, _ in fenced_blocks(page):
+            assert language in FENCE_LANGUAGES, f"{page.name}: a ```{language} block is neither run nor compiled here"
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tmp_path_factory) -> Path:
+    """A working folder for sweep.py --dry-run, which checks that each trial's data exists: the
+    repo's configs and a tiny shakespeare_char dataset prepared from a few lines of text."""
+    work = tmp_path_factory.mktemp("sweep")
+    (work / "configs").symlink_to(ROOT / "configs")
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 60
+    (work / "tiny.txt").write_text(text)
+    sha = hashlib.sha256(text.encode()).hexdigest()
+    subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--data.dataset", "shakespeare_char",
+                    "--data.source", "tiny.txt", "--data.sha256", sha, "--data.workers", "1"],
+                   cwd=work, check=True, capture_output=True, timeout=120)
+    return work
+
+
+@pytest.mark.parametrize("page, line, argv, form", RUNS, ids=[_id(p, line) for p, line, _, _ in RUNS])
+def test_command_runs(page, line, argv, form, request):
+    # sweep.py reads its data folder relative to the working directory: a prepared stand-in there.
+    cwd = request.getfixturevalue("sweep_dir") if form == "sweep" else ROOT
+    if form == "sweep":
+        argv = [str(ROOT / argv[0]), *argv[1:]]
+    result = subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL, timeout=120)
+    assert result.returncode == 0, f"{shlex.join(argv)} exited {result.returncode}:\n{result.stderr[-2000:]}"
+    if "--print-config" in argv:
+        assert tomllib.loads(result.stdout), "--print-config printed no config"
+
+
+def test_python_blocks_compile():
+    blocks = [(page, body) for page in PAGES for language, body in fenced_blocks(page) if language == "python"]
+    assert blocks
+    for page, body in blocks:
+        compile(body, str(page.relative_to(ROOT)), "exec")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def broken_links(page: Path) -> list[str]:
+    """The relative links of a page whose file, or #heading in a markdown file, does not exist."""
+    broken = []
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)  # links in code are code
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve()
+        if not file.exists():
+            broken.append(f"{page.name} -> {target}")
+        elif anchor and file.suffix == ".md":
+            anchors = {_slug(h) for h in re.findall(r"^#+ (.*)$", file.read_text(), flags=re.M)}
+            if anchor not in anchors:
+                broken.append(f"{page.name} -> {target} (no such heading)")
+    return broken
+
+
+@pytest.mark.parametrize("page", LINKED_PAGES, ids=[str(p.relative_to(ROOT)) for p in LINKED_PAGES])
+def test_relative_links_resolve(page):
+    assert not broken_links(page)
