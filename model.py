@@ -291,7 +291,7 @@ class Llama(nn.Module):
         floats; over the transposed one it streams long rows of `out` floats and reads memory
         faster (bench/generate_speed.py runs both layouts). Narrowing projections are
         already faster as they are. Meant for inference; the math and the parameter names do
-        not change, and save_pretrained writes the standard layout.
+        not change, and checkpoint.save_hf writes the standard layout.
         """
         for module in self.modules():
             if isinstance(module, nn.Linear) and module.out_features > module.in_features:

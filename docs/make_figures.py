@@ -233,8 +233,8 @@ def fig_kv_cache_memory() -> None:
     cfg = ModelConfig(**LLAMA3_8B)
     contexts = torch.arange(0, 131072 + 1, 1024)
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for kv_heads, name in ((32, "MHA (32 KV heads)"), (8, "GQA (8 KV heads, Llama 3 8B)"), (1, "MQA (1 KV head)")):
-        gib = [kv_cache_bytes(cfg.n_layers, kv_heads, cfg.head_dim, int(t), 1, 2) / 2**30 for t in contexts]
+    for n_kv_heads, name in ((32, "MHA (32 KV heads)"), (8, "GQA (8 KV heads, Llama 3 8B)"), (1, "MQA (1 KV head)")):
+        gib = [kv_cache_bytes(cfg.n_layers, n_kv_heads, cfg.head_dim, int(t), 1, 2) / 2**30 for t in contexts]
         ax.plot(contexts / 1024, gib, label=name)
     with torch.device("meta"):
         weights_gib = Llama(cfg).num_params() * 2 / 2**30

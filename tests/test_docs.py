@@ -160,16 +160,16 @@ def test_llama31_scaling_as_quoted():
 # --- attention.md and kv_cache.md -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kv_heads", [32, 8, 1])
-def test_kv_cache_buffers_follow_the_formula(kv_heads):
-    cfg = ModelConfig(**{**figures.LLAMA3_8B, "n_kv_heads": kv_heads})
+@pytest.mark.parametrize("n_kv_heads", [32, 8, 1])
+def test_kv_cache_buffers_follow_the_formula(n_kv_heads):
+    cfg = ModelConfig(**{**figures.LLAMA3_8B, "n_kv_heads": n_kv_heads})
     with torch.device("meta"):  # real shapes and dtypes, no memory
         model = Llama(cfg)
     model.setup_cache(batch_size=1, dtype=torch.bfloat16)
     buffers = sum(b.numel() * b.element_size() for layer in model.layers for b in layer.self_attn.cache.buffers())
-    assert buffers == figures.kv_cache_bytes(32, kv_heads, 128, 8192, 1, 2)
-    assert buffers == {32: 4 * GiB, 8: 1 * GiB, 1: 128 * MiB}[kv_heads]
-    assert buffers // 8192 == {32: 512 * KiB, 8: 128 * KiB, 1: 16 * KiB}[kv_heads]  # per token
+    assert buffers == figures.kv_cache_bytes(32, n_kv_heads, 128, 8192, 1, 2)
+    assert buffers == {32: 4 * GiB, 8: 1 * GiB, 1: 128 * MiB}[n_kv_heads]
+    assert buffers // 8192 == {32: 512 * KiB, 8: 128 * KiB, 1: 16 * KiB}[n_kv_heads]  # per token
 
 
 def test_llama3_8b_shape_as_quoted():

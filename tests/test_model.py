@@ -200,7 +200,7 @@ def test_init_scales_residual_projections():
 # --- loading errors ---------------------------------------------------------------------------
 
 
-def test_from_pretrained_errors(tmp_path):
+def test_load_hf_errors(tmp_path):
     with pytest.raises(ConfigError, match="has no config.json"):
         load_hf(tmp_path)
     hf_config(**PARITY_CONFIGS["gqa_untied"]).save_pretrained(tmp_path)
