@@ -35,7 +35,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from config import ConfigError, ModelConfig, UserError
+from config import ConfigError, ModelConfig, UserError, load_json
 from model import Llama
 
 MARKER = "COMPLETE"
@@ -112,12 +112,15 @@ def verify(path: str | Path) -> dict[str, Any]:
     marker = path / MARKER
     if not marker.is_file():
         raise ConfigError(f"checkpoint {path} is incomplete (no {MARKER} marker): it was interrupted while "
-                          f"saving; resume from an earlier one")
-    info = json.loads(marker.read_text())
+                          f"saving; use an earlier one")
+    info = load_json(marker)
+    if not isinstance(info.get("sha256"), dict):
+        raise ConfigError(f"checkpoint {path} is corrupt: its {MARKER} marker lists no file hashes; use an "
+                          f"earlier checkpoint")
     for file, expected in info["sha256"].items():
         if not (path / file).is_file() or _sha256(path / file) != expected:
             raise ConfigError(f"checkpoint {path} is corrupt: {file} does not match its recorded sha256; "
-                              f"resume from an earlier checkpoint")
+                              f"use an earlier checkpoint")
     return info
 
 
@@ -155,7 +158,8 @@ def prune(out_dir: str | Path, keep_last: int) -> None:
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
                max_seq_len: int | None = None) -> tuple[Llama, Path | None]:
     """Any checkpoint we can run, and the folder it came from (None for a llama2.c .bin): a run
-    folder (its latest checkpoint), a checkpoint folder or a Hugging Face Llama folder."""
+    folder (its latest checkpoint), a checkpoint folder or a Hugging Face Llama folder. One of
+    our checkpoints is verified against its COMPLETE marker first."""
     path = Path(path)
     if path.is_file():
         return read_llama2c(path, dtype, max_seq_len), None
@@ -163,6 +167,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
         raise ConfigError(f"checkpoint {path} does not exist: give a checkpoint or run folder, a Hugging Face "
                           f"Llama folder or a llama2.c .bin file")
     folder = resolve(path)
+    if (folder / MARKER).exists():
+        verify(folder)
     return load_hf(folder, dtype, max_seq_len), folder
 
 
@@ -177,13 +183,17 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, max_seq_len: i
         cfg.max_seq_len = max_seq_len
     state = read_hf_weights(path)
     with torch.device("meta"):
-        expected = set(Llama(cfg).state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+        shapes = {k: tuple(v.shape) for k, v in Llama(cfg).state_dict().items()}
+    expected = set(shapes) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
     if missing := sorted(expected - set(state)):
         raise ConfigError(f"{path} has no weights for {missing[0]} (and {len(missing) - 1} more): "
                           f"is it a complete Llama checkpoint?")
     if unexpected := sorted(set(state) - expected - {"lm_head.weight"}):
         raise ConfigError(f"{path} has weights this architecture lacks, e.g. {unexpected[0]}: "
                           f"it is not a plain Llama model")
+    if wrong := next((k for k in sorted(expected) if tuple(state[k].shape) != shapes[k]), None):
+        raise ConfigError(f"{path}: {wrong} has shape {tuple(state[wrong].shape)} but config.json implies "
+                          f"{shapes[wrong]}: the config and the weights disagree")
     return Llama.from_state_dict(cfg, state, dtype)
 
 
@@ -225,7 +235,7 @@ def read_hf_config(path: str | Path) -> ModelConfig:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise ConfigError(f"{path} has no config.json: point at a Hugging Face model folder")
-    hf = json.loads(file.read_text())
+    hf = load_json(file)
     if hf.get("model_type") != "llama":
         raise ConfigError(f"{file} describes model_type={hf.get('model_type')!r}; only 'llama' is supported")
     for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
@@ -236,6 +246,9 @@ def read_hf_config(path: str | Path) -> ModelConfig:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
         raise ConfigError(f"{file} uses rope_type={rope_type!r}; supported: default, llama3")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if not isinstance(hf.get(key), int) or isinstance(hf[key], bool):
+            raise ConfigError(f"{file} needs an integer {key}, found {hf.get(key)!r}")
     cfg = ModelConfig(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
@@ -253,7 +266,10 @@ def read_hf_config(path: str | Path) -> ModelConfig:
     if hf.get("head_dim") not in (None, cfg.head_dim):
         raise ConfigError(f"{file} sets head_dim={hf['head_dim']} but hidden_size/num_attention_heads="
                           f"{cfg.head_dim}; decoupled head sizes are not supported")
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{file} describes a model we cannot build: {e}") from None
     return cfg
 
 
@@ -262,7 +278,10 @@ def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = load_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConfigError(f"{index} has no weight_map: restore the file or re-save the model")
+        files = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     elif any(path.glob("pytorch_model*.bin")):
@@ -272,7 +291,12 @@ def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{path} has no model.safetensors or model.safetensors.index.json")
     state = {}
     for name in files:
-        for key, tensor in safetensors.torch.load_file(str(path / name)).items():
+        try:
+            tensors = safetensors.torch.load_file(str(path / name))
+        except (safetensors.SafetensorError, OSError) as e:
+            raise ConfigError(f"{path / name} cannot be read ({e}): the file is truncated or corrupt; "
+                              f"download or copy it again") from None
+        for key, tensor in tensors.items():
             if key.endswith("rotary_emb.inv_freq"):  # a buffer older exports saved; we recompute it
                 continue
             state[key.removeprefix("model.")] = tensor

@@ -437,6 +437,18 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML: {e}") from None
 
 
+def load_json(path: str | Path) -> dict[str, Any]:
+    """A JSON object from a file, or a ConfigError that names the file and what is wrong."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}): restore the file or re-create it") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} holds a JSON {type(value).__name__}, not the object it should")
+    return value
+
+
 def build_config(toml_data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults, then the TOML tables, then `--section.key value` overrides; validated."""
     cfg = Config()

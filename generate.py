@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
-from config import ConfigError, SampleConfig, expand_short_flags, parse_cli, script
+from config import ConfigError, SampleConfig, expand_short_flags, load_json, parse_cli, script
 from model import Llama
 from tokenizer import Tokenizer
 
@@ -261,7 +261,7 @@ def special_token_ids(folder: Path | None, tokenizer) -> tuple[int | None, list[
     found: dict[str, typing.Any] = {}
     for name in ("config.json", "generation_config.json"):  # the later file wins
         if (folder / name).is_file():
-            found.update({k: v for k, v in json.loads((folder / name).read_text()).items() if v is not None})
+            found.update({k: v for k, v in load_json(folder / name).items() if v is not None})
     bos, eos = found.get("bos_token_id"), found.get("eos_token_id")
     if tokenizer is not None:
         def first_known(own: int | None, names: list[str]) -> int | None:

@@ -71,16 +71,7 @@ def fetch(source: str, cache_dir: Path, expected_sha256: str | None) -> Path:
     else:
         path = cache_dir / Path(source.split("?")[0]).name
         if not path.is_file():
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(path.suffix + ".part")
-            print(f"downloading {source}")
-            with urllib.request.urlopen(source) as response, tmp.open("wb") as f:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True) as bar:
-                    for block in iter(lambda: response.read(1 << 20), b""):
-                        f.write(block)
-                        bar.update(len(block))
-            tmp.rename(path)
+            download(source, path)
     actual = sha256_of(path)
     if expected_sha256 is None:
         raise data.DataError(f"{path} has no published sha256 to check; it hashes to {actual}: if you trust the "
@@ -89,6 +80,26 @@ def fetch(source: str, cache_dir: Path, expected_sha256: str | None) -> Path:
         raise data.DataError(f"checksum mismatch for {path}: expected sha256 {expected_sha256}, got {actual}; "
                              f"delete it and download again, or pass the right file")
     return path
+
+
+def download(url: str, path: Path) -> None:
+    """Stream `url` into `path` through a .part file, with a progress bar."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".part")
+    print(f"downloading {url}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, tmp.open("wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True) as bar:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    f.write(block)
+                    bar.update(len(block))
+    except OSError as e:  # URLError, HTTPError and timeouts are all OSErrors
+        tmp.unlink(missing_ok=True)
+        reason = getattr(e, "reason", None) or e.strerror or e
+        raise data.DataError(f"cannot download {url} ({reason}): fetch the file another way and pass its path "
+                             f"with --data.source PATH (the quickstart reads SHAKESPEARE_SOURCE=PATH)") from None
+    tmp.rename(path)
 
 
 def input_files(pattern: str) -> list[Path]:
@@ -105,26 +116,47 @@ def input_files(pattern: str) -> list[Path]:
 def documents(files: list[Path]) -> Iterator[str]:
     """Each document of the corpus, streamed: memory holds one document at a time."""
     for file in files:
+        lines = text_lines(file)
         if file.suffix == ".jsonl":
-            with file.open(encoding="utf-8") as f:
-                for number, line in enumerate(f, 1):
-                    if line.strip():
-                        record = json.loads(line)
-                        if not isinstance(record.get("text"), str):
-                            raise data.DataError(f"{file}:{number} has no string field 'text'")
-                        yield record["text"]
+            for number, line in lines:
+                if line.strip():
+                    yield jsonl_text(file, number, line)
             continue
         parts: list[str] = []
-        with file.open(encoding="utf-8", newline="") as f:
-            for line in f:
-                if line.strip() == DOC_SEPARATOR:
-                    if parts:
-                        yield "".join(parts).strip("\n")
-                    parts = []
-                else:
-                    parts.append(line)
+        for _, line in lines:
+            if line.strip() == DOC_SEPARATOR:
+                if parts:
+                    yield "".join(parts).strip("\n")
+                parts = []
+            else:
+                parts.append(line)
         if parts:
             yield "".join(parts) if not any(DOC_SEPARATOR in p for p in parts) else "".join(parts).strip("\n")
+
+
+def text_lines(file: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file; anything else is refused naming the line."""
+    number = 0
+    with file.open(encoding="utf-8", newline="") as f:
+        try:
+            for number, line in enumerate(f, 1):
+                yield number, line
+        except UnicodeDecodeError:
+            raise data.DataError(f"{file} is not UTF-8 text (an undecodable byte after line {number}): give "
+                                 f".txt or .jsonl files of UTF-8 text") from None
+
+
+def jsonl_text(file: Path, number: int, line: str) -> str:
+    """The "text" field of one .jsonl line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise data.DataError(f"{file}:{number} is not valid JSON ({e.msg}): each line must be an object like "
+                             f'{{"text": "..."}}') from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise data.DataError(f"{file}:{number} has no string field 'text': each line must be an object like "
+                             f'{{"text": "..."}}')
+    return record["text"]
 
 
 def is_multi_document(files: list[Path]) -> bool:

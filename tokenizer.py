@@ -16,7 +16,7 @@ from typing import Literal
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
-from config import UserError
+from config import UserError, load_json
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 # Llama 3's pre-tokenizer split (the same rule as GPT-4's cl100k), which llama.cpp implements:
@@ -124,8 +124,12 @@ class Tokenizer:
             raise TokenizerError(f"{folder} has no tokenizer.json: prepare the data with prepare_data.py or "
                                  f"point at a folder that has one")
         config_file = folder / "tokenizer_config.json"
-        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-        backend = HFTokenizer.from_file(str(file))
+        config = load_json(config_file) if config_file.is_file() else {}
+        try:
+            backend = HFTokenizer.from_file(str(file))
+        except Exception as e:  # the Rust library raises a bare Exception for any unreadable file
+            raise TokenizerError(f"{file} is not a tokenizer the tokenizers library can read "
+                                 f"({str(e).splitlines()[0][:200]}): restore the file") from None
         kind = config.get("nanollama_kind") or ("char" if isinstance(backend.model, models.WordLevel) else "bpe")
         return cls(backend, kind)
 

@@ -24,6 +24,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,8 @@ class Run:
     nonfinite_streak: int = 0
     wandb_id: str | None = None
     wandb_run: Any = None
+    resumed_from: Path | None = None
+    replaced: Path | None = None  # --overwrite: the previous run, kept until this one's first checkpoint
 
     @property
     def metrics_path(self) -> Path:
@@ -278,18 +281,49 @@ class StepResult:
     seconds: float
 
 
-def prepare_out_dir(cfg: Config) -> Path:
-    """Refuse to mix two runs in one folder unless asked to resume or overwrite."""
+def check_out_dir(cfg: Config) -> bool:
+    """Refuse to mix two runs in one folder unless asked to resume or overwrite; returns whether
+    a previous run must make way for this one."""
     out_dir = Path(cfg.train.out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"train.out_dir={out_dir} is a file, not a folder: pick another train.out_dir")
     holds_run = (out_dir / "metrics.jsonl").exists() or any(out_dir.glob("ckpt-*"))
-    if holds_run and cfg.train.resume is None:
-        if not cfg.train.overwrite:
-            raise ConfigError(f"out_dir {out_dir} holds another run: pass --resume to continue it or "
-                              f"--overwrite to start afresh")
-        for path in out_dir.iterdir():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if not holds_run or cfg.train.resume is not None:
+        return False
+    if not cfg.train.overwrite:
+        raise ConfigError(f"out_dir {out_dir} holds another run: pass --resume to continue it or "
+                          f"--overwrite to start afresh")
+    if replaced_path(out_dir).exists():
+        raise ConfigError(f"{replaced_path(out_dir)} holds a run an earlier --overwrite set aside and did not "
+                          f"get to delete: move it back to {out_dir} or delete it, then run again")
+    return True
+
+
+def replaced_path(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".replaced")
+
+
+def claim_out_dir(out_dir: Path, overwrite: bool) -> Path | None:
+    """Create out_dir; with `overwrite`, first move the previous run aside (returned), to be deleted
+    once this run has saved a checkpoint, or put back if it fails before that."""
+    replaced = None
+    if overwrite:
+        replaced = replaced_path(out_dir)
+        os.replace(out_dir, replaced)
     out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
+    return replaced
+
+
+@contextlib.contextmanager
+def previous_run_restored_on_failure(run: Run) -> Iterator[None]:
+    try:
+        yield
+    except BaseException:
+        if run.replaced is not None:
+            shutil.rmtree(run.out_dir)
+            os.replace(run.replaced, run.out_dir)
+            warn(f"the new run failed before its first checkpoint: the previous run is back in {run.out_dir}")
+        raise
 
 
 def check_resume_compatible(cfg: Config, ckpt: Path) -> None:
@@ -341,9 +375,7 @@ def start_run(cfg: Config) -> Run:
     """Device and processes, data, model, optimizer, and the state of a resumed run."""
     tc = cfg.train
     runtime = setup_runtime(tc)
-    out_dir = prepare_out_dir(cfg) if runtime.is_main else Path(tc.out_dir)
-    if runtime.world > 1:
-        dist.barrier()
+    out_dir, overwrite = Path(tc.out_dir), check_out_dir(cfg)
     dataset_dir = Path(cfg.data.data_dir) / cfg.data.dataset
     train_tokens, val_tokens = data.open_split(dataset_dir, "train"), data.open_split(dataset_dir, "val")
     resume_from = find_resume_checkpoint(cfg, out_dir)
@@ -354,11 +386,16 @@ def start_run(cfg: Config) -> Run:
                           tokenizer_hash=Tokenizer.load(resume_from).hash if ckpt_tokenizer else None)
     model.to(runtime.device)
     accum = accumulation_steps(tc, runtime.world)
+    # Everything is checked: only now may a previous run make way.
+    replaced = claim_out_dir(out_dir, overwrite) if runtime.is_main else None
+    if runtime.world > 1:
+        dist.barrier()
     optimizer = configure_optimizer(model, tc, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
     run = Run(cfg, runtime, out_dir, dataset_dir, model, model, optimizer, scaler,
               data.BatchSampler(train_tokens, tc.block_size, tc.micro_batch_size, tc.seed),
-              data.BatchSampler(val_tokens, tc.block_size, tc.micro_batch_size, tc.seed), accum)
+              data.BatchSampler(val_tokens, tc.block_size, tc.micro_batch_size, tc.seed), accum,
+              replaced=replaced)
     if resume_from is not None:
         restore(run, resume_from)
     run.step_model = wrap_for_training(torch.compile(model) if tc.compile is not False else model, runtime)
@@ -373,6 +410,7 @@ def restore(run: Run, ckpt: Path) -> None:
     run.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     run.step, run.best_val, run.wandb_id = state["step"], state["best_val_loss"], state["wandb_run_id"] or None
+    run.resumed_from = ckpt
     if run.runtime.is_main:  # forget what was logged after the checkpoint: those steps run again
         kept = [m for m in read_metrics(run.metrics_path) if m["step"] <= run.step]
         run.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
@@ -493,6 +531,9 @@ def save_checkpoint(run: Run) -> Path:
     path = checkpoint.save(run.out_dir, run.step, run.model, state, to_toml(run.cfg),
                            data.tokenizer_files(run.dataset_dir))
     checkpoint.prune(run.out_dir, run.cfg.train.keep_last)
+    if run.replaced is not None:  # the new run now stands on its own
+        shutil.rmtree(run.replaced)
+        run.replaced = None
     return path
 
 
@@ -537,15 +578,37 @@ def log_eval(run: Run, losses: dict[str, float], ckpt: Path, bar: tqdm) -> None:
     bar.write(f"step {run.step}: train {losses['train']:.4f} | val {losses['val']:.4f} | best val {run.best_val:.4f}")
 
 
+def redo_unrecorded_eval(run: Run, bar: tqdm) -> None:
+    """A run killed while evaluating (or stopped by a signal) saved its checkpoint but not the
+    evaluation of that step: the resumed run does it first, as the uninterrupted run did."""
+    tc = run.cfg.train
+    due = run.step % tc.eval_interval == 0 or run.step == tc.max_steps
+    recorded = any(m["kind"] == "eval" and m["step"] == run.step for m in read_metrics(run.metrics_path))
+    if run.runtime.world > 1:  # only the main process reads the records: every rank must agree
+        flag = torch.tensor(float(recorded), device=run.runtime.device)
+        dist.broadcast(flag, src=0)
+        recorded = bool(flag.item())
+    if due and not recorded:
+        log_eval(run, evaluate(run), run.resumed_from, bar)
+
+
 def train(cfg: Config) -> int:
     """Run the configured training; returns the process exit code."""
-    tc = cfg.train
     run = start_run(cfg)
+    with previous_run_restored_on_failure(run):
+        return train_loop(run)
+
+
+def train_loop(run: Run) -> int:
+    """The recipe: step, log, checkpoint, evaluate, until max_steps or a signal."""
+    tc = run.cfg.train
     flops_per_token, peak = start_logging(run)
     bar = tqdm(total=tc.max_steps, initial=run.step, disable=not run.runtime.is_main, dynamic_ncols=True, unit="step")
-    exit_code = 0
-    with StopRequest() as stop:
+    with StopRequest() as stop, bar:
+        exit_code = 0
         run.step_model.train()
+        if run.resumed_from is not None:
+            redo_unrecorded_eval(run, bar)
         while run.step < tc.max_steps:
             result = train_step(run)
             log_step(run, result, flops_per_token, peak, bar)
@@ -562,13 +625,12 @@ def train(cfg: Config) -> int:
             if stopping or eval_now or run.step % tc.ckpt_interval == 0:
                 ckpt = save_checkpoint(run) if run.runtime.is_main else None  # before an eval that may crash
                 if stopping:
-                    run.runtime.log(f"\nstopped by signal {stop.signal} at step {run.step}; checkpoint saved, continue "
-                            f"with --resume")
+                    run.runtime.log(f"\nstopped by signal {stop.signal} at step {run.step}; checkpoint saved, "
+                                    f"continue with --resume")
                     exit_code = EXIT_INTERRUPTED
                     break
             if eval_now:
                 log_eval(run, evaluate(run), ckpt, bar)
-    bar.close()
     if run.wandb_run is not None:
         run.wandb_run.finish()
     if run.runtime.world > 1:

@@ -82,6 +82,33 @@ def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, accum):
     assert len(train_losses(out)) == 30
 
 
+def test_a_run_killed_while_evaluating_redoes_that_evaluation(data_dir, tmp_path, monkeypatch):
+    """The checkpoint of step 4 is saved, then the process dies evaluating it: the resumed run
+    must record that evaluation (metrics, `best`, loss.png) as the run that never died did."""
+    common = ["--train.max_steps", "8", "--train.eval_interval", "4", "--train.ckpt_interval", "4"]
+    assert train.main(args(data_dir, tmp_path / "straight", *common)) == 0
+    real_evaluate = train.evaluate
+
+    def dies(run):
+        raise SystemExit(-9)  # as SIGKILL would: nothing after this point is recorded
+
+    monkeypatch.setattr(train, "evaluate", dies)
+    with pytest.raises(SystemExit):
+        train.main(args(data_dir, tmp_path / "killed", *common))
+    assert checkpoint.read_pointer(tmp_path / "killed", "latest") == "ckpt-000004"
+    assert not [m for m in train.read_metrics(tmp_path / "killed" / "metrics.jsonl") if m["kind"] == "eval"]
+    monkeypatch.setattr(train, "evaluate", real_evaluate)
+    assert train.main(args(data_dir, tmp_path / "killed", *common, "--resume")) == 0
+
+    def records(out: Path) -> list[dict]:
+        return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "mfu")}
+                for m in train.read_metrics(out / "metrics.jsonl")]
+
+    assert records(tmp_path / "killed") == records(tmp_path / "straight")
+    assert [m["step"] for m in records(tmp_path / "killed") if m["kind"] == "eval"] == [4, 8]
+    assert checkpoint.read_pointer(tmp_path / "killed", "best") == checkpoint.read_pointer(tmp_path / "straight", "best")
+
+
 def test_sigterm_saves_a_complete_checkpoint(data_dir, tmp_path):
     out = tmp_path / "run"
     proc = run_cli(*args(data_dir, out, "--train.max_steps", "100000", "--train.eval_interval", "100000",
