@@ -94,9 +94,10 @@ class Engine:
     """Loads a checkpoint and decodes requests on it one at a time, in arrival order."""
 
     def __init__(self, sample: SampleConfig, serve: ServeConfig):
-        self.model, self.tokenizer, self.bos, self.eos = load_for_sampling(sample)
+        loaded = load_for_sampling(sample)
+        self.model, self.tokenizer, self.bos, self.eos = loaded.model, loaded.tokenizer, loaded.bos, loaded.eos
         self.name = serve.model_name or Path(sample.checkpoint).name
-        self.context = self.model.cfg.max_seq_len
+        self.context = loaded.context  # what the model was trained on: decoding slides past it
         # A prompt must also leave room in the context for at least one new token.
         self.max_prompt_tokens = min(serve.max_prompt_tokens or self.context, self.context)
         self.defaults = sample
@@ -143,7 +144,7 @@ class Engine:
             try:
                 start = time.perf_counter()
                 for rows, texts in generate_text(self.model, job.prompts, job.cfg, self.eos, self.render, job.stops,
-                                                 live=job.live, decode_step=self.decode_step):
+                                                 live=job.live, decode_step=self.decode_step, context=self.context):
                     job.emit(Update([RowText(visible_text(text, row.finish_reason, job.stops), row.finish_reason,
                                              len(row.token_ids)) for row, text in zip(rows, texts)],
                                     time.perf_counter() - start))

@@ -73,8 +73,8 @@ def read_pointer(out_dir: Path, name: str) -> str | None:
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
-def save(out_dir: str | Path, step: int, model: torch.nn.Module, training_state: dict[str, Any],
-         config_toml: str, extra_files: list[Path] = ()) -> Path:
+def save(out_dir: str | Path, step: int, model: Llama, training_state: dict[str, Any], config_toml: str,
+         extra_files: list[Path] = (), trained_context: int | None = None) -> Path:
     """Write checkpoint `ckpt-<step>` atomically, point `latest` at it, and return its path."""
     out_dir = Path(out_dir)
     name = f"ckpt-{step:06d}"
@@ -82,7 +82,7 @@ def save(out_dir: str | Path, step: int, model: torch.nn.Module, training_state:
     shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a save that was killed
     tmp.mkdir(parents=True)
     try:
-        save_hf(model, tmp)
+        save_hf(model, tmp, trained_context)
         torch.save(training_state, tmp / STATE_FILE)
         (tmp / "config.toml").write_text(config_toml)
         for file in extra_files:
@@ -197,11 +197,16 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, max_seq_len: i
     return Llama.from_state_dict(cfg, state, dtype)
 
 
-def save_hf(model: Llama, path: str | Path) -> None:
-    """Write a folder that transformers.LlamaForCausalLM.from_pretrained loads as is."""
+def save_hf(model: Llama, path: str | Path, trained_context: int | None = None) -> None:
+    """Write a folder that transformers.LlamaForCausalLM.from_pretrained loads as is. With
+    `trained_context`, config.json also records the longest window the model was trained on
+    (sampling never goes past it; transformers keeps the key as an attribute and ignores it)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(hf_config_dict(model.cfg, model.lm_head.weight.dtype), indent=2))
+    config = hf_config_dict(model.cfg, model.lm_head.weight.dtype)
+    if trained_context is not None:
+        config[TRAINED_CONTEXT] = trained_context
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     # Tied weights are one tensor: safetensors refuses aliases, and HF re-ties on load.
     state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous()
              for k, v in model.state_dict().items()
@@ -209,6 +214,16 @@ def save_hf(model: Llama, path: str | Path) -> None:
     safetensors.torch.save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
+def trained_context(folder: str | Path) -> int | None:
+    """The longest window the folder's model was trained on, when config.json records it."""
+    value = load_json(Path(folder) / "config.json").get(TRAINED_CONTEXT)
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ConfigError(f"{Path(folder) / 'config.json'} sets {TRAINED_CONTEXT}={value!r}: it must be a "
+                          f"positive integer")
+    return value
+
+
+TRAINED_CONTEXT = "nanollama_trained_context"
 _HF_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 

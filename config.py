@@ -254,7 +254,8 @@ class SampleConfig:
     stop: str | None = _field(None, "stop string, or a JSON list of them, e.g. '[\"\\n\\n\", \"The end\"]'")
     stream: Literal["auto"] | bool = _field("auto", "print tokens as they come (auto: when stdout is a terminal)")
     json: bool = _field(False, "print one JSON object per sample: prompt, text, token ids, finish reason, tokens/s")
-    compile: bool = _field(False, "torch.compile the one-token decoding step (static shapes)")
+    compile: bool = _field(False, "torch.compile the one-token decoding step: compiling takes seconds, so it pays "
+                                  "off for long generations and servers (app.py), not for one short sample")
     device: str = _field("auto", "auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
         "auto", "weights and KV cache dtype (auto: bf16 on GPUs that support it, else fp32)")

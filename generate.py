@@ -121,26 +121,40 @@ def compile_decode_step(model: Llama) -> DecodeStep:
     return torch.compile(step, mode=mode, fullgraph=True)
 
 
+def prefill(model: Llama, windows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Read every row's window in one forward from position 0 (into the KV cache, when set up),
+    rows left-padded to the longest; returns the last position's logits and the padding counts
+    (None when no row is padded)."""
+    device, longest = model.lm_head.weight.device, max(map(len, windows))
+    padding = [longest - len(w) for w in windows]
+    tokens = torch.tensor([[0] * n + list(w) for n, w in zip(padding, windows)], device=device)
+    pad = torch.tensor(padding, device=device) if any(padding) else None
+    return model(tokens, last_only=True, pad=pad)[0][:, -1], pad
+
+
 def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, eos_ids: Sequence[int] = (), *,
-             use_cache: bool = True, decode_step: DecodeStep | None = None) -> Iterator[list[Completion]]:
+             use_cache: bool = True, decode_step: DecodeStep | None = None,
+             context: int | None = None) -> Iterator[list[Completion]]:
     """Decode cfg.num_samples samples of every prompt as one batch, yielding the rows after each step.
 
-    A row's token_ids grow by one per step until it finishes (EOS, max_new_tokens, or the end of the
-    context); a caller may end a row early by setting its finish_reason (stop strings do). Without
-    the cache every step re-reads the whole sequence (the baseline the cache is measured against);
-    `decode_step` comes from compile_decode_step.
+    A row's token_ids grow by one per step until it finishes (EOS or max_new_tokens); a caller may
+    end a row early by setting its finish_reason (stop strings do). `context` (default and at most
+    the model's max_seq_len) is the longest window the model reads: a row that reaches it slides,
+    keeping its last context // 2 tokens (all rows are read again in one forward), so no position
+    past what the model was trained on is ever used and every row still decodes as it would alone.
+    Without the cache every step re-reads
+    the whole window (the baseline the cache is measured against); `decode_step` comes from
+    compile_decode_step.
     """
     device = model.lm_head.weight.device
+    context = min(context or model.cfg.max_seq_len, model.cfg.max_seq_len)
     rows = [Completion(list(p), sample) for p in prompts for sample in range(cfg.num_samples)]
     longest = max(len(r.prompt_ids) for r in rows)
-    if longest == 0 or longest > model.cfg.max_seq_len:
-        raise ValueError(f"prompts must hold 1 to {model.cfg.max_seq_len} tokens, got {longest}")
-    n_new = min(cfg.max_new_tokens, model.cfg.max_seq_len - longest + 1)
-    padding = [longest - len(r.prompt_ids) for r in rows]
-    tokens = torch.tensor([[0] * n + r.prompt_ids for n, r in zip(padding, rows)], device=device)
-    pad = torch.tensor(padding, device=device) if any(padding) else None
+    if longest == 0 or longest > context:
+        raise ValueError(f"prompts must hold 1 to {context} tokens, got {longest}")
+    windows = [list(r.prompt_ids) for r in rows]  # what the model reads for each row now
     generators = [torch.Generator(device).manual_seed(cfg.seed + r.sample) for r in rows]
-    eos = set(eos_ids)
+    eos, n_new = set(eos_ids), cfg.max_new_tokens
     # Inference mode is entered per step, never across a yield: the caller's code between steps
     # must not run in it.
     with torch.inference_mode():
@@ -148,9 +162,10 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
         for i, r in enumerate(rows):
             seen[i, r.prompt_ids] = True
         if use_cache:
-            model.setup_cache(len(rows), max_seq_len=longest + n_new - 1)
-        logits = model(tokens, last_only=True, pad=pad)[0][:, -1]
-        position = torch.tensor(longest, device=device)
+            model.setup_cache(len(rows), max_seq_len=min(context, longest + n_new - 1))
+        logits, pad = prefill(model, windows)
+        length = longest  # slots of the window in use; the next token goes to slot `length`
+        position = torch.tensor(length, device=device)  # the same, for the compiled step
     try:
         for step in range(n_new):
             with torch.inference_mode():
@@ -168,21 +183,30 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
                 break
             with torch.inference_mode():
                 seen.scatter_(1, next_tokens[:, None], True)
-                if not use_cache:
-                    tokens = torch.cat([tokens, next_tokens[:, None]], dim=1)
-                    logits = model(tokens, last_only=True, pad=pad)[0][:, -1]
+                for window, token in zip(windows, emitted):
+                    window.append(token)
+                slide = length == context  # the longest rows are full: each of them keeps its last half
+                if slide:
+                    windows = [w[-max(1, context // 2):] if len(w) > context else w for w in windows]
+                if slide or not use_cache:
+                    logits, pad = prefill(model, windows)
+                    length = max(map(len, windows))
+                    position.fill_(length)
                 elif decode_step is not None:
                     logits = decode_step(next_tokens[:, None], position, pad)
                     position += 1
+                    length += 1
                 else:
-                    logits = model(next_tokens[:, None], start_pos=longest + step, last_only=True, pad=pad)[0][:, -1]
+                    logits = model(next_tokens[:, None], start_pos=length, last_only=True, pad=pad)[0][:, -1]
+                    length += 1
     finally:
         model.clear_cache()
 
 
 def generate_text(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, eos_ids: Sequence[int],
                   render: Callable[[list[int]], str], stops: Sequence[str] = (), *, live: bool = True,
-                  decode_step: DecodeStep | None = None) -> Iterator[tuple[list[Completion], list[str]]]:
+                  decode_step: DecodeStep | None = None,
+                  context: int | None = None) -> Iterator[tuple[list[Completion], list[str]]]:
     """generate() with each row's text, yielded as (rows, texts) after every step.
 
     A row's text is rendered after every step when `live` or when stop strings must be watched, else
@@ -191,7 +215,7 @@ def generate_text(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleCon
     """
     texts = [""] * (len(prompts) * cfg.num_samples)
     done: set[int] = set()
-    for rows in generate(model, prompts, cfg, eos_ids, decode_step=decode_step):
+    for rows in generate(model, prompts, cfg, eos_ids, decode_step=decode_step, context=context):
         for i, row in enumerate(rows):
             if i in done or not (live or stops or row.finish_reason):
                 continue
@@ -225,9 +249,18 @@ def visible_text(text: str, finish_reason: str | None, stops: Sequence[str]) -> 
 # Tokenizer and special tokens
 
 
-def load_for_sampling(cfg: SampleConfig) -> tuple[Llama, Tokenizer | None, int | None, list[int]]:
-    """cfg.checkpoint's model on cfg's device and dtype in eval mode, its tokenizer (None when it
-    has none), its BOS id and its EOS ids (cfg.eos, when set, replaces the checkpoint's)."""
+@dataclasses.dataclass
+class Loaded:
+    """A checkpoint ready to sample from."""
+    model: Llama  # on the configured device and dtype, in eval mode
+    tokenizer: Tokenizer | None  # None: the checkpoint has none (prompts are token ids)
+    bos: int | None
+    eos: list[int]  # cfg.eos, when set, replaces the checkpoint's
+    context: int  # the longest window to decode over: what the model was trained on, when recorded
+
+
+def load_for_sampling(cfg: SampleConfig) -> Loaded:
+    """cfg.checkpoint loaded for sampling, with its tokenizer and special tokens."""
     if cfg.checkpoint is None:
         raise ConfigError("no checkpoint given: pass --checkpoint PATH (a checkpoint, run or Hugging Face folder, "
                           "or a llama2.c .bin)")
@@ -238,7 +271,9 @@ def load_for_sampling(cfg: SampleConfig) -> tuple[Llama, Tokenizer | None, int |
         model.use_decoding_layout()
     tokenizer = load_tokenizer(folder)
     bos, eos = special_token_ids(folder, tokenizer)
-    return model, tokenizer, bos, eos if cfg.eos_ids() is None else cfg.eos_ids()
+    trained = checkpoint.trained_context(folder) if folder is not None else None
+    return Loaded(model, tokenizer, bos, eos if cfg.eos_ids() is None else cfg.eos_ids(),
+                  min(trained or model.cfg.max_seq_len, model.cfg.max_seq_len))
 
 
 def detokenize(tokenizer: Tokenizer | None, ids: list[int]) -> str:
@@ -320,11 +355,9 @@ def prompt_token_ids(cfg: SampleConfig, tokenizer, bos: int | None, vocab_size: 
 
 
 def fit_context(id_lists: list[list[int]], cfg: SampleConfig, context: int) -> list[list[int]]:
-    """Refuse prompts longer than the context, or with --truncate left cut each prompt's start so
-    that max_new_tokens still fit."""
+    """Refuse prompts longer than the context, or with --truncate left keep each prompt's end."""
     if cfg.truncate == "left":
-        keep = max(1, context - cfg.max_new_tokens + 1)
-        return [ids[-keep:] for ids in id_lists]
+        return [ids[-context:] for ids in id_lists]
     if (longest := max(map(len, id_lists))) > context:
         raise ConfigError(f"the prompt has {longest} tokens but the model's context is {context}: shorten it, "
                           f"or pass --truncate left to keep its last tokens")
@@ -348,12 +381,16 @@ def main(argv: list[str]) -> None:
 
 
 def run(cfg: SampleConfig) -> None:
-    model, tokenizer, bos, eos = load_for_sampling(cfg)
+    loaded = load_for_sampling(cfg)
+    model, tokenizer, context = loaded.model, loaded.tokenizer, loaded.context
     stops = cfg.stop_strings()
     if stops and tokenizer is None:
         raise ConfigError(f"stop strings need a tokenizer and {cfg.checkpoint} has none: stop on token ids with --eos")
-    texts, id_lists = prompt_token_ids(cfg, tokenizer, bos, model.cfg.vocab_size, cfg.checkpoint)
-    id_lists = fit_context(id_lists, cfg, model.cfg.max_seq_len)
+    texts, id_lists = prompt_token_ids(cfg, tokenizer, loaded.bos, model.cfg.vocab_size, cfg.checkpoint)
+    id_lists = fit_context(id_lists, cfg, context)
+    if max(map(len, id_lists)) + cfg.max_new_tokens - 1 > context:
+        print(f"note: {cfg.checkpoint} was trained on windows of {context} tokens; past that, decoding slides "
+              f"the window, keeping the last {max(1, context // 2)} tokens", file=sys.stderr)
     one_row = len(id_lists) * cfg.num_samples == 1
     if cfg.stream is True and not one_row:
         raise ConfigError("--stream prints a single sample: drop it, or use one prompt and num_samples=1")
@@ -362,12 +399,13 @@ def run(cfg: SampleConfig) -> None:
     render = functools.partial(detokenize, tokenizer)
     step = compile_decode_step(model) if cfg.compile else None
     finished_s: dict[int, float] = {}
-    printed, first_token_s, start = 0, None, time.perf_counter()
+    printed, token_times, start = 0, [], time.perf_counter()
     if stream:
         print(texts[0] if texts[0] is not None else render(id_lists[0]).lstrip(), end="", flush=True)
-    for rows, texts_out in generate_text(model, id_lists, cfg, eos, render, stops, live=stream, decode_step=step):
+    for rows, texts_out in generate_text(model, id_lists, cfg, loaded.eos, render, stops, live=stream,
+                                         decode_step=step, context=context):
         elapsed = time.perf_counter() - start
-        first_token_s = elapsed if first_token_s is None else first_token_s
+        token_times.append(elapsed)
         for i, row in enumerate(rows):
             if row.finish_reason and i not in finished_s:
                 finished_s[i] = elapsed
@@ -377,20 +415,24 @@ def run(cfg: SampleConfig) -> None:
             printed = max(printed, len(visible))
     if stream:
         print()
+    # With --compile the step after the first token compiles: that time is reported on its own.
+    compile_s = token_times[1] - token_times[0] if cfg.compile and len(token_times) > 1 else 0.0
     for i, row in enumerate(rows):
         text = texts_out[i]
         prompt = texts[i // cfg.num_samples]
         if cfg.json:
             print(json.dumps({"prompt": prompt, "prompt_ids": row.prompt_ids, "sample": row.sample, "text": text,
                               "token_ids": row.token_ids, "finish_reason": row.finish_reason,
-                              "tokens_per_s": round(len(row.token_ids) / finished_s[i], 2),
-                              "time_to_first_token_s": round(first_token_s, 4)}))
+                              "tokens_per_s": round(len(row.token_ids) / (finished_s[i] - compile_s), 2),
+                              "time_to_first_token_s": round(token_times[0], 4),
+                              "compile_s": round(compile_s, 3)}))
         elif not stream:
             shown_prompt = prompt if prompt is not None else render(row.prompt_ids).lstrip()
             print(("---\n" if i else "") + shown_prompt + text)
-    n_tokens, elapsed = sum(len(r.token_ids) for r in rows), time.perf_counter() - start
+    n_tokens, elapsed = sum(len(r.token_ids) for r in rows), time.perf_counter() - start - compile_s
+    compiled = f"; compiling took {compile_s:.1f}s, not counted" if cfg.compile else ""
     print(f"{n_tokens} tokens in {elapsed:.2f}s ({n_tokens / elapsed:.1f} tokens/s), first token after "
-          f"{1000 * first_token_s:.0f} ms", file=sys.stderr)
+          f"{1000 * token_times[0]:.0f} ms{compiled}", file=sys.stderr)
 
 
 if __name__ == "__main__":

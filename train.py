@@ -254,6 +254,7 @@ class Run:
     train_batches: data.BatchSampler
     val_batches: data.BatchSampler
     accum: int  # micro-batches per optimizer step on each process
+    trained_context: int  # the longest window the weights have learned from (sampling stays inside)
     step: int = 0  # optimizer steps taken
     best_val: float = math.inf
     nonfinite_streak: int = 0
@@ -363,6 +364,17 @@ def build_model(cfg: Config, resume_from: Path | None, runtime: Runtime) -> Llam
     return Llama(cfg.model)
 
 
+def trained_context(cfg: Config, model: Llama, resume_from: Path | None) -> int:
+    """Windows of block_size, on top of what the weights already knew: a resumed checkpoint's
+    record, or an --init_from model's record or (for a foreign folder) its whole context."""
+    earlier = cfg.train.block_size
+    if resume_from is not None:
+        earlier = checkpoint.trained_context(resume_from) or earlier
+    elif cfg.train.init_from:
+        earlier = checkpoint.trained_context(cfg.train.init_from) or model.cfg.max_seq_len
+    return min(max(earlier, cfg.train.block_size), model.cfg.max_seq_len)
+
+
 def accumulation_steps(tc: TrainConfig, world: int) -> int:
     per_micro = tc.micro_batch_size * tc.block_size * world
     if tc.batch_tokens % per_micro:
@@ -395,7 +407,7 @@ def start_run(cfg: Config) -> Run:
     run = Run(cfg, runtime, out_dir, dataset_dir, model, model, optimizer, scaler,
               data.BatchSampler(train_tokens, tc.block_size, tc.micro_batch_size, tc.seed),
               data.BatchSampler(val_tokens, tc.block_size, tc.micro_batch_size, tc.seed), accum,
-              replaced=replaced)
+              trained_context(cfg, model, resume_from), replaced=replaced)
     if resume_from is not None:
         restore(run, resume_from)
     run.step_model = wrap_for_training(torch.compile(model) if tc.compile is not False else model, runtime)
@@ -529,7 +541,7 @@ def save_checkpoint(run: Run) -> Path:
     state = {"step": run.step, "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
              "rng": rng_state(), "best_val_loss": run.best_val, "wandb_run_id": run.wandb_id or ""}
     path = checkpoint.save(run.out_dir, run.step, run.model, state, to_toml(run.cfg),
-                           data.tokenizer_files(run.dataset_dir))
+                           data.tokenizer_files(run.dataset_dir), run.trained_context)
     checkpoint.prune(run.out_dir, run.cfg.train.keep_last)
     if run.replaced is not None:  # the new run now stands on its own
         shutil.rmtree(run.replaced)

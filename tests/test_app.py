@@ -91,9 +91,9 @@ def client(server) -> openai.OpenAI:
 def reference(checkpoint: Path, prompt: str, **sample) -> str:
     """What generate.py's own decoding makes of the prompt: the server must produce the same."""
     cfg = SampleConfig(checkpoint=str(checkpoint), eos="none", **sample)
-    model, tokenizer, bos, eos = load_for_sampling(cfg)
-    for rows, texts in generate_text(model, [[bos] + tokenizer.encode(prompt)], cfg, eos,
-                                     lambda ids: detokenize(tokenizer, ids)):
+    loaded = load_for_sampling(cfg)
+    for rows, texts in generate_text(loaded.model, [[loaded.bos] + loaded.tokenizer.encode(prompt)], cfg, loaded.eos,
+                                     lambda ids: detokenize(loaded.tokenizer, ids), context=loaded.context):
         pass
     return texts[0]
 

@@ -113,10 +113,27 @@ def test_same_seed_same_tokens_and_eos_stops():
     assert row.finish_reason == "eos" and row.token_ids == first[0].token_ids[:first[0].token_ids.index(eos)]
 
 
-def test_generation_stops_at_the_context():
+def test_decoding_slides_past_the_context():
+    """Past the context a row's window slides to its last context // 2 tokens, read again from
+    position 0: cached, uncached and fixed-shape decoding agree, batched rows equal solo ones,
+    and every step equals a plain forward over the row's window."""
     model = make_model(**{**GQA, "max_seq_len": 10})
-    row = decode(model, [[1, 2, 3, 4, 5, 6]], max_new_tokens=50)[0]
-    assert len(row.token_ids) == 5 and row.finish_reason == "length"
+    prompts, cfg = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]], SampleConfig(temperature=0.0, max_new_tokens=30)
+
+    def fixed_shape_step(token, position, pad):
+        return model(token, start_pos=position, last_only=True, pad=pad)[0][:, -1]
+
+    runs = [list(generate(model, prompts, cfg, **kw))[-1] for kw in ({}, {"use_cache": False},
+                                                                     {"decode_step": fixed_shape_step})]
+    solo = [list(generate(model, [p], cfg))[-1][0] for p in prompts]
+    tokens = [[r.token_ids for r in rows] for rows in runs + [solo]]
+    assert all(t == tokens[0] for t in tokens) and all(len(t) == 30 for t in tokens[0])
+    for prompt, generated in zip(prompts, tokens[0]):  # the reference: re-read the window every step
+        window = list(prompt)
+        with torch.no_grad():
+            for token in generated:
+                assert model(torch.tensor([window]))[0][0, -1].argmax().item() == token
+                window = (window + [token])[-5:] if len(window) == 10 else window + [token]
 
 
 # --- sampling on fixed logits -----------------------------------------------------------------
@@ -226,7 +243,7 @@ def test_cli_truncates_only_when_asked(checkpoint_dir, capsys):
                                        "or pass --truncate left to keep its last tokens\n")
     (row,) = cli(capsys, "--checkpoint", str(checkpoint_dir), "--prompt_ids", long_ids, "--truncate", "left",
                  "--max_new_tokens", "10", "--json")
-    assert len(row["prompt_ids"]) == 55 and len(row["token_ids"]) == 10
+    assert len(row["prompt_ids"]) == 64 and len(row["token_ids"]) == 10  # the window slides past the context
 
 
 def test_short_flags_map_to_the_sample_section():
