@@ -11,7 +11,9 @@ import pytest
 
 import app
 import checkpoint
+import convert
 import data
+import model as model_py
 import generate
 import prepare_data
 import train
@@ -99,12 +101,14 @@ RUN_DAMAGE = [*HF_DAMAGE, garble_marker]
 
 
 @pytest.mark.parametrize("damage", HF_DAMAGE, ids=lambda f: f.__name__)
-@pytest.mark.parametrize("entry", ["generate", "app", "init_from"])
+@pytest.mark.parametrize("entry", ["generate", "app", "init_from", "convert"])
 def test_a_damaged_hugging_face_folder(world, tmp_path, capsys, damage, entry):
     folder = copy(world, "hf", tmp_path)
     message = damage(folder)
     if entry == "init_from":
         code = train.main(train_args(world, tmp_path / "out", "--train.init_from", str(folder)))
+    elif entry == "convert":
+        code = convert.main([str(folder), str(tmp_path / "out.bin")])
     else:
         code = {"generate": generate.main, "app": app.main}[entry](["--checkpoint", str(folder), "--prompt_ids", "1"])
     assert_one_line_error(capsys, code, message)
@@ -174,10 +178,11 @@ def test_an_unreachable_download_says_how_to_pass_a_local_copy(tmp_path, capsys)
     ("[model]\nnorm_eps = -inf\n", "model.norm_eps=-inf must be a finite number"),
     ("[train]\nseed = -1\n", "train.seed=-1 must lie in [0, 9223372036854775807]"),
 ])
-def test_bad_numbers_in_a_config_file(world, tmp_path, capsys, toml, message):
+@pytest.mark.parametrize("script", ["train", "model"])
+def test_bad_numbers_in_a_config_file(world, tmp_path, capsys, toml, message, script):
     (tmp_path / "exp.toml").write_text(toml)
-    code = train.main([str(tmp_path / "exp.toml"), *train_args(world, tmp_path / "out")])
-    assert_one_line_error(capsys, code, message)
+    main = {"train": train.main, "model": model_py.main}[script]
+    assert_one_line_error(capsys, main([str(tmp_path / "exp.toml"), *train_args(world, tmp_path / "out")]), message)
 
 
 @pytest.mark.parametrize("extra,message", [

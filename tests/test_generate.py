@@ -72,6 +72,15 @@ def test_compiled_decoding_matches_eager(which):
         assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
 
 
+@pytest.mark.slow
+def test_compile_time_is_reported_apart_from_tokens_per_second(tmp_path, capsys):
+    save_hf(make_model(**GQA), tmp_path)
+    assert main(["--checkpoint", str(tmp_path), "--prompt_ids", "1 2 3", "--max_new_tokens", "8", "--compile",
+                 "--json"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["compile_s"] > 0 and "compiling took" in out.err and "not counted" in out.err
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_decoding_layout_keeps_logits_and_tokens(tied):
     model = make_model(**GQA, tie_embeddings=tied)
