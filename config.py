@@ -197,7 +197,9 @@ class TrainConfig:
     micro_batch_size: int = _field(32, "sequences per forward/backward pass on one process", gt=0)
     block_size: int = _field(256, "training sequence length (at most model.max_seq_len)", gt=0)
     max_steps: int = _field(5000, "optimizer steps to train for", gt=0)
-    optimizer: Literal["adamw"] = _field("adamw", "optimizer (AdamW, decay on 2-D weights only)")
+    optimizer: Literal["adamw", "muon"] = _field(
+        "adamw", "adamw (decay on 2-D weights only), or muon for the 2-D weights inside the blocks and adamw for "
+        "the embedding, LM head and norm gains")
     lr: float = _field(1e-3, "peak learning rate", gt=0)
     min_lr: float = _field(1e-4, "learning rate at the end of the decay", ge=0)
     lr_schedule: Literal["cosine", "wsd", "constant"] = _field("cosine", "learning-rate schedule after warmup")
@@ -206,6 +208,9 @@ class TrainConfig:
     weight_decay: float = _field(0.1, "AdamW weight decay (2-D weights only)", ge=0)
     beta1: float = _field(0.9, "AdamW beta1", ge=0, lt=1)
     beta2: float = _field(0.95, "AdamW beta2", ge=0, lt=1)
+    muon_lr: float = _field(0.02, "Muon: peak learning rate of the block matrices (follows lr's schedule shape)", gt=0)
+    muon_momentum: float = _field(0.95, "Muon: Nesterov momentum", ge=0, lt=1)
+    muon_weight_decay: float = _field(0.0, "Muon: decoupled weight decay of the block matrices", ge=0)
     grad_clip: float = _field(1.0, "clip the global grad norm to this (0 = off)", ge=0)
     eval_interval: int = _field(250, "evaluate every this many steps", gt=0)
     eval_iters: int = _field(20, "batches per split in each evaluation", gt=0)

@@ -145,13 +145,22 @@ def peak_flops(cfg: TrainConfig, runtime: Runtime) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - start)
 
 
-def configure_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on the 2-D weights only (not on norm gains)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def configure_optimizers(model: Llama, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """AdamW with weight decay on the 2-D weights only (not on norm gains); with Muon, the 2-D
+    weights inside the blocks go to Muon instead (it orthogonalizes matrix updates, which suits
+    hidden projections; the embedding, LM head and gains stay with AdamW)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    to_muon = {n for n, p in named if cfg.optimizer == "muon" and n.startswith("layers.") and p.dim() == 2}
+    rest = [p for n, p in named if n not in to_muon]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=not fused)
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=not fused)]
+    if to_muon:
+        optimizers.append(torch.optim.Muon([p for n, p in named if n in to_muon], lr=cfg.muon_lr,
+                                           momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay))
+    return optimizers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +258,7 @@ class Run:
     dataset_dir: Path
     model: Llama  # the weights: what is saved, clipped and evaluated
     step_model: torch.nn.Module  # what trains: the model, compiled and/or wrapped in DDP
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]  # AdamW, then Muon when configured
     scaler: torch.amp.GradScaler
     train_batches: data.BatchSampler
     val_batches: data.BatchSampler
@@ -402,9 +411,9 @@ def start_run(cfg: Config) -> Run:
     replaced = claim_out_dir(out_dir, overwrite) if runtime.is_main else None
     if runtime.world > 1:
         dist.barrier()
-    optimizer = configure_optimizer(model, tc, runtime.device)
+    optimizers = configure_optimizers(model, tc, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
-    run = Run(cfg, runtime, out_dir, dataset_dir, model, model, optimizer, scaler,
+    run = Run(cfg, runtime, out_dir, dataset_dir, model, model, optimizers, scaler,
               data.BatchSampler(train_tokens, tc.block_size, tc.micro_batch_size, tc.seed),
               data.BatchSampler(val_tokens, tc.block_size, tc.micro_batch_size, tc.seed), accum,
               trained_context(cfg, model, resume_from), replaced=replaced)
@@ -418,7 +427,12 @@ def restore(run: Run, ckpt: Path) -> None:
     """Weights, optimizer, loss scaler, every RNG and the loop's counters from a checkpoint."""
     state = checkpoint.load_training_state(ckpt)
     run.model.load_state_dict(checkpoint.load_hf(ckpt).state_dict())
-    run.optimizer.load_state_dict(state["optimizer"])
+    saved = state["optimizer"] if isinstance(state["optimizer"], list) else [state["optimizer"]]
+    if len(saved) != len(run.optimizers):
+        raise ConfigError(f"cannot resume {ckpt}: it was trained with {len(saved)} optimizer(s) and train.optimizer="
+                          f"{run.cfg.train.optimizer} needs {len(run.optimizers)}; keep the optimizer of the run")
+    for optimizer, optimizer_state in zip(run.optimizers, saved):
+        optimizer.load_state_dict(optimizer_state)
     run.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     run.step, run.best_val, run.wandb_id = state["step"], state["best_val_loss"], state["wandb_run_id"] or None
@@ -450,6 +464,12 @@ def start_logging(run: Run) -> tuple[int, float]:
             "params": model.num_params(), "flops_per_token": flops_per_token, "peak_flops": peak}, indent=2))
     run.runtime.log(f"device {runtime.device} | amp {str(runtime.amp_dtype).removeprefix('torch.')} | "
             f"compile {cfg.train.compile} | world {runtime.world}")
+    tc = cfg.train
+    adamw = f"adamw lr {tc.lr:g} betas ({tc.beta1:g}, {tc.beta2:g}) decay {tc.weight_decay:g}"
+    run.runtime.log(f"optimizer {adamw}" if tc.optimizer == "adamw" else
+                    f"optimizer muon lr {tc.muon_lr:g} momentum {tc.muon_momentum:g} decay {tc.muon_weight_decay:g} "
+                    f"on {sum(p.numel() for p in run.optimizers[1].param_groups[0]['params']):,} block-matrix "
+                    f"weights | {adamw} on the rest")
     run.runtime.log(f"params {model.num_params():,} | micro batch {cfg.train.micro_batch_size} x {cfg.train.block_size} "
             f"tokens | accumulation {run.accum} | {run.tokens_per_step:,} tokens/step | peak {peak / 1e12:.2f} TFLOP/s")
     if cfg.train.wandb != "off" and runtime.is_main:
@@ -487,18 +507,21 @@ def train_step(run: Run) -> StepResult:
     """One optimizer step: LR, gradients, clipping, and the update unless something is not finite."""
     tc, start = run.cfg.train, time.perf_counter()
     lr = lr_at(run.step, tc)
-    for group in run.optimizer.param_groups:
-        group["lr"] = lr
+    for optimizer in run.optimizers:  # one schedule shape; Muon's peak is train.muon_lr
+        scale = tc.muon_lr / tc.lr if isinstance(optimizer, torch.optim.Muon) else 1.0
+        for group in optimizer.param_groups:
+            group["lr"] = lr * scale
     try:
         loss = accumulate_gradients(run)
     except Exception as e:  # compile="auto": a model dynamo cannot handle still trains, eagerly
         if tc.compile != "auto" or run.step_model is run.model:
             raise
         warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); continuing eagerly")
-        run.optimizer.zero_grad(set_to_none=True)
+        zero_grads(run)
         run.step_model = wrap_for_training(run.model, run.runtime)
         loss = accumulate_gradients(run)
-    run.scaler.unscale_(run.optimizer)
+    for optimizer in run.optimizers:
+        run.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else
                                                float("inf"))
     loss_value, grad_norm_value = loss.item(), grad_norm.item()
@@ -506,16 +529,22 @@ def train_step(run: Run) -> StepResult:
     # off); anywhere else a non-finite value means the step would poison the weights.
     finite = math.isfinite(loss_value) and (run.scaler.is_enabled() or math.isfinite(grad_norm_value))
     if finite:
-        run.scaler.step(run.optimizer)
+        for optimizer in run.optimizers:
+            run.scaler.step(optimizer)
         run.scaler.update()
         run.nonfinite_streak = 0
     else:
         run.nonfinite_streak += 1
         warn(f"step {run.step}: non-finite loss {loss_value} or grad norm {grad_norm_value}; "
              f"skipping the update ({run.nonfinite_streak}/{tc.max_nonfinite_skips})")
-    run.optimizer.zero_grad(set_to_none=True)
+    zero_grads(run)
     run.step += 1
     return StepResult(loss_value, grad_norm_value, lr, finite, time.perf_counter() - start)
+
+
+def zero_grads(run: Run) -> None:
+    for optimizer in run.optimizers:
+        optimizer.zero_grad(set_to_none=True)
 
 
 @torch.no_grad()
@@ -538,7 +567,7 @@ def evaluate(run: Run) -> dict[str, float]:
 
 
 def save_checkpoint(run: Run) -> Path:
-    state = {"step": run.step, "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+    state = {"step": run.step, "optimizer": [o.state_dict() for o in run.optimizers], "scaler": run.scaler.state_dict(),
              "rng": rng_state(), "best_val_loss": run.best_val, "wandb_run_id": run.wandb_id or ""}
     path = checkpoint.save(run.out_dir, run.step, run.model, state, to_toml(run.cfg),
                            data.tokenizer_files(run.dataset_dir), run.trained_context)
@@ -564,7 +593,7 @@ def log_step(run: Run, result: StepResult, flops_per_token: int, peak: float, ba
         tokens_per_s = run.tokens_per_step / result.seconds
         mfu = flops_per_token * tokens_per_s / peak
         record = {"kind": "train", "step": run.step, "loss": result.loss, "lr": result.lr,
-                  "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                  "grad_norm": result.grad_norm, "step_s": result.seconds, "tokens_per_s": tokens_per_s, "mfu": mfu,
                   "skipped": not result.applied}
         append_metric(run.metrics_path, record)
         if run.wandb_run is not None:

@@ -107,6 +107,32 @@ def next_byte_distribution(text: bytes, context: bytes) -> torch.Tensor:
     return counts.log()
 
 
+def muon_update(grad: torch.Tensor) -> torch.Tensor:
+    """The orthogonalized matrix torch.optim.Muon adds to a weight for this gradient, read back
+    from one step of it (no momentum, no decay, learning rate 1, its shape scaling divided out)."""
+    weight = torch.nn.Parameter(torch.zeros_like(grad))
+    weight.grad = grad.clone()
+    torch.optim.Muon([weight], lr=1.0, momentum=0.0, weight_decay=0.0).step()
+    return -weight.detach() / math.sqrt(max(1.0, grad.shape[0] / grad.shape[1]))
+
+
+def newton_schulz_polynomial(s: torch.Tensor, steps: int) -> torch.Tensor:
+    """What `steps` rounds of the quintic a s + b s^3 + c s^5 make of a singular value s."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for _ in range(steps):
+        s = a * s + b * s ** 3 + c * s ** 5
+    return s
+
+
+def cpu_model_gradient(name: str) -> torch.Tensor:
+    """The gradient of one weight of the CPU config's model, freshly initialized, on random tokens."""
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=66, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=64))
+    tokens = torch.randint(0, 66, (16, 65))
+    model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+    return dict(model.named_parameters())[name].grad
+
+
 def project_text() -> str:
     """The repository's own tracked prose and code: a real, reproducible corpus."""
     files = subprocess.run(["git", "ls-files", "*.py", "*.md"], cwd=ROOT, capture_output=True, text=True,
@@ -385,6 +411,22 @@ def fig_checkpoint_protocol() -> None:
     save(fig, "checkpoint_protocol.png")
 
 
+def fig_muon() -> None:
+    fig, (ax_poly, ax_sv) = plt.subplots(1, 2, figsize=(11, 4.2))
+    s = torch.linspace(0, 1, 500)
+    for steps in (1, 2, 3, 5):
+        ax_poly.plot(s, newton_schulz_polynomial(s, steps), label=f"{steps} step{'s' * (steps > 1)}")
+    describe(ax_poly, "singular value in (after scaling by the Frobenius norm)", "singular value out",
+             "the Newton–Schulz quintic, iterated")
+    grad = cpu_model_gradient("layers.0.mlp.gate_proj.weight")
+    before = torch.linalg.svdvals(grad)
+    ax_sv.semilogy(before / before[0], label="gradient (scaled to top = 1)")
+    ax_sv.semilogy(torch.linalg.svdvals(muon_update(grad)), label="Muon's update")
+    describe(ax_sv, "index (largest first)", "singular value",
+             "layers.0.mlp.gate_proj (352 x 128) of the CPU config")
+    save(fig, "muon.png")
+
+
 def fig_loss_curve() -> None:
     runs = sorted(ROOT.glob("out/*/metrics.jsonl"), key=lambda p: len(p.read_text().splitlines()))
     if not runs:
@@ -405,7 +447,7 @@ def main() -> None:
     start = time.perf_counter()
     for draw in (fig_rmsnorm, fig_rope, fig_masks, fig_kv_cache_memory, fig_decode_cost, fig_lr_schedules,
                  fig_precision, fig_online_softmax, fig_swiglu, fig_sampling, fig_bpe, fig_checkpoint_protocol,
-                 fig_loss_curve):
+                 fig_muon, fig_loss_curve):
         draw()
     print(f"done in {time.perf_counter() - start:.1f} s")
 

@@ -196,6 +196,17 @@ def test_bad_sampling_input(world, capsys, extra, message):
     assert_one_line_error(capsys, generate.main(["--checkpoint", str(world / "run"), *extra]), message)
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--train.optimizer", "muon", "--train.muon_momentum", "1"], "train.muon_momentum=1.0 must lie in [0, 1)"),
+    (["--train.optimizer", "muon", "--train.muon_lr", "0"], "train.muon_lr=0.0 must be positive"),
+    (["--train.optimizer", "muon", "--resume"], "trained with 1 optimizer(s) and train.optimizer=muon needs 2"),
+])
+def test_bad_optimizer_settings(world, tmp_path, capsys, extra, message):
+    run = copy(world, "run", tmp_path)
+    code = train.main(train_args(world, run, "--train.max_steps", "6", "--train.eval_interval", "2", *extra))
+    assert_one_line_error(capsys, code, message)
+
+
 def test_out_dir_that_is_a_file(world, tmp_path, capsys):
     (tmp_path / "taken").write_text("a file")
     code = train.main(train_args(world, tmp_path / "taken"))

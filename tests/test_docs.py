@@ -280,6 +280,41 @@ def test_sdpa_flash_kernel_runs_our_attention():
         torch.testing.assert_close(chunk, ref(tokens)[0][:, 12:], atol=1e-5, rtol=1e-5)
 
 
+# --- muon.md ------------------------------------------------------------------------------------
+
+
+def test_muon_quintic_as_quoted():
+    p = figures.newton_schulz_polynomial
+    assert 3.4445 - 4.7750 + 2.0315 == pytest.approx(0.701)
+    out = p(torch.linspace(0.01, 1, 20000, dtype=torch.float64), 5)
+    assert out.min().item() == pytest.approx(0.682, abs=1e-3) and out.max().item() == pytest.approx(1.134, abs=1e-3)
+    assert p(torch.tensor(0.001, dtype=torch.float64), 5).item() == pytest.approx(0.471, abs=1e-3)
+    x = torch.randn(6, 4, dtype=torch.float64)  # the matrix iteration acts on each singular value alone
+    u, sv, vh = torch.linalg.svd(x / x.norm(), full_matrices=False)
+    a, b, c = 3.4445, -4.7750, 2.0315
+    y = x / x.norm()
+    y = a * y + b * (y @ y.T) @ y + c * (y @ y.T) @ (y @ y.T) @ y
+    torch.testing.assert_close(y, u @ torch.diag(p(sv, 1)) @ vh)
+
+
+def test_muon_update_singular_values():
+    grad = figures.cpu_model_gradient("layers.0.mlp.gate_proj.weight")
+    before, after = torch.linalg.svdvals(grad), torch.linalg.svdvals(figures.muon_update(grad))
+    assert 900 < (before[0] / before[-1]).item() < 1000  # "about 950"
+    assert ((after >= 0.6) & (after <= 1.21)).sum().item() == 112 and len(after) == 128
+    assert after.min().item() == pytest.approx(0.16, abs=0.01) and after.max().item() == pytest.approx(1.20, abs=0.01)
+
+
+def test_muon_takes_the_block_matrices():
+    from train import configure_optimizers
+    model = Llama(ModelConfig(vocab_size=66, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=64))
+    adamw, muon = configure_optimizers(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    assert isinstance(muon, torch.optim.Muon)
+    count = lambda opt: sum(p.numel() for g in opt.param_groups for p in g["params"])  # noqa: E731
+    assert (count(muon), count(adamw), model.num_params()) == (737_280, 18_048, 755_328)
+    assert len(muon.param_groups[0]["params"]) == 28
+
+
 # --- lr_schedules.md ----------------------------------------------------------------------------
 
 

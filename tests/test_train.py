@@ -62,10 +62,10 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, accum):
+@pytest.mark.parametrize("accum,optimizer", [(1, "adamw"), (2, "adamw"), (2, "muon")])
+def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, accum, optimizer):
     common = ["--train.max_steps", "30", "--train.ckpt_interval", "5", "--train.eval_interval", "10",
-              "--train.batch_tokens", str(128 * accum), "--model.dim", "64"]
+              "--train.batch_tokens", str(128 * accum), "--model.dim", "64", "--train.optimizer", optimizer]
     straight = run_cli(*args(data_dir, tmp_path / "straight", *common))
     assert straight.returncode == 0, straight.stderr
 
@@ -101,7 +101,7 @@ def test_a_run_killed_while_evaluating_redoes_that_evaluation(data_dir, tmp_path
     assert train.main(args(data_dir, tmp_path / "killed", *common, "--resume")) == 0
 
     def records(out: Path) -> list[dict]:
-        return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "mfu")}
+        return [{k: v for k, v in m.items() if k not in ("tokens_per_s", "mfu", "step_s")}
                 for m in train.read_metrics(out / "metrics.jsonl")]
 
     assert records(tmp_path / "killed") == records(tmp_path / "straight")
@@ -140,9 +140,11 @@ def test_checkpoint_loads_in_transformers(data_dir, tmp_path):
     assert checkpoint.read_pointer(tmp_path, "best") in {"ckpt-000002", "ckpt-000004"}
 
 
-def test_torchrun_two_processes_equal_one_with_accumulation(data_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_torchrun_two_processes_equal_one_with_accumulation(data_dir, tmp_path, optimizer):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    common = ["--train.max_steps", "10", "--train.eval_interval", "10", "--train.batch_tokens", "256"]
+    common = ["--train.max_steps", "10", "--train.eval_interval", "10", "--train.batch_tokens", "256",
+              "--train.optimizer", optimizer]
     single = run_cli(*args(data_dir, tmp_path / "one", *common))
     assert single.returncode == 0, single.stderr
     ddp = run_cli(*args(data_dir, tmp_path / "two", *common),
