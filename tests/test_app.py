@@ -342,7 +342,9 @@ def browser():
 def test_demo_streams_text_in_a_browser(browser, tmp_path_factory):
     corpus = ["First Citizen: Before we proceed any further, hear me speak. ✓ ünïcödé"] * 20
     checkpoint = save_checkpoint(tmp_path_factory.mktemp("bpe"), Tokenizer.train_bpe(corpus, 300))
-    process, url = start_server(checkpoint, "--max_new_tokens", "80", "--temperature", "0.8", "--seed", "3")
+    # As many tokens as the server allows (past the context: the window slides), so the text takes
+    # long enough to arrive that the page is seen in several states.
+    process, url = start_server(checkpoint, "--max_new_tokens", str(MAX_TOKENS), "--temperature", "0.8", "--seed", "3")
     try:
         page = browser.new_page(viewport={"width": 1100, "height": 900})
         page.goto(url)
@@ -364,7 +366,8 @@ def test_demo_streams_text_in_a_browser(browser, tmp_path_factory):
         seen = [v for v in page.evaluate("window.seen") if v]
         final = page.locator("#output textarea").input_value()
         api = httpx.post(f"{url}/v1/completions", json={"model": checkpoint.name, "prompt": "First Citizen:",
-                                                          "max_tokens": 80, "temperature": 0.8, "seed": 3}).json()
+                                                          "max_tokens": MAX_TOKENS, "temperature": 0.8,
+                                                          "seed": 3}).json()
         assert final == "First Citizen:" + api["choices"][0]["text"]
         assert len(seen) >= 3 and seen[-1] == final
         assert all(final.startswith(v.rstrip("\ufffd")) for v in seen)  # pieces of one text, growing
