@@ -208,7 +208,10 @@ class TrainConfig:
     weight_decay: float = _field(0.1, "AdamW weight decay (2-D weights only)", ge=0)
     beta1: float = _field(0.9, "AdamW beta1", ge=0, lt=1)
     beta2: float = _field(0.95, "AdamW beta2", ge=0, lt=1)
-    muon_lr: float = _field(0.02, "Muon: peak learning rate of the block matrices (follows lr's schedule shape)", gt=0)
+    muon_lr: float = _field(0.02, "Muon: peak learning rate of the block matrices (its floor is muon_lr * min_lr / lr)",
+                            gt=0)
+    muon_lr_schedule: Literal["same", "cosine", "wsd", "constant"] = _field(
+        "same", "Muon: schedule after the shared warmup (same = lr_schedule's)")
     muon_momentum: float = _field(0.95, "Muon: Nesterov momentum", ge=0, lt=1)
     muon_weight_decay: float = _field(0.0, "Muon: decoupled weight decay of the block matrices", ge=0)
     grad_clip: float = _field(1.0, "clip the global grad norm to this (0 = off)", ge=0)

@@ -72,6 +72,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr + progress * (cfg.min_lr - cfg.lr)
 
 
+def muon_lr_at(step: int, cfg: TrainConfig) -> float:
+    """Muon's learning rate: peak muon_lr, floor scaled like min_lr, its own schedule shape."""
+    shape = cfg.lr_schedule if cfg.muon_lr_schedule == "same" else cfg.muon_lr_schedule
+    return lr_at(step, dataclasses.replace(cfg, lr=cfg.muon_lr, min_lr=cfg.muon_lr * cfg.min_lr / cfg.lr,
+                                           lr_schedule=shape))
+
+
 # ---------------------------------------------------------------------------------------------
 # Device, precision and processes
 
@@ -466,8 +473,10 @@ def start_logging(run: Run) -> tuple[int, float]:
             f"compile {cfg.train.compile} | world {runtime.world}")
     tc = cfg.train
     adamw = f"adamw lr {tc.lr:g} betas ({tc.beta1:g}, {tc.beta2:g}) decay {tc.weight_decay:g}"
+    muon_shape = tc.lr_schedule if tc.muon_lr_schedule == "same" else tc.muon_lr_schedule
     run.runtime.log(f"optimizer {adamw}" if tc.optimizer == "adamw" else
-                    f"optimizer muon lr {tc.muon_lr:g} momentum {tc.muon_momentum:g} decay {tc.muon_weight_decay:g} "
+                    f"optimizer muon lr {tc.muon_lr:g} ({muon_shape}) momentum {tc.muon_momentum:g} "
+                    f"decay {tc.muon_weight_decay:g} "
                     f"on {sum(p.numel() for p in run.optimizers[1].param_groups[0]['params']):,} block-matrix "
                     f"weights | {adamw} on the rest")
     run.runtime.log(f"params {model.num_params():,} | micro batch {cfg.train.micro_batch_size} x {cfg.train.block_size} "
@@ -507,10 +516,9 @@ def train_step(run: Run) -> StepResult:
     """One optimizer step: LR, gradients, clipping, and the update unless something is not finite."""
     tc, start = run.cfg.train, time.perf_counter()
     lr = lr_at(run.step, tc)
-    for optimizer in run.optimizers:  # one schedule shape; Muon's peak is train.muon_lr
-        scale = tc.muon_lr / tc.lr if isinstance(optimizer, torch.optim.Muon) else 1.0
+    for optimizer in run.optimizers:
         for group in optimizer.param_groups:
-            group["lr"] = lr * scale
+            group["lr"] = muon_lr_at(run.step, tc) if isinstance(optimizer, torch.optim.Muon) else lr
     try:
         loss = accumulate_gradients(run)
     except Exception as e:  # compile="auto": a model dynamo cannot handle still trains, eagerly

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from config import TrainConfig
-from train import lr_at
+from train import lr_at, muon_lr_at
 
 
 def cfg(**kw) -> TrainConfig:
@@ -48,3 +48,12 @@ def test_constant_after_warmup():
 def test_no_warmup_starts_at_peak():
     assert lr_at(0, cfg(warmup_steps=0, lr_schedule="cosine")) == pytest.approx(1e-3)
     assert math.isfinite(lr_at(0, cfg(warmup_steps=100, max_steps=100, lr_schedule="cosine")))
+
+
+def test_muon_has_its_own_peak_floor_and_shape():
+    same = cfg(lr_schedule="cosine", muon_lr=0.02)
+    for step in (0, 9, 55, 100):  # the same shape, scaled from lr to muon_lr
+        assert muon_lr_at(step, same) == pytest.approx(lr_at(step, same) * 20)
+    own = cfg(lr_schedule="cosine", muon_lr=0.02, muon_lr_schedule="constant")
+    assert muon_lr_at(4, own) == pytest.approx(0.01)  # the warmup is shared
+    assert muon_lr_at(100, own) == pytest.approx(0.02) and lr_at(100, own) == pytest.approx(1e-4)
