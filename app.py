@@ -383,9 +383,11 @@ def build_demo(engine: Engine, serve: ServeConfig) -> Any:
                   max_new_tokens: float, seed: float) -> AsyncIterator[tuple[str, str]]:
         try:
             ids = engine.encode(prompt if engine.tokenizer is not None else [int(t) for t in prompt.split()])
-            cfg = dataclasses.replace(d, temperature=temperature, top_k=int(top_k), top_p=top_p,
-                                      repetition_penalty=repetition_penalty, max_new_tokens=int(max_new_tokens),
-                                      num_samples=1, seed=int(seed))
+            # A slider's value is min + k * step in binary floating point (1.0 can arrive as
+            # 1.0000000000000002, which would switch the repetition penalty on): round to the steps.
+            cfg = dataclasses.replace(d, temperature=round(temperature, 4), top_k=int(top_k), top_p=round(top_p, 4),
+                                      repetition_penalty=round(repetition_penalty, 4),
+                                      max_new_tokens=int(max_new_tokens), num_samples=1, seed=int(seed))
             cfg.validate()
         except (UserError, ValueError) as e:
             raise gr.Error(str(e)) from None

@@ -85,8 +85,7 @@ class Bounds:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
-# Seeds go to torch.manual_seed and numpy's generators, which take 64-bit values; sample i of a
-# prompt draws from seed + i, so the top stays clear of the end.
+# Seeds go to torch.manual_seed and numpy's generators, which take 64-bit values.
 MAX_SEED = 2**63 - 1
 
 
@@ -257,7 +256,8 @@ class SampleConfig:
     min_p: float = _field(0.0, "drop tokens below min_p times the top probability (0 = off)", ge=0, lt=1)
     repetition_penalty: float = _field(1.0, "Hugging Face-style repetition penalty over prompt and output (1 = off)", gt=0, le=2)
     num_samples: int = _field(1, "samples per prompt", gt=0)
-    seed: int = _field(1337, "sampling seed (sample i of every prompt draws from seed + i)", ge=0, le=MAX_SEED)
+    seed: int = _field(1337, "sampling seed: each (prompt, sample) pair draws from its own stream derived from it",
+                       ge=0, le=MAX_SEED)
     eos: str = _field("auto", "end-of-sequence token ids, e.g. '2' or '2,32000' (auto = the checkpoint's; none = off)")
     stop: str | None = _field(None, "stop string, or a JSON list of them, e.g. '[\"\\n\\n\", \"The end\"]'")
     stream: Literal["auto"] | bool = _field("auto", "print tokens as they come (auto: when stdout is a terminal)")

@@ -8,7 +8,8 @@
 The prompt is prefilled in one forward into a pre-allocated KV cache, then each step feeds one
 token and sends only the last position through the LM head. Prompts of different lengths share a
 batch left-padded: the model masks each row's padding and shifts its RoPE positions, so every row
-decodes as it would alone, and sample i of every prompt draws from its own generator (seed + i).
+decodes as it would alone, and every (prompt, sample) pair draws from a generator of its own, seeded
+from (seed, prompt tokens, sample index) by row_seed.
 The sampling functions are plain functions of (batch, vocab) logits, for reuse by other front ends.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import stat
@@ -121,6 +123,14 @@ def compile_decode_step(model: Llama) -> DecodeStep:
     return torch.compile(step, mode=mode, fullgraph=True)
 
 
+def row_seed(seed: int, prompt_ids: Sequence[int], sample: int) -> int:
+    """The seed of one (prompt, sample) pair's random stream: a hash of the seed, the prompt's tokens
+    and the sample index. Different prompts never share draws, and a row draws the same numbers
+    whatever else shares its batch, so a batch reproduces its rows' solo runs."""
+    key = f"{seed}:{sample}:{','.join(map(str, prompt_ids))}".encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1  # 63 bits: manual_seed's range
+
+
 def prefill(model: Llama, windows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Read every row's window in one forward from position 0 (into the KV cache, when set up),
     rows left-padded to the longest; returns the last position's logits and the padding counts
@@ -153,7 +163,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
     if longest == 0 or longest > context:
         raise ValueError(f"prompts must hold 1 to {context} tokens, got {longest}")
     windows = [list(r.prompt_ids) for r in rows]  # what the model reads for each row now
-    generators = [torch.Generator(device).manual_seed(cfg.seed + r.sample) for r in rows]
+    generators = [torch.Generator(device).manual_seed(row_seed(cfg.seed, r.prompt_ids, r.sample)) for r in rows]
     eos, n_new = set(eos_ids), cfg.max_new_tokens
     # Inference mode is entered per step, never across a yield: the caller's code between steps
     # must not run in it.

@@ -110,8 +110,12 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     if use_cuda and not torch.cuda.is_available():
         raise ConfigError(f"train.device={cfg.device} but no CUDA device is visible; use --train.device cpu")
     if use_cuda:
-        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if world > 1 or cfg.device in ("auto", "cuda")
-                              else cfg.device)
+        local_rank, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if (world > 1 or cfg.device in ("auto", "cuda")) and local_rank >= visible:
+            raise ConfigError(f"process {rank} (LOCAL_RANK {local_rank}) has no GPU of its own: this machine shows "
+                              f"{visible}; start at most {visible} per machine (torchrun --nproc_per_node "
+                              f"{visible}) or train on CPU with --train.device cpu")
+        device = torch.device(f"cuda:{local_rank}" if world > 1 or cfg.device in ("auto", "cuda") else cfg.device)
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -682,7 +686,8 @@ def train_loop(run: Run) -> int:
                 log_eval(run, evaluate(run), ckpt, bar)
     if run.wandb_run is not None:
         run.wandb_run.finish()
-    if run.runtime.world > 1:
+    if run.runtime.world > 1:  # leave together: a rank that exits while another still talks can abort
+        dist.barrier()
         dist.destroy_process_group()
     return exit_code
 

@@ -110,6 +110,20 @@ def test_batched_rows_of_different_lengths_equal_solo_runs():
         torch.testing.assert_close(logits[1], model(padded[1:])[0][0], atol=1e-5, rtol=0)
 
 
+def test_every_prompt_and_sample_draws_its_own_stream():
+    """Rows of different prompts in one batch must not share random draws (they once did, through
+    seed + sample): with a uniform next-token distribution, their draws are independent."""
+    model = make_model(**GQA)
+    torch.nn.init.zeros_(model.lm_head.weight)  # every token equally likely: the draws are the stream
+    cfg = SampleConfig(temperature=1.0, max_new_tokens=40, num_samples=2, seed=5)
+    rows = list(generate(model, [[1, 2, 3], [4, 5, 6]], cfg))[-1]
+    draws = [r.token_ids for r in rows]
+    assert len({tuple(d) for d in draws}) == 4  # 2 prompts x 2 samples, four different streams
+    assert all(sum(a == b for a, b in zip(draws[0], d)) < 10 for d in draws[1:])  # no shared run of draws
+    again = list(generate(model, [[4, 5, 6]], cfg))[-1]  # reproducible, and whatever shares the batch
+    assert [r.token_ids for r in again] == draws[2:]
+
+
 def test_same_seed_same_tokens_and_eos_stops():
     model = make_model(**GQA)
     kw = dict(temperature=1.0, max_new_tokens=20, num_samples=2)

@@ -14,7 +14,7 @@ import torch
 
 import checkpoint
 import train
-from config import ModelConfig
+from config import ConfigError, ModelConfig, TrainConfig
 from model import Llama
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -143,8 +143,9 @@ def test_checkpoint_loads_in_transformers(data_dir, tmp_path):
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_torchrun_two_processes_equal_one_with_accumulation(data_dir, tmp_path, optimizer):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    # On CPU with gloo, also where CUDA is visible: this test is about the arithmetic, not devices.
     common = ["--train.max_steps", "10", "--train.eval_interval", "10", "--train.batch_tokens", "256",
-              "--train.optimizer", optimizer]
+              "--train.optimizer", optimizer, "--train.device", "cpu"]
     single = run_cli(*args(data_dir, tmp_path / "one", *common))
     assert single.returncode == 0, single.stderr
     ddp = run_cli(*args(data_dir, tmp_path / "two", *common),
@@ -279,3 +280,14 @@ def test_init_from_a_hugging_face_folder(data_dir, tmp_path):
         expected = checkpoint.load_hf(tmp_path / "hf", max_seq_len=32)(x, y)[1].item()
     assert train_losses(tmp_path / "run")[0] == pytest.approx(expected, abs=1e-5)
     assert checkpoint.load_hf(checkpoint.resolve(tmp_path / "run")).cfg.n_kv_heads == 1
+
+
+def test_more_processes_than_gpus_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"process 1 \(LOCAL_RANK 1\) has no GPU of its own: this machine shows 1; "
+                                          r"start at most 1 per machine \(torchrun --nproc_per_node 1\)"):
+        train.setup_runtime(TrainConfig())
