@@ -181,20 +181,7 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, max_seq_len: i
     cfg = read_hf_config(path)
     if max_seq_len is not None:
         cfg.max_seq_len = max_seq_len
-    state = read_hf_weights(path)
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in Llama(cfg).state_dict().items()}
-    expected = set(shapes) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
-    if missing := sorted(expected - set(state)):
-        raise ConfigError(f"{path} has no weights for {missing[0]} (and {len(missing) - 1} more): "
-                          f"is it a complete Llama checkpoint?")
-    if unexpected := sorted(set(state) - expected - {"lm_head.weight"}):
-        raise ConfigError(f"{path} has weights this architecture lacks, e.g. {unexpected[0]}: "
-                          f"it is not a plain Llama model")
-    if wrong := next((k for k in sorted(expected) if tuple(state[k].shape) != shapes[k]), None):
-        raise ConfigError(f"{path}: {wrong} has shape {tuple(state[wrong].shape)} but config.json implies "
-                          f"{shapes[wrong]}: the config and the weights disagree")
-    return Llama.from_state_dict(cfg, state, dtype)
+    return Llama.from_state_dict(cfg, read_hf_weights(path), dtype, source=str(path))
 
 
 def save_hf(model: Llama, path: str | Path, trained_context: int | None = None) -> None:
@@ -382,7 +369,7 @@ def read_llama2c(path: str | Path, dtype: torch.dtype = torch.float32, max_seq_l
             state[key] = rope_permute(state[key], heads)
     if max_seq_len is not None:
         cfg.max_seq_len = max_seq_len
-    return Llama.from_state_dict(cfg, state, dtype)
+    return Llama.from_state_dict(cfg, state, dtype, source=str(path))
 
 
 def write_llama2c(model: Llama, path: str | Path) -> None:

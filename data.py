@@ -141,8 +141,8 @@ class BatchSampler:
         rng = np.random.default_rng([self.seed, step, index])
         starts = rng.integers(0, len(self.data) - self.block_size, size=self.batch_size)
         windows = np.stack([self.data.tokens[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
-        if windows.max() >= self.data.vocab_size:  # a corrupt file: the embedding would fail deep in torch
-            raise DataError(f"{self.data.path} holds token id {windows.max()} but its header declares a vocab of "
+        if (top := windows.max()) >= self.data.vocab_size:  # a corrupt file: the embedding would fail in torch
+            raise DataError(f"{self.data.path} holds token id {top} but its header declares a vocab of "
                             f"{self.data.vocab_size} ids: the file is corrupt; re-run prepare_data.py")
         import torch  # here, not at the top: prepare_data's worker processes import this module, and
         # torch would add ~220 MiB to each of them

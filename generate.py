@@ -131,6 +131,11 @@ def row_seed(seed: int, prompt_ids: Sequence[int], sample: int) -> int:
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1  # 63 bits: manual_seed's range
 
 
+def kept_on_slide(context: int) -> int:
+    """How many of its last tokens a full window keeps when it slides."""
+    return max(1, context // 2)
+
+
 def prefill(model: Llama, windows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Read every row's window in one forward from position 0 (into the KV cache, when set up),
     rows left-padded to the longest; returns the last position's logits and the padding counts
@@ -152,9 +157,8 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
     the model's max_seq_len) is the longest window the model reads: a row that reaches it slides,
     keeping its last context // 2 tokens (all rows are read again in one forward), so no position
     past what the model was trained on is ever used and every row still decodes as it would alone.
-    Without the cache every step re-reads
-    the whole window (the baseline the cache is measured against); `decode_step` comes from
-    compile_decode_step.
+    Without the cache every step re-reads the whole window (the baseline the cache is measured
+    against); `decode_step` comes from compile_decode_step.
     """
     device = model.lm_head.weight.device
     context = min(context or model.cfg.max_seq_len, model.cfg.max_seq_len)
@@ -197,7 +201,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
                     window.append(token)
                 slide = length == context  # the longest rows are full: each of them keeps its last half
                 if slide:
-                    windows = [w[-max(1, context // 2):] if len(w) > context else w for w in windows]
+                    windows = [w[-kept_on_slide(context):] if len(w) > context else w for w in windows]
                 if slide or not use_cache:
                     logits, pad = prefill(model, windows)
                     length = max(map(len, windows))
@@ -400,7 +404,7 @@ def run(cfg: SampleConfig) -> None:
     id_lists = fit_context(id_lists, cfg, context)
     if max(map(len, id_lists)) + cfg.max_new_tokens - 1 > context:
         print(f"note: {cfg.checkpoint} was trained on windows of {context} tokens; past that, decoding slides "
-              f"the window, keeping the last {max(1, context // 2)} tokens", file=sys.stderr)
+              f"the window, keeping the last {kept_on_slide(context)} tokens", file=sys.stderr)
     one_row = len(id_lists) * cfg.num_samples == 1
     if cfg.stream is True and not one_row:
         raise ConfigError("--stream prints a single sample: drop it, or use one prompt and num_samples=1")

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from config import ModelConfig, parse_cli, script
+from config import ConfigError, ModelConfig, parse_cli, script
 
 
 class RMSNorm(nn.Module):
@@ -195,13 +195,24 @@ class Llama(nn.Module):
         self.reset_parameters()
 
     @classmethod
-    def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor],
-                        dtype: torch.dtype = torch.float32) -> "Llama":
+    def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+                        source: str = "the state dict") -> "Llama":
         """A model holding `state`'s tensors (lm_head.weight may be absent when tied), built
-        without first initializing weights that would be overwritten."""
+        without first initializing weights that would be overwritten. Missing, extra or misshapen
+        tensors are refused in one line naming `source`."""
         with torch.device("meta"):
             model = cls(cfg)
-        expected = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+        shapes = {k: v.shape for k, v in model.state_dict().items()}
+        expected = set(shapes) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+        if missing := sorted(expected - set(state)):
+            raise ConfigError(f"{source} has no weights for {missing[0]} (and {len(missing) - 1} more): "
+                              f"is it a complete Llama checkpoint?")
+        if unexpected := sorted(set(state) - expected - {"lm_head.weight"}):
+            raise ConfigError(f"{source} has weights this architecture lacks, e.g. {unexpected[0]}: "
+                              f"it is not a plain Llama model")
+        if wrong := next((k for k in sorted(expected) if state[k].shape != shapes[k]), None):
+            raise ConfigError(f"{source}: {wrong} has shape {tuple(state[wrong].shape)} but the config implies "
+                              f"{tuple(shapes[wrong])}: the config and the weights disagree")
         model.load_state_dict({k: state[k].to(dtype) for k in expected}, strict=False, assign=True)
         if cfg.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight

@@ -72,11 +72,14 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr + progress * (cfg.min_lr - cfg.lr)
 
 
-def muon_lr_at(step: int, cfg: TrainConfig) -> float:
-    """Muon's learning rate: peak muon_lr, floor scaled like min_lr, its own schedule shape."""
+def muon_schedule(cfg: TrainConfig) -> TrainConfig:
+    """The schedule Muon follows: peak muon_lr, floor scaled like min_lr, its own shape."""
     shape = cfg.lr_schedule if cfg.muon_lr_schedule == "same" else cfg.muon_lr_schedule
-    return lr_at(step, dataclasses.replace(cfg, lr=cfg.muon_lr, min_lr=cfg.muon_lr * cfg.min_lr / cfg.lr,
-                                           lr_schedule=shape))
+    return dataclasses.replace(cfg, lr=cfg.muon_lr, min_lr=cfg.muon_lr * cfg.min_lr / cfg.lr, lr_schedule=shape)
+
+
+def muon_lr_at(step: int, cfg: TrainConfig) -> float:
+    return lr_at(step, muon_schedule(cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,6 +287,7 @@ class Run:
     wandb_id: str | None = None
     wandb_run: Any = None
     resumed_from: Path | None = None
+    eval_unrecorded: bool = False  # resumed at an evaluation step whose evaluation was never recorded
     replaced: Path | None = None  # --overwrite: the previous run, kept until this one's first checkpoint
 
     @property
@@ -454,6 +458,11 @@ def restore(run: Run, ckpt: Path) -> None:
     if run.runtime.is_main:  # forget what was logged after the checkpoint: those steps run again
         kept = [m for m in read_metrics(run.metrics_path) if m["step"] <= run.step]
         run.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        # A run killed while evaluating (or stopped by a signal) saved its checkpoint but not the
+        # evaluation of that step: the resumed run does it first, as the uninterrupted run did.
+        tc = run.cfg.train
+        due = run.step % tc.eval_interval == 0 or run.step == tc.max_steps
+        run.eval_unrecorded = due and not any(m["kind"] == "eval" and m["step"] == run.step for m in kept)
     run.runtime.log(f"resumed from {ckpt} at step {run.step}")
 
 
@@ -467,33 +476,31 @@ def wrap_for_training(module: torch.nn.Module, runtime: Runtime) -> torch.nn.Mod
 def start_logging(run: Run) -> tuple[int, float]:
     """Record the config and environment, print the setup, open W&B; returns (training FLOPs per
     token, the peak FLOP/s that MFU divides by)."""
-    cfg, runtime, model = run.cfg, run.runtime, run.model
-    flops_per_token = model.flops_per_token(cfg.train.block_size)
-    peak = peak_flops(cfg.train, runtime)
+    cfg, tc, runtime, model = run.cfg, run.cfg.train, run.runtime, run.model
+    flops_per_token = model.flops_per_token(tc.block_size)
+    peak = peak_flops(tc, runtime)
     if runtime.is_main:
         (run.out_dir / "config.toml").write_text(to_toml(cfg))
         (run.out_dir / "run_info.json").write_text(json.dumps({
             "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "device": str(runtime.device), "amp_dtype": str(runtime.amp_dtype), "world_size": runtime.world,
             "params": model.num_params(), "flops_per_token": flops_per_token, "peak_flops": peak}, indent=2))
-    run.runtime.log(f"device {runtime.device} | amp {str(runtime.amp_dtype).removeprefix('torch.')} | "
-            f"compile {cfg.train.compile} | world {runtime.world}")
-    tc = cfg.train
+    runtime.log(f"device {runtime.device} | amp {str(runtime.amp_dtype).removeprefix('torch.')} | "
+                f"compile {tc.compile} | world {runtime.world}")
     adamw = f"adamw lr {tc.lr:g} betas ({tc.beta1:g}, {tc.beta2:g}) decay {tc.weight_decay:g}"
-    muon_shape = tc.lr_schedule if tc.muon_lr_schedule == "same" else tc.muon_lr_schedule
-    run.runtime.log(f"optimizer {adamw}" if tc.optimizer == "adamw" else
-                    f"optimizer muon lr {tc.muon_lr:g} ({muon_shape}) momentum {tc.muon_momentum:g} "
-                    f"decay {tc.muon_weight_decay:g} "
-                    f"on {sum(p.numel() for p in run.optimizers[1].param_groups[0]['params']):,} block-matrix "
-                    f"weights | {adamw} on the rest")
-    run.runtime.log(f"params {model.num_params():,} | micro batch {cfg.train.micro_batch_size} x {cfg.train.block_size} "
-            f"tokens | accumulation {run.accum} | {run.tokens_per_step:,} tokens/step | peak {peak / 1e12:.2f} TFLOP/s")
-    if cfg.train.wandb != "off" and runtime.is_main:
+    runtime.log(f"optimizer {adamw}" if tc.optimizer == "adamw" else
+                f"optimizer muon lr {tc.muon_lr:g} ({muon_schedule(tc).lr_schedule}) momentum {tc.muon_momentum:g} "
+                f"decay {tc.muon_weight_decay:g} on "
+                f"{sum(p.numel() for p in run.optimizers[1].param_groups[0]['params']):,} block-matrix weights | "
+                f"{adamw} on the rest")
+    runtime.log(f"params {model.num_params():,} | micro batch {tc.micro_batch_size} x {tc.block_size} tokens | "
+                f"accumulation {run.accum} | {run.tokens_per_step:,} tokens/step | peak {peak / 1e12:.2f} TFLOP/s")
+    if tc.wandb != "off" and runtime.is_main:
         import wandb
         # Under `wandb agent` (WANDB_SWEEP_ID set) W&B names the runs; otherwise the folder does.
         default_name = None if os.environ.get("WANDB_SWEEP_ID") else run.out_dir.name
-        run.wandb_run = wandb.init(project=cfg.train.wandb_project, name=cfg.train.wandb_run_name or default_name,
-                                   group=cfg.train.wandb_group, id=run.wandb_id, resume="allow", mode=cfg.train.wandb,
+        run.wandb_run = wandb.init(project=tc.wandb_project, name=tc.wandb_run_name or default_name,
+                                   group=tc.wandb_group, id=run.wandb_id, resume="allow", mode=tc.wandb,
                                    config=cfg.to_dict(), dir=str(run.out_dir))
         run.wandb_id = run.wandb_run.id
     return flops_per_token, peak
@@ -524,8 +531,9 @@ def train_step(run: Run) -> StepResult:
     tc, start = run.cfg.train, time.perf_counter()
     lr = lr_at(run.step, tc)
     for optimizer in run.optimizers:
+        optimizer_lr = muon_lr_at(run.step, tc) if isinstance(optimizer, torch.optim.Muon) else lr
         for group in optimizer.param_groups:
-            group["lr"] = muon_lr_at(run.step, tc) if isinstance(optimizer, torch.optim.Muon) else lr
+            group["lr"] = optimizer_lr
     try:
         loss = accumulate_gradients(run)
     except Exception as e:  # compile="auto": a model dynamo cannot handle still trains, eagerly
@@ -593,14 +601,14 @@ def save_checkpoint(run: Run) -> Path:
     return path
 
 
-def stop_requested(run: Run, stop: StopRequest) -> bool:
-    """Whether a signal asked to stop; under torchrun every rank agrees, so all stop at one step."""
-    stopping = stop.signal is not None
+def on_any_rank(run: Run, flag: bool) -> bool:
+    """True on every process when `flag` is true on any: under torchrun all ranks must take the
+    same branch (stop at the same step, run the same evaluation)."""
     if run.runtime.world > 1:
-        flag = torch.tensor(float(stopping), device=run.runtime.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stopping = bool(flag.item())
-    return stopping
+        value = torch.tensor(float(flag), device=run.runtime.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        flag = bool(value.item())
+    return flag
 
 
 def log_step(run: Run, result: StepResult, flops_per_token: int, peak: float, bar: tqdm) -> None:
@@ -634,20 +642,6 @@ def log_eval(run: Run, losses: dict[str, float], ckpt: Path, bar: tqdm) -> None:
     bar.write(f"step {run.step}: train {losses['train']:.4f} | val {losses['val']:.4f} | best val {run.best_val:.4f}")
 
 
-def redo_unrecorded_eval(run: Run, bar: tqdm) -> None:
-    """A run killed while evaluating (or stopped by a signal) saved its checkpoint but not the
-    evaluation of that step: the resumed run does it first, as the uninterrupted run did."""
-    tc = run.cfg.train
-    due = run.step % tc.eval_interval == 0 or run.step == tc.max_steps
-    recorded = any(m["kind"] == "eval" and m["step"] == run.step for m in read_metrics(run.metrics_path))
-    if run.runtime.world > 1:  # only the main process reads the records: every rank must agree
-        flag = torch.tensor(float(recorded), device=run.runtime.device)
-        dist.broadcast(flag, src=0)
-        recorded = bool(flag.item())
-    if due and not recorded:
-        log_eval(run, evaluate(run), run.resumed_from, bar)
-
-
 def train(cfg: Config) -> int:
     """Run the configured training; returns the process exit code."""
     run = start_run(cfg)
@@ -663,8 +657,8 @@ def train_loop(run: Run) -> int:
     with StopRequest() as stop, bar:
         exit_code = 0
         run.step_model.train()
-        if run.resumed_from is not None:
-            redo_unrecorded_eval(run, bar)
+        if run.resumed_from is not None and on_any_rank(run, run.eval_unrecorded):  # main knows; all evaluate
+            log_eval(run, evaluate(run), run.resumed_from, bar)
         while run.step < tc.max_steps:
             result = train_step(run)
             log_step(run, result, flops_per_token, peak, bar)
@@ -677,7 +671,7 @@ def train_loop(run: Run) -> int:
                 exit_code = EXIT_NONFINITE
                 break
             eval_now = run.step % tc.eval_interval == 0 or run.step == tc.max_steps
-            stopping = stop_requested(run, stop)
+            stopping = on_any_rank(run, stop.signal is not None)
             if stopping or eval_now or run.step % tc.ckpt_interval == 0:
                 ckpt = save_checkpoint(run) if run.runtime.is_main else None  # before an eval that may crash
                 if stopping:

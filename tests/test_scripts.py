@@ -31,6 +31,14 @@ def test_success_returns_the_scripts_code():
     assert script(lambda argv: 3)([]) == 3
 
 
+def test_ctrl_c_is_status_130_without_a_traceback(capsys):
+    @script
+    def main(argv: list[str]) -> None:
+        raise KeyboardInterrupt
+
+    assert main([]) == 130 and capsys.readouterr().err == ""
+
+
 def test_a_bug_keeps_its_traceback():
     @script
     def main(argv: list[str]) -> None:

@@ -80,6 +80,7 @@ def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, accum, optimizer):
     assert "resumed from" in resumed.stdout
     assert train_losses(out) == train_losses(tmp_path / "straight")  # bit-identical, not approximately
     assert len(train_losses(out)) == 30
+    assert checkpoint.trained_context(checkpoint.resolve(out)) == 32  # block_size, kept through the resume
 
 
 def test_a_run_killed_while_evaluating_redoes_that_evaluation(data_dir, tmp_path, monkeypatch):
