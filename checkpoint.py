@@ -190,13 +190,13 @@ def save_hf(model: Llama, path: str | Path, trained_context: int | None = None) 
     (sampling never goes past it; transformers keeps the key as an attribute and ignores it)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = hf_config_dict(model.cfg, model.lm_head.weight.dtype)
+    config = hf_config_dict(model.cfg, model.embed_tokens.weight.dtype)
     if trained_context is not None:
         config[TRAINED_CONTEXT] = trained_context
     (path / "config.json").write_text(json.dumps(config, indent=2))
     # Tied weights are one tensor: safetensors refuses aliases, and HF re-ties on load.
     state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous()
-             for k, v in model.state_dict().items()
+             for k, v in model.standard_state_dict().items()
              if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
     safetensors.torch.save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 

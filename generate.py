@@ -119,8 +119,30 @@ def compile_decode_step(model: Llama) -> DecodeStep:
     def step(token: torch.Tensor, position: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
         return model(token, start_pos=position, last_only=True, pad=pad)[0][:, -1]
 
-    mode = "reduce-overhead" if model.lm_head.weight.is_cuda else None
+    mode = "reduce-overhead" if model.embed_tokens.weight.is_cuda else None
     return torch.compile(step, mode=mode, fullgraph=True)
+
+
+class HostTokens:
+    """Each step's tokens copied to the host without stopping the device: copy() queues the copy
+    into pinned memory behind the step's kernels, and wait() waits for that copy alone, so work
+    queued after it (the next step's forward) keeps the device busy meanwhile. Finished rows stay
+    in the batch; the host ignores their tokens."""
+
+    def __init__(self, batch: int, device: torch.device):
+        self.on_gpu = device.type == "cuda"
+        self.buffer = torch.empty(batch, dtype=torch.long, pin_memory=self.on_gpu)
+        self.copied = torch.cuda.Event() if self.on_gpu else None
+
+    def copy(self, tokens: torch.Tensor) -> None:
+        self.buffer.copy_(tokens, non_blocking=self.on_gpu)
+        if self.copied is not None:
+            self.copied.record()
+
+    def wait(self) -> list[int]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return self.buffer.tolist()
 
 
 def row_seed(seed: int, prompt_ids: Sequence[int], sample: int) -> int:
@@ -140,7 +162,7 @@ def prefill(model: Llama, windows: Sequence[list[int]]) -> tuple[torch.Tensor, t
     """Read every row's window in one forward from position 0 (into the KV cache, when set up),
     rows left-padded to the longest; returns the last position's logits and the padding counts
     (None when no row is padded)."""
-    device, longest = model.lm_head.weight.device, max(map(len, windows))
+    device, longest = model.embed_tokens.weight.device, max(map(len, windows))
     padding = [longest - len(w) for w in windows]
     tokens = torch.tensor([[0] * n + list(w) for n, w in zip(padding, windows)], device=device)
     pad = torch.tensor(padding, device=device) if any(padding) else None
@@ -160,7 +182,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
     Without the cache every step re-reads the whole window (the baseline the cache is measured
     against); `decode_step` comes from compile_decode_step.
     """
-    device = model.lm_head.weight.device
+    device = model.embed_tokens.weight.device
     context = min(context or model.cfg.max_seq_len, model.cfg.max_seq_len)
     rows = [Completion(list(p), sample) for p in prompts for sample in range(cfg.num_samples)]
     longest = max(len(r.prompt_ids) for r in rows)
@@ -180,12 +202,27 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
         logits, pad = prefill(model, windows)
         length = longest  # slots of the window in use; the next token goes to slot `length`
         position = torch.tensor(length, device=device)  # the same, for the compiled step
+    host = HostTokens(len(rows), device)
     try:
         for step in range(n_new):
             with torch.inference_mode():
                 next_tokens = sample_next(logits, seen, cfg, generators)
-                emitted = next_tokens.tolist()  # the one host sync per step: the tokens must be emitted
-            for row, token in zip(rows, emitted):
+                seen.scatter_(1, next_tokens[:, None], True)
+                host.copy(next_tokens)
+                # A slide, and every step without the cache, re-reads windows that the host holds.
+                reread = length == context or not use_cache
+                if step < n_new - 1 and not reread:
+                    # Queued before the host waits for this step's tokens: the device computes
+                    # the next step while the host emits this one.
+                    if decode_step is not None:
+                        logits = decode_step(next_tokens[:, None], position, pad)
+                        position += 1
+                    else:
+                        logits = model(next_tokens[:, None], start_pos=length, last_only=True, pad=pad)[0][:, -1]
+                    length += 1
+            emitted = host.wait()
+            for row, window, token in zip(rows, windows, emitted):
+                window.append(token)
                 if row.finish_reason is None:
                     if token in eos:
                         row.finish_reason = "eos"
@@ -195,24 +232,13 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
             yield rows
             if all(r.finish_reason for r in rows) or step == n_new - 1:
                 break
-            with torch.inference_mode():
-                seen.scatter_(1, next_tokens[:, None], True)
-                for window, token in zip(windows, emitted):
-                    window.append(token)
-                slide = length == context  # the longest rows are full: each of them keeps its last half
-                if slide:
-                    windows = [w[-kept_on_slide(context):] if len(w) > context else w for w in windows]
-                if slide or not use_cache:
+            if reread:
+                with torch.inference_mode():
+                    if length == context:  # the longest rows are full: each of them keeps its last half
+                        windows = [w[-kept_on_slide(context):] if len(w) > context else w for w in windows]
                     logits, pad = prefill(model, windows)
                     length = max(map(len, windows))
                     position.fill_(length)
-                elif decode_step is not None:
-                    logits = decode_step(next_tokens[:, None], position, pad)
-                    position += 1
-                    length += 1
-                else:
-                    logits = model(next_tokens[:, None], start_pos=length, last_only=True, pad=pad)[0][:, -1]
-                    length += 1
     finally:
         model.clear_cache()
 
@@ -281,13 +307,23 @@ def load_for_sampling(cfg: SampleConfig) -> Loaded:
     device, dtype = pick_device(cfg)
     model, folder = checkpoint.load_model(cfg.checkpoint, dtype)
     model = model.to(device).eval()
-    if device.type == "cpu":
-        model.use_decoding_layout()
+    prepare_for_decoding(model, cfg.quantize)
     tokenizer = load_tokenizer(folder)
     bos, eos = special_token_ids(folder, tokenizer)
     trained = checkpoint.trained_context(folder) if folder is not None else None
     return Loaded(model, tokenizer, bos, eos if cfg.eos_ids() is None else cfg.eos_ids(),
                   min(trained or model.cfg.max_seq_len, model.cfg.max_seq_len))
+
+
+def prepare_for_decoding(model: Llama, quantize: str = "none") -> None:
+    """The load-time transformations that make decoding read less: fused projections, on CPU the
+    transposed layout of widening weights, then optionally int8 weights. Outputs are unchanged
+    up to float rounding (int8: up to its quantization error)."""
+    model.fuse_projections()
+    if model.embed_tokens.weight.device.type == "cpu":
+        model.use_decoding_layout()
+    if quantize == "int8":
+        model.quantize_int8()
 
 
 def detokenize(tokenizer: Tokenizer | None, ids: list[int]) -> str:

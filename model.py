@@ -115,6 +115,8 @@ def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    FUSED, PARTS = "qkv_proj", ("q_proj", "k_proj", "v_proj")  # see Llama.fuse_projections
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -123,14 +125,22 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.qkv_proj: nn.Module | None = None
+        self.part_sizes = [cfg.n_heads * cfg.head_dim] + 2 * [cfg.n_kv_heads * cfg.head_dim]
         self.cache: KVCache | None = None
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.qkv_proj(x).split(self.part_sizes, dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project_qkv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(start_pos, k, v)
@@ -153,15 +163,47 @@ class Attention(nn.Module):
 
 class FeedForward(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
+    FUSED, PARTS = "gate_up_proj", ("gate_proj", "up_proj")  # see Llama.fuse_projections
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate_up_proj: nn.Module | None = None
+        self.part_sizes = [cfg.ffn_dim, cfg.ffn_dim]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = self.gate_up_proj(x).split(self.part_sizes, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+def linear_from(weight: torch.Tensor, requires_grad: bool) -> nn.Linear:
+    """A bias-free nn.Linear holding `weight` (out, in) itself, without initializing another first."""
+    with torch.device("meta"):
+        linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    linear.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    return linear
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear layer with int8 weights and one scale per output row (weight-only
+    quantization: activations stay floating point). Each row is scaled so that its largest
+    magnitude becomes 127; compiled, the int8-to-float conversion fuses into the matmul, so a
+    decoding step reads one byte per weight."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        w = weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
+        self.register_buffer("weight", (w / scales[:, None]).round().to(torch.int8))
+        self.register_buffer("scales", scales.to(weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype)) * self.scales
 
 
 class Block(nn.Module):
@@ -284,7 +326,7 @@ class Llama(nn.Module):
     def setup_cache(self, batch_size: int, dtype: torch.dtype | None = None, max_seq_len: int | None = None) -> None:
         """Allocate a KV cache in every attention layer for up to max_seq_len positions
         (default: the model's; a shorter one saves memory, and compiled decoding attends over all of it)."""
-        device, dtype = self.lm_head.weight.device, dtype or self.lm_head.weight.dtype
+        device, dtype = self.embed_tokens.weight.device, dtype or self.embed_tokens.weight.dtype
         for layer in self.layers:
             layer.self_attn.cache = KVCache(batch_size, self.cfg.n_kv_heads, max_seq_len or self.cfg.max_seq_len,
                                             self.cfg.head_dim, dtype, device)
@@ -310,6 +352,48 @@ class Llama(nn.Module):
                                              requires_grad=module.weight.requires_grad)
         if self.cfg.tie_embeddings:
             self.embed_tokens.weight = self.lm_head.weight
+
+    def fuse_projections(self) -> None:
+        """Compute q, k, v with one matmul and gate, up with another, from their weights
+        concatenated along the output dimension: a decoding step then runs 4 matmuls per layer
+        instead of 7, each over one longer weight. The function is unchanged;
+        unfuse_projections() restores the separate layers and standard_state_dict() (what save_hf
+        writes) always holds them separately."""
+        for module in self.modules():
+            if isinstance(module, (Attention, FeedForward)) and getattr(module, module.FUSED) is None:
+                parts = [getattr(module, name) for name in module.PARTS]
+                fused = torch.cat([p.weight.detach() for p in parts])
+                setattr(module, module.FUSED, linear_from(fused, parts[0].weight.requires_grad))
+                for name in module.PARTS:
+                    setattr(module, name, None)
+
+    def unfuse_projections(self) -> None:
+        for module in self.modules():
+            if isinstance(module, (Attention, FeedForward)) and (fused := getattr(module, module.FUSED)) is not None:
+                if not isinstance(fused, nn.Linear):
+                    raise ValueError("a quantized model cannot be unfused: reload it")
+                for name, weight in zip(module.PARTS, fused.weight.detach().split(module.part_sizes)):
+                    setattr(module, name, linear_from(weight, fused.weight.requires_grad))
+                setattr(module, module.FUSED, None)
+
+    def standard_state_dict(self) -> dict[str, torch.Tensor]:
+        """state_dict() with every fused projection split back into its parts: the checkpoint layout."""
+        if any(isinstance(m, Int8Linear) for m in self.modules()):
+            raise ValueError("an int8 model has no standard checkpoint layout: save the model before quantizing it")
+        state = self.state_dict()
+        for prefix, module in self.named_modules():
+            if isinstance(module, (Attention, FeedForward)) and getattr(module, module.FUSED) is not None:
+                fused = state.pop(f"{prefix}.{module.FUSED}.weight")
+                state.update({f"{prefix}.{name}.weight": w for name, w in zip(module.PARTS, fused.split(module.part_sizes))})
+        return state
+
+    def quantize_int8(self) -> None:
+        """Replace every linear layer (the LM head too, the embedding not) with Int8Linear: a
+        quarter of fp32's weight bytes, half of bf16's. Meant for inference; there is no way back."""
+        for module in list(self.modules()):
+            for name, child in module.named_children():
+                if isinstance(child, nn.Linear):
+                    setattr(module, name, Int8Linear(child.weight))
 
     # --- accounting ----------------------------------------------------------------------------
 

@@ -1,19 +1,24 @@
 """Batch-1 decoding speed: generate.py against transformers' generate on the same weights.
 
-    python bench/generate_speed.py [--rounds 3] [--no-compile] [--json out.json]
+    python bench/generate_speed.py [--rounds 3] [--no-compile] [--device auto] [--json out.json]
 
-Models: the reference config (vocab 8192, 6 layers, dim 384, 6 heads, 2 KV heads, FFN 1024, random
-weights) and stories260K when ../shared/data/stories260K.bin exists. Each run decodes 256 greedy
-tokens after a 16-token prompt; tokens/s counts all 256 over the whole call (prefill included).
-Rounds alternate between variants so machine noise hits all of them; medians are reported.
+On CPU (fp32): the reference config (vocab 8192, 6 layers, dim 384, 6 heads, 2 KV heads, FFN 1024,
+random weights) and stories260K when ../shared/data/stories260K.bin exists. On a GPU (bf16): a
+TinyLlama-1.1B-shaped model (random weights). Each run decodes 256 greedy tokens after a 16-token
+prompt; tokens/s counts all 256 over the whole call (prefill included). Rounds alternate between
+variants so machine noise hits all of them; medians are reported.
 
-nanollama runs twice: with the weights as training leaves them and with Llama.use_decoding_layout()
-(what generate.py does on CPU), so the layout's gain is measured in the same run.
+nanollama runs with the weights as training leaves them ("training layout") and as generate.py
+prepares them (fused q/k/v and gate/up projections, on CPU the transposed layout of widening
+weights), eager and compiled, and compiled with int8 weights, so each transformation's gain is
+measured in the same run. Int8 changes the numbers: its row reports how often its greedy next token
+agrees with the unquantized model's given the same previous tokens (teacher forcing).
 
 Decoding one token reads every weight once and does ~2 FLOPs per weight, so its limits are the
-weight bytes over the memory bandwidth (measured here by summing a 256 MB tensor) and the FLOPs
-over the fp32 matmul rate. Also measured: time to first token, and one token's cost at a 1024-token
-context with the KV cache and without it (a full forward over the context).
+bytes a step reads (each variant's own: int8 reads a quarter of fp32's) over the memory bandwidth
+(measured here by summing a tensor far larger than any cache) and the FLOPs over the matmul rate.
+Also measured: time to first token, and one token's cost at a 1024-token context with the KV cache
+and without it (a full forward over the context).
 """
 
 from __future__ import annotations
@@ -29,39 +34,52 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from config import SampleConfig  # noqa: E402
+from config import ModelConfig, SampleConfig  # noqa: E402
 from checkpoint import read_llama2c  # noqa: E402
-from generate import compile_decode_step, generate  # noqa: E402
-from model import Llama  # noqa: E402
+from generate import compile_decode_step, generate, prepare_for_decoding  # noqa: E402
+from model import Int8Linear, Llama, RMSNorm  # noqa: E402
 from train_speed import REFERENCE as TRAINING_REFERENCE  # noqa: E402
-from train_speed import benchmark_args, hf_model, matmul_flops_per_s  # noqa: E402
+from train_speed import benchmark_args, hf_model, matmul_flops_per_s, synchronize  # noqa: E402
 
 # The training benchmark's model, with room for the 1024-token cached-vs-uncached measurement.
 REFERENCE = dataclasses.replace(TRAINING_REFERENCE, max_seq_len=1040)
+# TinyLlama-1.1B's shape: what the GPU figures are quoted for.
+TINYLLAMA = ModelConfig(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632,
+                        max_seq_len=2048)
 
 STORIES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "stories260K.bin"
 PROMPT_LEN, NEW_TOKENS, LONG_CONTEXT = 16, 256, 1024
 
 
-def read_bandwidth(reps: int = 5) -> float:
-    """Bytes per second for a reduction over a 256 MB tensor: far more than any cache holds."""
-    big = torch.ones(64 * 1024 * 1024)
+def read_bandwidth(device: str, reps: int = 5) -> float:
+    """Bytes per second for a reduction over a tensor far larger than any cache (256 MB; 2 GB on a GPU)."""
+    big = torch.ones((512 if device == "cuda" else 64) * 1024 * 1024, device=device)
     big.sum()
     times = []
     for _ in range(reps):
+        synchronize(device)
         start = time.perf_counter()
         big.sum()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return big.numel() * 4 / statistics.median(times)
 
 
+def step_bytes(model: Llama) -> int:
+    """Bytes one batch-1 decoding step reads, KV cache aside: every matmul weight (int8 ones with
+    their scales), the norms, and one row of the embedding table."""
+    tensors = [t for m in model.modules() if isinstance(m, (torch.nn.Linear, Int8Linear, RMSNorm))
+               for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
+    row = model.cfg.dim * model.embed_tokens.weight.element_size()
+    return sum(t.numel() * t.element_size() for t in tensors) + row
+
+
 def decode_limits(model: Llama) -> dict[str, float]:
-    """Bytes and FLOPs one decoding step needs at batch 1 (context PROMPT_LEN + NEW_TOKENS / 2)."""
+    """KV bytes and FLOPs one decoding step needs at batch 1 (context PROMPT_LEN + NEW_TOKENS / 2)."""
     matmul_weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    norms = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 1)
     context = PROMPT_LEN + NEW_TOKENS // 2
-    kv_bytes = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * context * 4
-    return {"weight_bytes": 4 * (matmul_weights + norms + model.cfg.dim), "kv_bytes": kv_bytes,
+    kv_bytes = 2 * model.cfg.n_layers * model.cfg.n_kv_heads * model.cfg.head_dim * context
+    return {"kv_bytes": kv_bytes * model.embed_tokens.weight.element_size(),
             "flops": 2 * matmul_weights + 4 * model.cfg.n_layers * model.cfg.dim * context}
 
 
@@ -78,9 +96,10 @@ def ours_runner(model: Llama, prompt: list[int], compiled: bool):
 
 
 def hf_runner(hf, prompt: list[int], cache: str | None):
-    x = torch.tensor([prompt])
+    x = torch.tensor([prompt], device=hf.device)
 
     def run() -> tuple[list[int], float]:
+        synchronize(hf.device)
         start = time.perf_counter()
         with torch.inference_mode():
             out = hf.generate(x, do_sample=False, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
@@ -89,9 +108,18 @@ def hf_runner(hf, prompt: list[int], cache: str | None):
     return run
 
 
-def first_token_seconds(run_one) -> float:
+def teacher_forced_agreement(model: Llama, reference: Llama, tokens: list[int]) -> float:
+    """How often model's greedy next token equals reference's, both reading the same tokens."""
+    x = torch.tensor([tokens], device=model.embed_tokens.weight.device)
+    with torch.inference_mode():
+        ours, theirs = model(x)[0].argmax(-1), reference(x)[0].argmax(-1)
+    return (ours == theirs).float().mean().item()
+
+
+def first_token_seconds(run_one, device: str) -> float:
     times = []
     for _ in range(5):
+        synchronize(device)
         start = time.perf_counter()
         run_one()
         times.append(time.perf_counter() - start)
@@ -106,17 +134,21 @@ def long_context_step_seconds(model: Llama, use_cache: bool) -> float:
     return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
 
-def bench_model(name: str, ours: Llama, rounds: int, compile_: bool) -> dict:
-    ours.eval()
+def bench_model(name: str, ours: Llama, rounds: int, compile_: bool, device: str) -> dict:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     prompt = torch.randint(0, ours.cfg.vocab_size, (PROMPT_LEN,), generator=torch.Generator().manual_seed(0)).tolist()
-    hf = hf_model(ours, "sdpa").eval()
-    standard = copy.deepcopy(ours)  # the weights in their training layout, for the layout's own ratio
-    ours.use_decoding_layout()  # as generate.py does on CPU
-    variants = {"nanollama (eager, training layout)": ours_runner(standard, prompt, False),
-                "nanollama (eager)": ours_runner(ours, prompt, False)}
+    ours = ours.to(dtype)
+    hf = hf_model(ours, "sdpa").to(device=device, dtype=dtype).eval()
+    standard = ours.to(device).eval()  # the weights as training leaves them
+    prepared = copy.deepcopy(standard)
+    prepare_for_decoding(prepared)  # as generate.py does
+    models = {"nanollama (eager, training layout)": (standard, False), "nanollama (eager)": (prepared, False)}
     if compile_:
-        variants["nanollama (compiled, training layout)"] = ours_runner(standard, prompt, True)
-        variants["nanollama (compiled)"] = ours_runner(ours, prompt, True)
+        int8 = copy.deepcopy(standard)
+        prepare_for_decoding(int8, "int8")
+        models |= {"nanollama (compiled, training layout)": (standard, True), "nanollama (compiled)": (prepared, True),
+                   "nanollama (compiled, int8)": (int8, True)}
+    variants = {variant: ours_runner(model, prompt, compiled) for variant, (model, compiled) in models.items()}
     variants["transformers generate (dynamic cache)"] = hf_runner(hf, prompt, None)
     variants["transformers generate (static cache)"] = hf_runner(hf, prompt, "static")
     tokens, failed = {}, {}
@@ -132,35 +164,46 @@ def bench_model(name: str, ours: Llama, rounds: int, compile_: bool) -> dict:
     for _ in range(rounds):
         for variant, run in variants.items():
             times[variant].append(run()[1])
+    hf_tokens = tokens["transformers generate (dynamic cache)"]
     hf_default = statistics.median(times["transformers generate (dynamic cache)"])
-    rows = [{"variant": v, "tokens_per_s": round(NEW_TOKENS / statistics.median(t), 1),
-             "vs_transformers_dynamic": round(hf_default / statistics.median(t), 2),
-             "same_tokens_as_transformers": tokens[v] == tokens["transformers generate (dynamic cache)"]}
-            for v, t in times.items()]
+    rows = []
+    for variant, t in times.items():
+        model = models[variant][0] if variant in models else standard
+        row = {"variant": variant, "tokens_per_s": round(NEW_TOKENS / statistics.median(t), 1),
+               "step_bytes": step_bytes(model), "vs_transformers_dynamic": round(hf_default / statistics.median(t), 2),
+               "same_tokens_as_transformers": tokens[variant] == hf_tokens}
+        if "int8" in variant:
+            row["teacher_forced_agreement"] = round(teacher_forced_agreement(model, prepared, prompt + hf_tokens), 3)
+        rows.append(row)
     cfg = SampleConfig(temperature=0.0, max_new_tokens=1)
-    ttft = {"nanollama": first_token_seconds(lambda: list(generate(ours, [prompt], cfg))),
-            "transformers": first_token_seconds(lambda: hf.generate(torch.tensor([prompt]), max_new_tokens=1,
-                                                                    do_sample=False, pad_token_id=0))}
-    result = {"model": name, "params": ours.num_params(), **decode_limits(ours), "rows": rows, "failed": failed,
+    x = torch.tensor([prompt], device=device)
+    ttft = {"nanollama": first_token_seconds(lambda: list(generate(prepared, [prompt], cfg)), device),
+            "transformers": first_token_seconds(lambda: hf.generate(x, max_new_tokens=1, do_sample=False,
+                                                                    pad_token_id=0).tolist(), device)}
+    result = {"model": name, "device": device, "dtype": str(dtype).removeprefix("torch."),
+              "params": prepared.num_params(), **decode_limits(prepared), "rows": rows, "failed": failed,
               "time_to_first_token_s": {k: round(v, 4) for k, v in ttft.items()}}
-    if ours.cfg.max_seq_len >= LONG_CONTEXT + 9:
-        cached, uncached = long_context_step_seconds(ours, True), long_context_step_seconds(ours, False)
+    if prepared.cfg.max_seq_len >= LONG_CONTEXT + 9:
+        cached, uncached = long_context_step_seconds(prepared, True), long_context_step_seconds(prepared, False)
         result["at_1024_tokens"] = {"cached_s_per_token": round(cached, 5), "uncached_s_per_token": round(uncached, 4),
                                     "speedup": round(uncached / cached, 1)}
     return result
 
 
 def print_report(result: dict, bandwidth: float, flops: float) -> None:
-    byte_limit = bandwidth / (result["weight_bytes"] + result["kv_bytes"])
-    flop_limit = flops / result["flops"]
-    print(f"\n{result['model']}: {result['params'] / 1e6:.2f}M params, {result['weight_bytes'] / 1e6:.1f} MB of weights "
-          f"and {result['flops'] / 1e6:.1f} MFLOP per token -> limits {byte_limit:,.0f} tokens/s (memory, "
-          f"{bandwidth / 1e9:.1f} GB/s) and {flop_limit:,.0f} tokens/s (matmul, {flops / 1e9:.0f} GFLOP/s)")
-    print(f"| {'variant':<38} | {'tokens/s':>9} | {'vs HF dynamic':>13} | {'of memory limit':>15} | same tokens |")
-    print(f"|{'-' * 40}|{'-' * 11}|{'-' * 15}|{'-' * 17}|-------------|")
+    print(f"\n{result['model']} ({result['dtype']} on {result['device']}): {result['params'] / 1e6:.2f}M params, "
+          f"{result['flops'] / 1e6:.1f} MFLOP per token -> compute allows {flops / result['flops']:,.0f} tokens/s "
+          f"({flops / 1e12:.1f} TFLOP/s); memory: {bandwidth / 1e9:.1f} GB/s over each variant's bytes per token")
+    print(f"| {'variant':<38} | {'tokens/s':>9} | {'MB/token':>8} | {'memory limit':>12} | {'of limit':>8} | "
+          f"{'vs HF dynamic':>13} | same tokens |")
+    print(f"|{'-' * 40}|{'-' * 11}|{'-' * 10}|{'-' * 14}|{'-' * 10}|{'-' * 15}|-------------|")
     for r in result["rows"]:
-        print(f"| {r['variant']:<38} | {r['tokens_per_s']:>9,.1f} | {r['vs_transformers_dynamic']:>12.2f}x | "
-              f"{r['tokens_per_s'] / byte_limit:>15.0%} | {'yes' if r['same_tokens_as_transformers'] else 'no':>11} |")
+        limit = bandwidth / (r["step_bytes"] + result["kv_bytes"])
+        same = "yes" if r["same_tokens_as_transformers"] else "no"
+        if "teacher_forced_agreement" in r:
+            same = f"{r['teacher_forced_agreement']:.0%} forced"
+        print(f"| {r['variant']:<38} | {r['tokens_per_s']:>9,.1f} | {r['step_bytes'] / 1e6:>8.1f} | {limit:>12,.0f} | "
+              f"{r['tokens_per_s'] / limit:>8.0%} | {r['vs_transformers_dynamic']:>12.2f}x | {same:>11} |")
     for variant, why in result["failed"].items():
         print(f"| {variant:<38} | failed: {why}")
     ttft = result["time_to_first_token_s"]
@@ -172,17 +215,22 @@ def print_report(result: dict, bandwidth: float, flops: float) -> None:
 
 
 def main() -> None:
-    args = benchmark_args(__doc__, default_rounds=3)
+    args = benchmark_args(__doc__, default_rounds=3, device=True)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.manual_seed(0)
-    models = {"reference config": Llama(REFERENCE)}
-    if STORIES.is_file():
-        models["stories260K"] = read_llama2c(STORIES)
-    results = [bench_model(name, model, args.rounds, not args.no_compile) for name, model in models.items()]
-    bandwidth, flops = read_bandwidth(), matmul_flops_per_s()
+    if device == "cuda":
+        models = {"TinyLlama-1.1B shape": lambda: Llama(TINYLLAMA)}
+    else:
+        models = {"reference config": lambda: Llama(REFERENCE)}
+        if STORIES.is_file():
+            models["stories260K"] = lambda: read_llama2c(STORIES)
+    results = [bench_model(name, build(), args.rounds, not args.no_compile, device) for name, build in models.items()]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    bandwidth, flops = read_bandwidth(device), matmul_flops_per_s(device=device, dtype=dtype)
     for result in results:
         print_report(result, bandwidth, flops)
-    summary = {"threads": torch.get_num_threads(), "read_bandwidth_bytes_per_s": bandwidth,
-               "matmul_flops_per_s": flops, "models": results}
+    summary = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "threads": torch.get_num_threads(),
+               "read_bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": flops, "models": results}
     print(json.dumps(summary))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

@@ -29,15 +29,23 @@ REFERENCE = ModelConfig(vocab_size=8192, dim=384, n_layers=6, n_heads=6, n_kv_he
 BATCH, SEQ = 8, 256
 
 
-def matmul_flops_per_s(n: int = 2048, reps: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_flops_per_s(n: int = 2048, reps: int = 5, device: str = "cpu", dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     times = []
     for _ in range(reps):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return 2 * n ** 3 / statistics.median(times)
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work, so a host clock measures it (a no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def hf_model(ours: Llama, attn: str) -> torch.nn.Module:
@@ -67,12 +75,15 @@ def make_step(model: torch.nn.Module, is_hf: bool, compile_: bool):
     return step
 
 
-def benchmark_args(doc: str, default_rounds: int) -> argparse.Namespace:
-    """The options every benchmark here takes."""
+def benchmark_args(doc: str, default_rounds: int, device: bool = False) -> argparse.Namespace:
+    """The options every benchmark here takes (and --device for those that run on a GPU too)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=default_rounds, help="timed rounds (medians are reported)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    if device:
+        parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                            help="auto: cuda when a GPU is visible")
     return parser.parse_args()
 
 

@@ -1,0 +1,196 @@
+"""The decoding fast paths: the on-device sampling loop against a plain host-side loop, fused
+projections, int8 weights, and (with a GPU) a decoding loop that never waits for the device."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import data
+from config import SampleConfig
+from generate import compile_decode_step, generate, prepare_for_decoding, row_seed
+from model import Int8Linear
+from test_convert import STORIES
+from test_model import make_model
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+GQA = dict(vocab_size=67, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, max_seq_len=128)
+
+
+def last_rows(model, prompts, cfg, **kw):
+    for rows in generate(model, prompts, cfg, **kw):
+        pass
+    return rows
+
+
+def reference_sample(model, prompt: list[int], sample: int, cfg: SampleConfig) -> list[int]:
+    """One row decoded the plain way: the whole sequence through the model every step, the
+    filters written out on a host-side copy of the logits, the row's own generator."""
+    generator = torch.Generator().manual_seed(row_seed(cfg.seed, prompt, sample))
+    ids, out = list(prompt), []
+    for _ in range(cfg.max_new_tokens):
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0][0, -1].float().clone()
+        for t in set(ids):
+            logits[t] = logits[t] / cfg.repetition_penalty if logits[t] > 0 else logits[t] * cfg.repetition_penalty
+        logits /= cfg.temperature
+        keep = torch.zeros_like(logits, dtype=torch.bool)
+        keep[logits.topk(cfg.top_k).indices] = True
+        mass = 0.0
+        for t in logits.masked_fill(~keep, float("-inf")).softmax(-1).argsort(descending=True).tolist():
+            probs = logits.masked_fill(~keep, float("-inf")).softmax(-1)
+            if mass >= cfg.top_p:
+                keep[t] = False
+            mass += probs[t].item()
+        probs = logits.masked_fill(~keep, float("-inf")).softmax(-1)
+        keep &= probs >= cfg.min_p * probs.max()
+        probs = logits.masked_fill(~keep, float("-inf")).softmax(-1)
+        noise = torch.empty_like(probs).exponential_(generator=generator)
+        token = int((probs / noise).argmax())
+        ids.append(token)
+        out.append(token)
+    return out
+
+
+def test_sampling_on_the_device_equals_a_host_side_reference_loop():
+    model = make_model(**GQA)
+    cfg = SampleConfig(temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, repetition_penalty=1.3,
+                       max_new_tokens=24, num_samples=2, seed=11)
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
+    rows = last_rows(model, prompts, cfg)
+    expected = [reference_sample(model, p, s, cfg) for p in prompts for s in range(cfg.num_samples)]
+    assert [r.token_ids for r in rows] == expected
+
+
+def test_finished_rows_stay_in_the_batch_and_others_go_on():
+    model = make_model(**GQA)
+    cfg = SampleConfig(temperature=1.0, max_new_tokens=30, num_samples=3, seed=2)
+    free = last_rows(model, [[4, 5]], cfg)
+    eos = free[0].token_ids[3]
+    stopped = last_rows(model, [[4, 5]], cfg, eos_ids=[eos])
+    for f, s in zip(free, stopped):
+        cut = f.token_ids.index(eos) if eos in f.token_ids else None
+        assert s.token_ids == f.token_ids[:cut] and s.finish_reason == ("eos" if cut is not None else "length")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_projections_keep_logits_tokens_and_the_checkpoint_layout(tmp_path, tied):
+    model = make_model(**GQA, tie_embeddings=tied)
+    tokens = torch.tensor([[5, 17, 3, 60, 22, 9, 41]])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=32)
+    before, greedy = model(tokens)[0], last_rows(model, [tokens[0].tolist()], cfg)[0].token_ids
+    model.fuse_projections()
+    assert model.layers[0].self_attn.q_proj is None and model.layers[0].mlp.gate_up_proj is not None
+    assert set(model.standard_state_dict()) == set(state)
+    assert all(torch.equal(v, state[k]) for k, v in model.standard_state_dict().items())
+    torch.testing.assert_close(model(tokens)[0], before, atol=1e-5, rtol=0)
+    assert last_rows(model, [tokens[0].tolist()], cfg)[0].token_ids == greedy
+    checkpoint.save_hf(model, tmp_path)  # the checkpoint format does not change
+    torch.testing.assert_close(checkpoint.load_hf(tmp_path)(tokens)[0], before, atol=1e-5, rtol=0)
+    model.unfuse_projections()
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_int8_weights_round_trip_within_half_a_step():
+    weight = torch.randn(48, 32)
+    q = Int8Linear(weight)
+    assert q.weight.dtype == torch.int8 and q.weight.abs().max() == 127
+    step = weight.abs().amax(dim=1, keepdim=True) / 127
+    assert ((q.weight.float() * q.scales[:, None] - weight).abs() <= step / 2 + 1e-6).all()
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(q(x), x @ (q.weight.float() * q.scales[:, None]).T, atol=1e-5, rtol=1e-5)
+
+
+def test_an_int8_model_decodes_and_refuses_to_be_saved(tmp_path):
+    model = make_model(**GQA)
+    prepare_for_decoding(model, "int8")
+    assert all(not isinstance(m, torch.nn.Linear) for m in model.modules())
+    rows = last_rows(model, [[1, 2, 3]], SampleConfig(temperature=0.0, max_new_tokens=8))
+    assert len(rows[0].token_ids) == 8
+    with pytest.raises(ValueError, match="save the model before quantizing"):
+        checkpoint.save_hf(model, tmp_path)
+
+
+def teacher_forced(model, tokens: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(greedy next token at every position, mean negative log-likelihood of the next tokens)."""
+    with torch.no_grad():
+        logits = model(tokens[None, :-1])[0][0].float()
+    return logits.argmax(-1), torch.nn.functional.cross_entropy(logits, tokens[1:]).item()
+
+
+@pytest.mark.skipif(not STORIES.is_file(), reason="../shared/data/stories260K.bin is absent")
+def test_int8_agrees_with_fp32_on_stories260k():
+    model = checkpoint.read_llama2c(STORIES).eval()
+    story = last_rows(model, [[1]], SampleConfig(temperature=1.0, max_new_tokens=400, seed=0))[0].token_ids
+    tokens = torch.tensor([1, *story])
+    fp32_next, fp32_nll = teacher_forced(model, tokens)
+    prepare_for_decoding(model, "int8")
+    int8_next, _ = teacher_forced(model, tokens)
+    assert (int8_next == fp32_next).float().mean() >= 0.85
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="../shared/data/tinyshakespeare.txt is absent")
+def test_int8_keeps_a_trained_models_perplexity_on_tiny_shakespeare(tmp_path):
+    """The CPU preset's model, trained briefly: int8's perplexity on the whole validation split
+    within 1% of fp32's, and its greedy next token the same at >= 85% of positions."""
+    run = lambda script, *argv: subprocess.run([sys.executable, script, *argv], cwd=ROOT, check=True,
+                                               capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    run("prepare_data.py", "--data.input", str(SHAKESPEARE), "--data.data_dir", str(tmp_path),
+        "--data.dataset", "shakespeare_char", "--data.tokenizer", "char")
+    run("train.py", "configs/shakespeare_char_cpu.toml", "--data.data_dir", str(tmp_path), "--train.out_dir",
+        str(tmp_path / "run"), "--train.max_steps", "300", "--train.eval_interval", "300", "--train.eval_iters", "1",
+        "--train.ckpt_interval", "300", "--train.warmup_steps", "30")
+    model, _ = checkpoint.load_model(tmp_path / "run")
+    val = torch.from_numpy(data.open_split(tmp_path / "shakespeare_char", "val").tokens.astype("int64"))
+    windows = val[:len(val) // 65 * 65].view(-1, 65)  # every validation token, in windows of the trained context
+    fp32 = [teacher_forced(model.eval(), w) for w in windows]
+    prepare_for_decoding(model, "int8")
+    int8 = [teacher_forced(model, w) for w in windows]
+    agreement = torch.cat([a == b for (a, _), (b, _) in zip(fp32, int8)]).float().mean()
+    perplexity = lambda nlls: math.exp(sum(nll for _, nll in nlls) / len(nlls))
+    assert agreement >= 0.85
+    assert abs(perplexity(int8) / perplexity(fp32) - 1) < 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_compiled_fast_paths_match_eager(quantize):
+    model = make_model(**GQA)
+    prepare_for_decoding(model, quantize)
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=12)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    eager = last_rows(model, prompts, cfg)
+    compiled = last_rows(model, prompts, cfg, decode_step=compile_decode_step(model))
+    assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_decoding_loop_never_waits_for_the_gpu(compiled):
+    """Sampling, EOS bookkeeping and the next step's launch need no device-to-host sync: the
+    only wait is the host's own, on the event after each step's token copy."""
+    model = make_model(**GQA).cuda()
+    prepare_for_decoding(model)
+    step = compile_decode_step(model) if compiled else None
+    cfg = SampleConfig(temperature=0.9, top_k=20, top_p=0.9, min_p=0.02, repetition_penalty=1.2,
+                       max_new_tokens=40, num_samples=2)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    expected = [r.token_ids for r in last_rows(model, prompts, cfg, decode_step=step)]  # warm-up, graphs recorded
+    rows = generate(model, prompts, cfg, decode_step=step)
+    next(rows)  # setup and prefill copy prompts to the device
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for last in rows:
+            pass
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert [r.token_ids for r in last] == expected
