@@ -119,8 +119,12 @@ def compile_decode_step(model: Llama) -> DecodeStep:
     def step(token: torch.Tensor, position: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
         return model(token, start_pos=position, last_only=True, pad=pad)[0][:, -1]
 
-    mode = "reduce-overhead" if model.embed_tokens.weight.is_cuda else None
-    return torch.compile(step, mode=mode, fullgraph=True)
+    if not model.embed_tokens.weight.is_cuda:
+        return torch.compile(step, fullgraph=True)
+    # On GPUs Inductor turns a one-row matmul into a reduction it can fuse with its neighbours
+    # (the norm before it, int8's conversion) only when coordinate-descent tuning is on.
+    torch._inductor.config.coordinate_descent_tuning = True
+    return torch.compile(step, mode="reduce-overhead", fullgraph=True)
 
 
 class HostTokens:
@@ -151,6 +155,12 @@ def row_seed(seed: int, prompt_ids: Sequence[int], sample: int) -> int:
     whatever else shares its batch, so a batch reproduces its rows' solo runs."""
     key = f"{seed}:{sample}:{','.join(map(str, prompt_ids))}".encode()
     return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1  # 63 bits: manual_seed's range
+
+
+def cache_slots(needed: int, context: int) -> int:
+    """KV-cache positions for a call that needs `needed`: rounded up to a multiple of 256 (at most
+    the context), so that calls of other lengths reuse the compiled step instead of recompiling it."""
+    return min(context, -(-needed // 256) * 256)
 
 
 def kept_on_slide(context: int) -> int:
@@ -198,7 +208,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
         for i, r in enumerate(rows):
             seen[i, r.prompt_ids] = True
         if use_cache:
-            model.setup_cache(len(rows), max_seq_len=min(context, longest + n_new - 1))
+            model.setup_cache(len(rows), max_seq_len=cache_slots(longest + n_new - 1, context))
         logits, pad = prefill(model, windows)
         length = longest  # slots of the window in use; the next token goes to slot `length`
         position = torch.tensor(length, device=device)  # the same, for the compiled step
