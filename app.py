@@ -35,7 +35,7 @@ from typing import Any, Literal
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline server
 
 from config import SampleConfig, ServeConfig, UserError, bounds_of, expand_short_flags, parse_cli, script
-from generate import compile_decode_step, detokenize, generate_text, load_for_sampling, start_prompt, visible_text
+from generate import compile_decode_step, detokenize, generate, generate_text, load_for_sampling, start_prompt, visible_text
 
 try:
     import fastapi
@@ -143,8 +143,9 @@ class Engine:
                 continue
             try:
                 start = time.perf_counter()
-                for rows, texts in generate_text(self.model, job.prompts, job.cfg, self.eos, self.render, job.stops,
-                                                 live=job.live, decode_step=self.decode_step, context=self.context):
+                steps = generate(self.model, job.prompts, job.cfg, self.eos, decode_step=self.decode_step,
+                                 context=self.context)
+                for rows, texts in generate_text(steps, self.render, job.stops, live=job.live):
                     job.emit(Update([RowText(visible_text(text, row.finish_reason, job.stops), row.finish_reason,
                                              len(row.token_ids)) for row, text in zip(rows, texts)],
                                     time.perf_counter() - start))

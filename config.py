@@ -267,6 +267,9 @@ class SampleConfig:
     device: str = _field("auto", "auto, cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
         "auto", "weights and KV cache dtype (auto: bf16 on GPUs that support it, else fp32)")
+    draft: str | None = _field(None, "a smaller checkpoint with the same tokenizer that drafts tokens for the model "
+                                     "to verify (speculative decoding: the output still follows the model)")
+    draft_tokens: int = _field(4, "tokens the draft proposes per round (speculative decoding)", ge=1, le=64)
     quantize: Literal["none", "int8"] = _field(
         "none", "int8 = weight-only int8 with one scale per output channel (a quarter of fp32's weight bytes); "
                 "pays off compiled (--compile), where the conversion fuses into the matmuls")

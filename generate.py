@@ -68,15 +68,12 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
 
-def sample_next(logits: torch.Tensor, seen: torch.Tensor, cfg: SampleConfig,
-                generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """The next token of each row, (batch,), in Hugging Face's order: repetition penalty,
-    temperature, top-k, top-p, min-p. Stays on the device: nothing here waits for the GPU."""
+def filtered_logits(logits: torch.Tensor, seen: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
+    """The logits sampling draws from, in Hugging Face's order: repetition penalty, temperature,
+    top-k, top-p, min-p (cfg.temperature > 0)."""
     logits = logits.float()
     if cfg.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-    if cfg.temperature == 0:
-        return logits.argmax(dim=-1)
     logits = logits / cfg.temperature
     if cfg.top_k > 0:
         logits = top_k_filter(logits, cfg.top_k)
@@ -84,11 +81,28 @@ def sample_next(logits: torch.Tensor, seen: torch.Tensor, cfg: SampleConfig,
         logits = top_p_filter(logits, cfg.top_p)
     if cfg.min_p > 0.0:
         logits = min_p_filter(logits, cfg.min_p)
-    # argmax(p / E) with E ~ Exp(1) picks token i with probability p_i (the exponential race);
-    # unlike torch.multinomial it never syncs with the device. One generator per row keeps a
-    # row's draws independent of what else shares the batch.
-    noise = torch.stack([torch.empty_like(logits[0]).exponential_(generator=g) for g in generators])
-    return (logits.softmax(dim=-1) / noise).argmax(dim=-1)
+    return logits
+
+
+def draw(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """One token per row of (batch, vocab) probabilities, row i drawing from generators[i].
+
+    argmax(p / E) with E ~ Exp(1) picks token i with probability p_i (the exponential race);
+    unlike torch.multinomial it never syncs with the device. One generator per row keeps a row's
+    draws independent of what else shares the batch."""
+    noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in generators])
+    return (probs / noise).argmax(dim=-1)
+
+
+def sample_next(logits: torch.Tensor, seen: torch.Tensor, cfg: SampleConfig,
+                generators: Sequence[torch.Generator]) -> torch.Tensor:
+    """The next token of each row, (batch,). Stays on the device: nothing here waits for the GPU."""
+    if cfg.temperature == 0:
+        logits = logits.float()
+        if cfg.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
+        return logits.argmax(dim=-1)
+    return draw(filtered_logits(logits, seen, cfg).softmax(dim=-1), generators)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,15 +123,16 @@ DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.T
 
 
 def compile_decode_step(model: Llama) -> DecodeStep:
-    """A compiled one-token step, (batch, 1) tokens at a 0-d position tensor -> (batch, vocab) logits.
+    """A compiled step, (batch, T) tokens at a 0-d position tensor -> (batch, T, vocab) logits (T is 1
+    when decoding, k + 1 when a speculative round verifies k drafted tokens).
 
     The position is a tensor and attention spans the whole cache, so every step has the same shapes
     and compiles once per batch size and cache length (gpt-fast's recipe); on GPUs CUDA graphs then
     remove the kernel-launch overhead. (Inductor's weight freezing with max_autotune decodes over
     twice as fast on CPU, but gave wrong tokens on stories260K in torch 2.13, so it stays off.)
     """
-    def step(token: torch.Tensor, position: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
-        return model(token, start_pos=position, last_only=True, pad=pad)[0][:, -1]
+    def step(tokens: torch.Tensor, position: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        return model(tokens, start_pos=position, pad=pad)[0]
 
     if not model.embed_tokens.weight.is_cuda:
         return torch.compile(step, fullgraph=True)
@@ -225,7 +240,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
                     # Queued before the host waits for this step's tokens: the device computes
                     # the next step while the host emits this one.
                     if decode_step is not None:
-                        logits = decode_step(next_tokens[:, None], position, pad)
+                        logits = decode_step(next_tokens[:, None], position, pad)[:, -1]
                         position += 1
                     else:
                         logits = model(next_tokens[:, None], start_pos=length, last_only=True, pad=pad)[0][:, -1]
@@ -253,19 +268,137 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
         model.clear_cache()
 
 
-def generate_text(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, eos_ids: Sequence[int],
-                  render: Callable[[list[int]], str], stops: Sequence[str] = (), *, live: bool = True,
-                  decode_step: DecodeStep | None = None,
-                  context: int | None = None) -> Iterator[tuple[list[Completion], list[str]]]:
-    """generate() with each row's text, yielded as (rows, texts) after every step.
+@dataclasses.dataclass
+class Speculation:
+    """What speculative decoding did: rounds, tokens the draft proposed, and how many the target kept."""
+    rounds: int = 0
+    proposed: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / max(1, self.proposed)
+
+
+def next_token_probs(logits: torch.Tensor, seen: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
+    """The distribution sample_next draws from, (vocab,) from (vocab,) logits; greedy decoding's is
+    all on its argmax."""
+    if cfg.temperature > 0:
+        return filtered_logits(logits[None], seen[None], cfg)[0].softmax(dim=-1)
+    if cfg.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
+    return torch.nn.functional.one_hot(logits.argmax(), logits.shape[-1]).float()
+
+
+def speculative_generate(target: Llama, draft: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig,
+                         eos_ids: Sequence[int] = (), *, k: int = 4,
+                         steps: tuple[DecodeStep, DecodeStep] | None = None, context: int | None = None,
+                         stats: Speculation | None = None) -> Iterator[list[Completion]]:
+    """generate() through speculative decoding (Leviathan et al., 2023), yielding the rows after each
+    round; rows decode one after another, each at batch 1.
+
+    Each round the draft proposes k tokens one at a time; the target reads them all in one forward
+    and keeps proposal i with probability min(1, p_i / q_i) (p: the target's sampling distribution,
+    q: the draft's, filters and penalty applied to both). The first rejected proposal is replaced by
+    a draw from max(p - q, 0), normalized; when all k are kept the target adds one of its own. The
+    output follows the target's distribution whatever the draft is (greedy: it is the target's own
+    greedy output); a draft that agrees often saves target forwards. `steps` are compiled steps for
+    (target, draft) from compile_decode_step; the window slides as in generate().
+    """
+    context = min(context or target.cfg.max_seq_len, target.cfg.max_seq_len, draft.cfg.max_seq_len)
+    rows = [Completion(list(p), sample) for p in prompts for sample in range(cfg.num_samples)]
+    if (longest := max(len(r.prompt_ids) for r in rows)) == 0 or longest > context:
+        raise ValueError(f"prompts must hold 1 to {context} tokens, got {longest}")
+    stats = stats if stats is not None else Speculation()
+    for row in rows:
+        for _ in speculate_row(target, draft, row, cfg, set(eos_ids), k, steps or (None, None), context, stats):
+            yield rows
+
+
+def speculate_row(target: Llama, draft: Llama, row: Completion, cfg: SampleConfig, eos: set[int], k: int,
+                  steps: tuple[DecodeStep | None, DecodeStep | None], context: int, stats: Speculation) -> Iterator[None]:
+    device = target.embed_tokens.weight.device
+    generator = torch.Generator(device).manual_seed(row_seed(cfg.seed, row.prompt_ids, row.sample))
+    window = list(row.prompt_ids)  # what both models read; target_len and draft_len of it are in their caches
+    target_len = draft_len = 0
+
+    def read(model: Llama, step: DecodeStep | None, ids: list[int], start: int) -> torch.Tensor:
+        """Logits (len(ids), vocab) for ids continuing the model's cache at position start."""
+        tokens = torch.tensor([ids], device=device)
+        if step is not None and len(ids) in (1, k + 1):  # the shapes compiled steps are recorded for
+            return step(tokens, torch.tensor(start, device=device), None)[0]
+        return model(tokens, start_pos=start)[0][0]
+
+    slots = cache_slots(len(window) + cfg.max_new_tokens + k, context)
+    try:
+        with torch.inference_mode():
+            target.setup_cache(1, max_seq_len=slots)
+            draft.setup_cache(1, max_seq_len=slots)
+            seen = torch.zeros(target.cfg.vocab_size, dtype=torch.bool, device=device)
+            seen[window] = True
+        while row.finish_reason is None:
+            with torch.inference_mode():
+                if len(window) > context:  # slide where generate() does: both models read the kept tokens again
+                    window, target_len, draft_len = window[-kept_on_slide(context):], 0, 0
+                # Every token is predicted from at most `context` tokens, so a round stops at the context.
+                n_draft = min(k, context - len(window))
+                proposals, draft_probs, proposal_seen = [], [], seen.clone()
+                if n_draft:
+                    logits = read(draft, steps[1], window[draft_len:], draft_len)[-1]
+                    draft_len = len(window)
+                for i in range(n_draft):
+                    q = next_token_probs(logits, proposal_seen, cfg)
+                    token = int(draw(q[None], [generator])[0])
+                    proposals.append(token)
+                    draft_probs.append(q)
+                    proposal_seen[token] = True
+                    if i < n_draft - 1:
+                        logits = read(draft, steps[1], [token], draft_len)[-1]
+                        draft_len += 1
+                verified = read(target, steps[0], window[target_len:] + proposals, target_len)[-(n_draft + 1):]
+                kept, kept_seen = [], seen.clone()
+                for i, (token, q) in enumerate(zip(proposals, draft_probs)):
+                    p = next_token_probs(verified[i], kept_seen, cfg)
+                    if not torch.rand((), device=device, generator=generator) * q[token] < p[token]:
+                        residual = (p - q).clamp(min=0)
+                        extra = int(draw((residual / residual.sum())[None], [generator])[0])
+                        break
+                    kept.append(token)
+                    kept_seen[token] = True
+                else:
+                    extra = int(draw(next_token_probs(verified[n_draft], kept_seen, cfg)[None], [generator])[0])
+                stats.rounds, stats.proposed, stats.accepted = (stats.rounds + 1, stats.proposed + n_draft,
+                                                                stats.accepted + len(kept))
+                target_len, draft_len = len(window) + len(kept), min(draft_len, len(window) + len(kept))
+                window += kept + [extra]
+                seen[kept + [extra]] = True
+            for token in kept + [extra]:
+                if token in eos:
+                    row.finish_reason = "eos"
+                    break
+                row.token_ids.append(token)
+                if len(row.token_ids) == cfg.max_new_tokens:
+                    row.finish_reason = "length"
+                    break
+            yield
+    finally:
+        target.clear_cache()
+        draft.clear_cache()
+
+
+def generate_text(steps: Iterator[list[Completion]], render: Callable[[list[int]], str], stops: Sequence[str] = (),
+                  *, live: bool = True) -> Iterator[tuple[list[Completion], list[str]]]:
+    """The rows that generate() (or speculative_generate()) yields, with each row's text, as
+    (rows, texts) after every step.
 
     A row's text is rendered after every step when `live` or when stop strings must be watched, else
     once, when the row finishes (rendering a growing text every step costs time). The first stop
     string in a row's text ends the row (finish_reason "stop"); the text keeps what precedes it.
     """
-    texts = [""] * (len(prompts) * cfg.num_samples)
+    texts: list[str] = []
     done: set[int] = set()
-    for rows in generate(model, prompts, cfg, eos_ids, decode_step=decode_step, context=context):
+    for rows in steps:
+        texts = texts or [""] * len(rows)
         for i, row in enumerate(rows):
             if i in done or not (live or stops or row.finish_reason):
                 continue
@@ -307,6 +440,7 @@ class Loaded:
     bos: int | None
     eos: list[int]  # cfg.eos, when set, replaces the checkpoint's
     context: int  # the longest window to decode over: what the model was trained on, when recorded
+    folder: Path | None  # the checkpoint's folder (None: a llama2.c file)
 
 
 def load_for_sampling(cfg: SampleConfig) -> Loaded:
@@ -322,7 +456,7 @@ def load_for_sampling(cfg: SampleConfig) -> Loaded:
     bos, eos = special_token_ids(folder, tokenizer)
     trained = checkpoint.trained_context(folder) if folder is not None else None
     return Loaded(model, tokenizer, bos, eos if cfg.eos_ids() is None else cfg.eos_ids(),
-                  min(trained or model.cfg.max_seq_len, model.cfg.max_seq_len))
+                  min(trained or model.cfg.max_seq_len, model.cfg.max_seq_len), folder)
 
 
 def prepare_for_decoding(model: Llama, quantize: str = "none") -> None:
@@ -435,6 +569,37 @@ def pick_device(cfg: SampleConfig) -> tuple[torch.device, torch.dtype]:
     return device, torch.bfloat16 if on_bf16_gpu else torch.float32
 
 
+def token_steps(loaded: Loaded, cfg: SampleConfig,
+                id_lists: list[list[int]]) -> tuple[Iterator[list[Completion]], Speculation | None]:
+    """The rows after every step: from generate(), or with cfg.draft from speculative_generate()
+    (then also its running Speculation counts)."""
+    step = compile_decode_step(loaded.model) if cfg.compile else None
+    if cfg.draft is None:
+        return generate(loaded.model, id_lists, cfg, loaded.eos, decode_step=step, context=loaded.context), None
+    draft = load_draft(cfg, loaded)
+    speculation = Speculation()
+    steps = (step, compile_decode_step(draft)) if cfg.compile else None
+    return speculative_generate(loaded.model, draft, id_lists, cfg, loaded.eos, k=cfg.draft_tokens, steps=steps,
+                                context=loaded.context, stats=speculation), speculation
+
+
+def load_draft(cfg: SampleConfig, loaded: Loaded) -> Llama:
+    """cfg.draft, prepared like the model, after checking that both read the same tokens."""
+    model = loaded.model
+    draft, folder = checkpoint.load_model(cfg.draft, model.embed_tokens.weight.dtype)
+    if draft.cfg.vocab_size != model.cfg.vocab_size:
+        raise ConfigError(f"the draft {cfg.draft} has a vocabulary of {draft.cfg.vocab_size} tokens and "
+                          f"{cfg.checkpoint} one of {model.cfg.vocab_size}: a draft must share the model's tokenizer")
+    files = [f / "tokenizer.json" if f is not None and (f / "tokenizer.json").is_file() else None
+             for f in (loaded.folder, folder)]
+    if files != [None, None] and (None in files or files[0].read_bytes() != files[1].read_bytes()):
+        raise ConfigError(f"the draft {cfg.draft} and {cfg.checkpoint} do not have the same tokenizer.json: "
+                          f"a draft must share the model's tokenizer")
+    draft = draft.to(model.embed_tokens.weight.device).eval()
+    prepare_for_decoding(draft, cfg.quantize)
+    return draft
+
+
 @script
 def main(argv: list[str]) -> None:
     run(parse_cli(expand_short_flags(argv, ("sample",)), prog="generate.py", sections=("sample",)).sample)
@@ -448,6 +613,7 @@ def run(cfg: SampleConfig) -> None:
         raise ConfigError(f"stop strings need a tokenizer and {cfg.checkpoint} has none: stop on token ids with --eos")
     texts, id_lists = prompt_token_ids(cfg, tokenizer, loaded.bos, model.cfg.vocab_size, cfg.checkpoint)
     id_lists = fit_context(id_lists, cfg, context)
+    steps, speculation = token_steps(loaded, cfg, id_lists)
     if max(map(len, id_lists)) + cfg.max_new_tokens - 1 > context:
         print(f"note: {cfg.checkpoint} was trained on windows of {context} tokens; past that, decoding slides "
               f"the window, keeping the last {kept_on_slide(context)} tokens", file=sys.stderr)
@@ -457,13 +623,11 @@ def run(cfg: SampleConfig) -> None:
     stream = one_row and not cfg.json and (sys.stdout.isatty() if cfg.stream == "auto" else cfg.stream)
 
     render = functools.partial(detokenize, tokenizer)
-    step = compile_decode_step(model) if cfg.compile else None
     finished_s: dict[int, float] = {}
     printed, token_times, start = 0, [], time.perf_counter()
     if stream:
         print(texts[0] if texts[0] is not None else render(id_lists[0]).lstrip(), end="", flush=True)
-    for rows, texts_out in generate_text(model, id_lists, cfg, loaded.eos, render, stops, live=stream,
-                                         decode_step=step, context=context):
+    for rows, texts_out in generate_text(steps, render, stops, live=stream):
         elapsed = time.perf_counter() - start
         token_times.append(elapsed)
         for i, row in enumerate(rows):
@@ -485,14 +649,18 @@ def run(cfg: SampleConfig) -> None:
                               "token_ids": row.token_ids, "finish_reason": row.finish_reason,
                               "tokens_per_s": round(len(row.token_ids) / (finished_s[i] - compile_s), 2),
                               "time_to_first_token_s": round(token_times[0], 4),
-                              "compile_s": round(compile_s, 3)}))
+                              "compile_s": round(compile_s, 3),
+                              **({"draft_acceptance_rate": round(speculation.acceptance_rate, 4)}
+                                 if speculation else {})}))
         elif not stream:
             shown_prompt = prompt if prompt is not None else render(row.prompt_ids).lstrip()
             print(("---\n" if i else "") + shown_prompt + text)
     n_tokens, elapsed = sum(len(r.token_ids) for r in rows), time.perf_counter() - start - compile_s
     compiled = f"; compiling took {compile_s:.1f}s, not counted" if cfg.compile else ""
+    drafted = (f"; the target kept {speculation.acceptance_rate:.0%} of the draft's {speculation.proposed} tokens"
+               if speculation else "")
     print(f"{n_tokens} tokens in {elapsed:.2f}s ({n_tokens / elapsed:.1f} tokens/s), first token after "
-          f"{1000 * token_times[0]:.0f} ms{compiled}", file=sys.stderr)
+          f"{1000 * token_times[0]:.0f} ms{compiled}{drafted}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 import app
 import checkpoint
 from config import ConfigError, ModelConfig, SampleConfig, ServeConfig, bounds_of
-from generate import detokenize, generate_text, load_for_sampling
+from generate import detokenize, generate, generate_text, load_for_sampling
 from model import Llama
 from tokenizer import Tokenizer
 
@@ -92,8 +92,9 @@ def reference(checkpoint: Path, prompt: str, **sample) -> str:
     """What generate.py's own decoding makes of the prompt: the server must produce the same."""
     cfg = SampleConfig(checkpoint=str(checkpoint), eos="none", **sample)
     loaded = load_for_sampling(cfg)
-    for rows, texts in generate_text(loaded.model, [[loaded.bos] + loaded.tokenizer.encode(prompt)], cfg, loaded.eos,
-                                     lambda ids: detokenize(loaded.tokenizer, ids), context=loaded.context):
+    steps = generate(loaded.model, [[loaded.bos] + loaded.tokenizer.encode(prompt)], cfg, loaded.eos,
+                     context=loaded.context)
+    for rows, texts in generate_text(steps, lambda ids: detokenize(loaded.tokenizer, ids)):
         pass
     return texts[0]
 

@@ -1,6 +1,7 @@
 """The decoding fast paths: the on-device sampling loop against a plain host-side loop, fused
 projections, int8 weights, and (with a GPU) a decoding loop that never waits for the device."""
 
+import json
 import math
 import os
 import subprocess
@@ -13,10 +14,12 @@ import torch
 import checkpoint
 import data
 from config import SampleConfig
-from generate import compile_decode_step, generate, prepare_for_decoding, row_seed
+from generate import (Speculation, main, compile_decode_step, generate, next_token_probs, prepare_for_decoding, row_seed,
+                      speculative_generate)
 from model import Int8Linear
 from test_convert import STORIES
 from test_model import make_model
+from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -194,3 +197,108 @@ def test_the_decoding_loop_never_waits_for_the_gpu(compiled):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert [r.token_ids for r in last] == expected
+
+
+# --- speculative decoding ---------------------------------------------------------------------
+
+
+def speculate(target, draft, prompts, cfg, k, **kw):
+    stats = Speculation()
+    for rows in speculative_generate(target, draft, prompts, cfg, k=k, stats=stats, **kw):
+        pass
+    return rows, stats
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_speculative_greedy_is_the_targets_own_greedy_output(k):
+    target, other = make_model(**GQA), make_model(seed=1, **{**GQA, "n_layers": 1})
+    prompts = [[1, 2, 3], [9, 8, 7, 6, 5, 4]]
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=40, repetition_penalty=1.2)
+    expected = [r.token_ids for r in last_rows(target, prompts, cfg)]
+    for draft in (other, target):  # a draft that disagrees, and one that is always right
+        rows, stats = speculate(target, draft, prompts, cfg, k)
+        assert [r.token_ids for r in rows] == expected
+        assert all(r.finish_reason == "length" for r in rows)
+    assert stats.acceptance_rate == 1.0 and stats.rounds <= 2 * math.ceil(40 / (k + 1))
+
+
+def test_speculative_greedy_slides_and_stops_like_generate():
+    target, draft = make_model(**{**GQA, "max_seq_len": 32}), make_model(seed=1, **{**GQA, "max_seq_len": 32})
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=70)
+    expected = last_rows(target, [[1, 2, 3]], cfg)[0].token_ids  # slides twice past the 32-token context
+    rows, _ = speculate(target, draft, [[1, 2, 3]], cfg, 4)
+    assert rows[0].token_ids == expected
+    eos = expected[10]
+    stopped = last_rows(target, [[1, 2, 3]], cfg, eos_ids=[eos])[0]
+    rows, _ = speculate(target, draft, [[1, 2, 3]], cfg, 4, eos_ids=[eos])
+    assert (rows[0].token_ids, rows[0].finish_reason) == (stopped.token_ids, "eos")
+
+
+def test_speculative_sampling_follows_the_targets_distribution():
+    """Over a 6-token vocabulary, the first two tokens of 3,000 speculative samples against the
+    target's exact joint distribution (chi-square, p = 0.001); the draft's own is far from it."""
+    tiny = dict(vocab_size=6, dim=16, n_layers=1, n_heads=2, n_kv_heads=1)
+    target, draft = make_model(seed=3, **tiny), make_model(seed=4, **tiny)
+    with torch.no_grad():  # peaked and different distributions, so a wrong rule would show
+        target.lm_head.weight.mul_(60)
+        draft.lm_head.weight.mul_(60)
+    cfg = SampleConfig(temperature=1.0, top_k=5, max_new_tokens=2, num_samples=3000)
+    prompt = [0, 1]
+
+    def joint(model) -> torch.Tensor:
+        no_seen = torch.zeros(6, dtype=torch.bool)
+        with torch.no_grad():
+            first = next_token_probs(model(torch.tensor([prompt]))[0][0, -1], no_seen, cfg)
+            rows = [next_token_probs(model(torch.tensor([prompt + [t]]))[0][0, -1], no_seen, cfg) for t in range(6)]
+        return first[:, None] * torch.stack(rows)
+
+    exact, drafts = joint(target), joint(draft)
+    assert 0.5 * (exact - drafts).abs().sum() > 0.2
+    rows, stats = speculate(target, draft, [prompt], cfg, 2)
+    counts = torch.zeros(6, 6)
+    for r in rows:
+        counts[r.token_ids[0], r.token_ids[1]] += 1
+    expected = exact.flatten() * cfg.num_samples
+    big = expected >= 5  # cells expected fewer than 5 times are pooled into one
+    observed = torch.cat([counts.flatten()[big], counts.flatten()[~big].sum()[None]])
+    expected = torch.cat([expected[big], expected[~big].sum()[None]])
+    chi2 = ((observed - expected) ** 2 / expected.clamp(min=1e-9)).sum().item()
+    df = len(expected) - 1
+    critical = df * (1 - 2 / (9 * df) + 3.09 * math.sqrt(2 / (9 * df))) ** 3  # Wilson-Hilferty, p = 0.001
+    assert chi2 < critical
+    assert 0 < stats.acceptance_rate < 1
+
+
+def char_checkpoint(folder: Path, text: str, seed: int, n_layers: int = 2) -> Path:
+    tokenizer = Tokenizer.train_char(text)
+    model = make_model(seed=seed, vocab_size=tokenizer.vocab_size, dim=32, n_layers=n_layers, n_heads=4,
+                       n_kv_heads=2)
+    checkpoint.save_hf(model, folder)
+    tokenizer.save(folder)
+    return folder
+
+
+def test_generate_py_with_a_draft(tmp_path, capsys):
+    target = char_checkpoint(tmp_path / "target", "hello world", seed=0)
+    draft = char_checkpoint(tmp_path / "draft", "hello world", seed=1, n_layers=1)
+    common = ["--checkpoint", str(target), "--prompt", "hello", "--temperature", "0", "--max_new_tokens", "20",
+              "--json"]
+    assert main(common) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert main([*common, "--draft", str(draft), "--draft_tokens", "3"]) == 0
+    out = capsys.readouterr()
+    drafted = json.loads(out.out)
+    assert drafted["token_ids"] == alone["token_ids"] and 0 <= drafted["draft_acceptance_rate"] <= 1
+    assert "of the draft's" in out.err
+
+
+@pytest.mark.parametrize("case", ["vocabulary", "tokenizer", "k"])
+def test_a_draft_that_cannot_serve_is_one_line(tmp_path, capsys, case):
+    target = char_checkpoint(tmp_path / "target", "hello world", seed=0)
+    other_text = {"vocabulary": "hello world!", "tokenizer": "jello world", "k": "hello world"}[case]
+    draft = char_checkpoint(tmp_path / "draft", other_text, seed=1)
+    k = "0" if case == "k" else "4"
+    assert main(["--checkpoint", str(target), "--prompt", "hello", "--draft", str(draft), "--draft_tokens", k]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:")
+    assert {"vocabulary": "vocabulary of", "tokenizer": "same tokenizer.json", "k": "draft_tokens"}[case] in err

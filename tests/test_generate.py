@@ -53,8 +53,8 @@ def test_cached_uncached_and_fixed_shape_decoding_agree():
         cached = [r.token_ids for r in rows]
     uncached = [r.token_ids for r in list(generate(model, prompts, cfg, use_cache=False))[-1]]
     # The compiled step's code path (tensor position, whole-cache attention), run eagerly here.
-    def fixed_shape_step(token, position, pad):
-        return model(token, start_pos=position, last_only=True, pad=pad)[0][:, -1]
+    def fixed_shape_step(tokens, position, pad):
+        return model(tokens, start_pos=position, pad=pad)[0]
     fixed = [r.token_ids for r in list(generate(model, prompts, cfg, decode_step=fixed_shape_step))[-1]]
     assert cached == uncached == fixed and len(cached[0]) == 24
 
@@ -143,8 +143,8 @@ def test_decoding_slides_past_the_context():
     model = make_model(**{**GQA, "max_seq_len": 10})
     prompts, cfg = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]], SampleConfig(temperature=0.0, max_new_tokens=30)
 
-    def fixed_shape_step(token, position, pad):
-        return model(token, start_pos=position, last_only=True, pad=pad)[0][:, -1]
+    def fixed_shape_step(tokens, position, pad):
+        return model(tokens, start_pos=position, pad=pad)[0]
 
     runs = [list(generate(model, prompts, cfg, **kw))[-1] for kw in ({}, {"use_cache": False},
                                                                      {"decode_step": fixed_shape_step})]
