@@ -9,9 +9,9 @@ prompt; tokens/s counts all 256 over the whole call (prefill included). Rounds a
 variants so machine noise hits all of them; medians are reported.
 
 nanollama runs with the weights as training leaves them ("training layout") and as generate.py
-prepares them (fused q/k/v and gate/up projections, on CPU the transposed layout of widening
-weights), eager and compiled, and compiled with int8 weights, so each transformation's gain is
-measured in the same run. Int8 changes the numbers: its row reports how often its greedy next token
+prepares them (fused q/k/v and gate/up projections; on CPU, eager: the transposed layout of
+widening weights, compiled: one-row matmuls as multiply-and-sum passes), eager and compiled, and
+compiled with int8 weights, so each transformation's gain is measured in the same run. Int8 changes the numbers: its row reports how often its greedy next token
 agrees with the unquantized model's given the same previous tokens (teacher forcing).
 
 Decoding one token reads every weight once and does ~2 FLOPs per weight, so its limits are the
@@ -144,10 +144,11 @@ def bench_model(name: str, ours: Llama, rounds: int, compile_: bool, device: str
     prepare_for_decoding(prepared)  # as generate.py does
     models = {"nanollama (eager, training layout)": (standard, False), "nanollama (eager)": (prepared, False)}
     if compile_:
-        int8 = copy.deepcopy(standard)
-        prepare_for_decoding(int8, "int8")
-        models |= {"nanollama (compiled, training layout)": (standard, True), "nanollama (compiled)": (prepared, True),
-                   "nanollama (compiled, int8)": (int8, True)}
+        for_compiling, int8 = copy.deepcopy(standard), copy.deepcopy(standard)
+        prepare_for_decoding(for_compiling, compiled=True)  # as generate.py --compile does
+        prepare_for_decoding(int8, "int8", compiled=True)
+        models |= {"nanollama (compiled, training layout)": (standard, True),
+                   "nanollama (compiled)": (for_compiling, True), "nanollama (compiled, int8)": (int8, True)}
     variants = {variant: ours_runner(model, prompt, compiled) for variant, (model, compiled) in models.items()}
     variants["transformers generate (dynamic cache)"] = hf_runner(hf, prompt, None)
     variants["transformers generate (static cache)"] = hf_runner(hf, prompt, "static")

@@ -15,6 +15,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -75,8 +76,10 @@ def make_step(model: torch.nn.Module, is_hf: bool, compile_: bool):
     return step
 
 
-def benchmark_args(doc: str, default_rounds: int, device: bool = False) -> argparse.Namespace:
-    """The options every benchmark here takes (and --device for those that run on a GPU too)."""
+def benchmark_args(doc: str, default_rounds: int, device: bool = False,
+                   extra: Sequence[tuple[str, dict]] = ()) -> argparse.Namespace:
+    """The options every benchmark here takes, --device for those that run on a GPU too, and
+    `extra` (flag, argparse keywords) of the benchmark's own."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=default_rounds, help="timed rounds (medians are reported)")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
@@ -84,6 +87,8 @@ def benchmark_args(doc: str, default_rounds: int, device: bool = False) -> argpa
     if device:
         parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                             help="auto: cuda when a GPU is visible")
+    for flag, kwargs in extra:
+        parser.add_argument(flag, **kwargs)
     return parser.parse_args()
 
 

@@ -16,7 +16,7 @@ import data
 from config import SampleConfig
 from generate import (Speculation, main, compile_decode_step, generate, next_token_probs, prepare_for_decoding, row_seed,
                       speculative_generate)
-from model import Int8Linear
+from model import Int8Linear, RowwiseLinear, linear_from
 from test_convert import STORIES
 from test_model import make_model
 from tokenizer import Tokenizer
@@ -112,6 +112,30 @@ def test_int8_weights_round_trip_within_half_a_step():
     torch.testing.assert_close(q(x), x @ (q.weight.float() * q.scales[:, None]).T, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_row_matmuls_equal_the_batched_ones(dtype):
+    weight = torch.randn(48, 32)
+    rowwise, int8 = linear_from(weight.to(dtype), False, RowwiseLinear), Int8Linear(weight.to(dtype))
+    rows = torch.randn(3, 1, 32, dtype=dtype)
+    tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+    for layer in (rowwise, int8):
+        batched = layer(rows)  # three rows: the matmul path
+        for i in range(3):
+            torch.testing.assert_close(layer(rows[i:i + 1]), batched[i:i + 1], **tolerance)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_rowwise_matmuls_keep_the_logits(tied):
+    model = make_model(**GQA, tie_embeddings=tied)
+    tokens = torch.tensor([[5, 17, 3, 60, 22, 9, 41]])
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=16)
+    before, greedy = model(tokens)[0], last_rows(model, [tokens[0].tolist()], cfg)[0].token_ids
+    prepare_for_decoding(model, compiled=True)
+    assert isinstance(model.lm_head, RowwiseLinear) and (model.lm_head.weight is model.embed_tokens.weight) == tied
+    torch.testing.assert_close(model(tokens)[0], before, atol=1e-5, rtol=0)
+    assert last_rows(model, [tokens[0].tolist()], cfg)[0].token_ids == greedy
+
+
 def test_an_int8_model_decodes_and_refuses_to_be_saved(tmp_path):
     model = make_model(**GQA)
     prepare_for_decoding(model, "int8")
@@ -168,7 +192,7 @@ def test_int8_keeps_a_trained_models_perplexity_on_tiny_shakespeare(tmp_path):
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_compiled_fast_paths_match_eager(quantize):
     model = make_model(**GQA)
-    prepare_for_decoding(model, quantize)
+    prepare_for_decoding(model, quantize, compiled=True)
     cfg = SampleConfig(temperature=0.0, max_new_tokens=12)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
     eager = last_rows(model, prompts, cfg)
