@@ -46,7 +46,9 @@ PROMPTS = ["ROMEO:\nBut soft", "KING RICHARD II:\nNow", "First Citizen:\nWe are"
 def train_pair(folder: Path, steps: int) -> tuple[Path, Path]:
     """Prepare Tiny Shakespeare and train the target and the draft on it; returns their run folders."""
     def run(*argv: str) -> None:
-        subprocess.run([sys.executable, *argv], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"{' '.join(argv[:1])} failed:\n{done.stderr[-2000:]}")
     run("prepare_data.py", "--data.input", str(SHAKESPEARE), "--data.data_dir", str(folder), "--data.dataset",
         "shakespeare_char", "--data.tokenizer", "char")
     for name, shape in SHAPES.items():
@@ -88,7 +90,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = (args.target, args.draft) if args.target and args.draft else train_pair(Path(tmp), args.steps)
         (target, folder), (draft, _) = (checkpoint.load_model(p) for p in paths)
-    tokenizer = Tokenizer.load(folder) if folder is not None else None
+        tokenizer = Tokenizer.load(folder) if folder is not None and (folder / "tokenizer.json").is_file() else None
     pair = {}  # eager and compiled decoding prepare the weights differently on CPU (prepare_for_decoding)
     for compiled in (False, True):
         pair[compiled] = [copy.deepcopy(m).to(device).eval() for m in (target, draft)]
