@@ -25,9 +25,10 @@ import torch.nn.functional as F  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from checkpoint import read_llama2c  # noqa: E402
 from config import ModelConfig, TrainConfig  # noqa: E402
 from generate import min_p_filter, top_k_filter, top_p_filter  # noqa: E402
-from model import FeedForward, Llama, RMSNorm, apply_rope, causal_mask, reference_attention, rope_cos_sin, rope_frequencies  # noqa: E402
+from model import FeedForward, Int8Linear, Llama, RMSNorm, apply_rope, causal_mask, reference_attention, rope_cos_sin, rope_frequencies  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from train import lr_at  # noqa: E402
 
@@ -131,6 +132,18 @@ def cpu_model_gradient(name: str) -> torch.Tensor:
     tokens = torch.randint(0, 66, (16, 65))
     model(tokens[:, :-1], tokens[:, 1:])[1].backward()
     return dict(model.named_parameters())[name].grad
+
+
+def speculative_outcome(p: torch.Tensor, q: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """For one drafted position: (probability that a proposal drawn from q is kept, the distribution
+    of the token the position yields: the kept proposal or the replacement from max(p - q, 0))."""
+    kept, residual = torch.minimum(p, q), (p - q).clamp(min=0)
+    return kept.sum().item(), kept + (1 - kept.sum()) * residual / residual.sum()
+
+
+def tokens_per_round(alpha: float, k: int) -> float:
+    """Expected tokens a speculative round yields with acceptance rate alpha and k drafted tokens."""
+    return k + 1.0 if alpha == 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
 def project_text() -> str:
@@ -427,6 +440,27 @@ def fig_muon() -> None:
     save(fig, "muon.png")
 
 
+def fig_decoding() -> None:
+    fig, (ax_spec, ax_int8) = plt.subplots(1, 2, figsize=(11, 4.2))
+    alphas = [i / 100 for i in range(101)]
+    for k in (2, 4, 6):
+        ax_spec.plot(alphas, [tokens_per_round(a, k) for a in alphas], label=f"k = {k}")
+    describe(ax_spec, "acceptance rate of a drafted token", "tokens per target forward",
+             "speculative decoding: (1 - a^(k+1)) / (1 - a)")
+    stories = ROOT.parent / "shared" / "data" / "stories260K.bin"
+    if stories.is_file():
+        weight, source = read_llama2c(stories).layers[0].mlp.gate_proj.weight.detach(), "stories260K gate_proj (layer 0)"
+    else:
+        torch.manual_seed(0)
+        weight, source = Llama(ModelConfig(**BENCH_CONFIG)).layers[0].mlp.gate_proj.weight.detach(), "random init"
+    quantized = Int8Linear(weight)
+    error = (weight - quantized.weight.float() * quantized.scales[:, None]) / quantized.scales[:, None]
+    ax_int8.hist(error.flatten(), bins=60, label=f"{weight.numel():,} weights")
+    describe(ax_int8, "w - scale * round(w / scale), in units of its row's scale", "weights",
+             f"int8 rounding error: {source}")
+    save(fig, "decoding.png")
+
+
 def fig_loss_curve() -> None:
     runs = sorted(ROOT.glob("out/*/metrics.jsonl"), key=lambda p: len(p.read_text().splitlines()))
     if not runs:
@@ -447,7 +481,7 @@ def main() -> None:
     start = time.perf_counter()
     for draw in (fig_rmsnorm, fig_rope, fig_masks, fig_kv_cache_memory, fig_decode_cost, fig_lr_schedules,
                  fig_precision, fig_online_softmax, fig_swiglu, fig_sampling, fig_bpe, fig_checkpoint_protocol,
-                 fig_muon, fig_loss_curve):
+                 fig_muon, fig_decoding, fig_loss_curve):
         draw()
     print(f"done in {time.perf_counter() - start:.1f} s")
 

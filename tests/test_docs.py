@@ -20,7 +20,7 @@ import data
 from config import ModelConfig, SampleConfig, TrainConfig
 from checkpoint import rope_permute
 from generate import apply_repetition_penalty, min_p_filter, sample_next, top_k_filter, top_p_filter
-from model import FeedForward, Llama, RMSNorm, apply_rope, reference_attention, rope_cos_sin, rope_frequencies
+from model import FeedForward, Int8Linear, Llama, RMSNorm, apply_rope, reference_attention, rope_cos_sin, rope_frequencies
 from tokenizer import Tokenizer
 from train import lr_at, rng_state, set_rng_state
 
@@ -423,3 +423,34 @@ def test_exponential_race_samples_the_distribution():
                          for _ in range(4000)]).flatten()
     freq = torch.bincount(draws, minlength=5).float() / len(draws)
     torch.testing.assert_close(freq, logits.softmax(-1)[0], atol=0.03, rtol=0)
+
+
+# --- decoding.md --------------------------------------------------------------------------------
+
+
+def test_decoding_worked_examples():
+    kept, out = figures.speculative_outcome(torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.5, 0.3]))
+    assert kept == pytest.approx(0.7) and torch.allclose(out, torch.tensor([0.5, 0.3, 0.2]))
+    assert figures.tokens_per_round(0.5, 4) == 1.9375 and figures.tokens_per_round(1.0, 4) == 5
+    int8 = Int8Linear(torch.tensor([[0.5, -1.27, 0.02], [0.3, -0.004, 0.0]]))
+    assert int8.weight.tolist() == [[50, -127, 2], [127, -2, 0]]
+    assert int8.scales[1].item() == pytest.approx(0.002362, abs=1e-6)
+    assert (int8.weight[1, 1] * int8.scales[1]).item() == pytest.approx(-0.004724, abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_decoding_acceptance_rule_yields_the_target_distribution(seed):
+    p, q = torch.rand(6, generator=torch.Generator().manual_seed(seed)).softmax(0), torch.rand(6).softmax(0)
+    kept, out = figures.speculative_outcome(p, q)
+    assert kept == pytest.approx(torch.minimum(p, q).sum().item()) and torch.allclose(out, p, atol=1e-6)
+
+
+def test_decoding_limit_as_quoted():
+    """2.07 GB per token for the 1.1B shape in bf16 (weights read by a step, one embedding row)."""
+    with torch.device("meta"):
+        model = Llama(ModelConfig(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                                  hidden_dim=5632, max_seq_len=2048))
+    matmuls = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    norms = sum(p.numel() for p in model.parameters() if p.dim() == 1)
+    step_bytes = 2 * (matmuls + norms + model.cfg.dim)
+    assert round(step_bytes / 1e9, 2) == 2.07 and round(3.04e12 / step_bytes, -1) == 1470
