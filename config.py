@@ -333,12 +333,35 @@ class ServeConfig:
 
 
 @dataclass
+class EvalConfig:
+    checkpoint: str | None = _field(None, "checkpoint to score: anything generate.py's --checkpoint takes (also the first argument)")
+    data: str | None = _field(None, "a UTF-8 text file to score: loss, perplexity and bits per byte over all of it")
+    task: str | None = _field(None, "a multiple-choice task: hellaswag, or a .jsonl file of {\"context\", \"choices\", \"label\"} rows")
+    source: str | None = _field(None, "hellaswag's validation file (hellaswag_val.jsonl) on disk")
+    window: int = _field(0, "tokens a scoring window holds (0 = the context the model was trained on)", ge=0)
+    stride: int = _field(0, "new tokens scored per window after the first; each has at least window - stride tokens "
+                            "before it (0 = window // 2)", ge=0)
+    batch_size: int = _field(4, "windows or choices per forward", gt=0)
+    limit: int = _field(0, "score only the first N multiple-choice examples (0 = all)", ge=0)
+    device: str = _field("auto", "auto, cpu, cuda or cuda:N")
+    dtype: Literal["float32", "bfloat16"] = _field("float32", "weights' dtype while scoring")
+    json: str | None = _field(None, "also write the results to this JSON file")
+
+    def validate(self) -> None:
+        check_fields(self, "eval")
+        if self.window and self.stride > self.window:
+            raise ConfigError(f"eval.stride={self.stride} exceeds eval.window={self.window}: a window cannot move "
+                              f"further than it reaches")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> None:
         for section in SECTIONS:
@@ -351,7 +374,7 @@ class Config:
         return {section: dataclasses.asdict(getattr(self, section)) for section in SECTIONS}
 
 
-SECTIONS = ("model", "data", "train", "sample", "serve")
+SECTIONS = ("model", "data", "train", "sample", "serve", "eval")
 
 
 # ---------------------------------------------------------------------------------------------

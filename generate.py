@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
-from config import ConfigError, SampleConfig, expand_short_flags, load_json, parse_cli, script
+from config import ConfigError, EvalConfig, SampleConfig, expand_short_flags, load_json, parse_cli, script
 from model import Llama
 from tokenizer import Tokenizer
 
@@ -560,7 +560,7 @@ def fit_context(id_lists: list[list[int]], cfg: SampleConfig, context: int) -> l
     return id_lists
 
 
-def pick_device(cfg: SampleConfig) -> tuple[torch.device, torch.dtype]:
+def pick_device(cfg: SampleConfig | EvalConfig) -> tuple[torch.device, torch.dtype]:
     name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"sample.device={name} but no CUDA GPU is visible: use --device cpu")

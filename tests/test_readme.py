@@ -30,7 +30,7 @@ LINKED_PAGES = PAGES + sorted((ROOT / "docs").glob("*.md"))
 # The exact line CI's .ci/run executes as "the README's test command".
 TEST_COMMAND = ("python3 -m venv .venv && .venv/bin/pip install -r requirements-dev.txt "
                 "&& .venv/bin/python -m pytest")
-CONFIG_SCRIPTS = {"train.py", "model.py", "generate.py", "app.py", "prepare_data.py"}
+CONFIG_SCRIPTS = {"train.py", "model.py", "generate.py", "app.py", "prepare_data.py", "eval.py"}
 HELP_SCRIPTS = {"convert.py", "bench/train_speed.py", "bench/generate_speed.py", "bench/speculative_speed.py", "bench/prepare_speed.py",
                 "bench/speedrun.py"}
 # Forms run by CI itself (.ci/run) or feeding another command's stdin: skipped, but only these.

@@ -1,0 +1,276 @@
+"""Score a checkpoint: loss, perplexity and bits per byte over a text; accuracy on multiple choice.
+
+    python eval.py out/run --eval.data notes.txt                   # the whole file, sliding windows
+    python eval.py path/to/hf-llama --eval.task hellaswag --eval.source hellaswag_val.jsonl
+    python eval.py out/run --eval.task my_task.jsonl               # {"context", "choices", "label"} rows
+    python eval.py --help                                          # every option (--eval.<key>)
+
+A text is scored in windows of --eval.window tokens (default: the context the model was trained on)
+that move on by --eval.stride: every token is scored exactly once, each with at least window -
+stride tokens before it (a text shorter than a window is one window). The text starts with BOS when
+the checkpoint has one, as generate.py's prompts do; otherwise its first token has nothing to be
+predicted from and is not scored. Bits per byte are the total negative log-likelihood in bits over
+the UTF-8 bytes of the scored text.
+
+A multiple-choice example is scored as lm-evaluation-harness scores its tasks: the log-likelihood
+of " " + choice after the context (the pair tokenized whole, then split where the context ends),
+acc from the largest sum and acc_norm from the largest sum per character of the choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import checkpoint
+from config import ConfigError, EvalConfig, UserError, parse_cli, script
+from generate import load_tokenizer, pick_device, special_token_ids
+from model import Llama
+from tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Scorer:
+    """A checkpoint ready to score."""
+    model: Llama
+    tokenizer: Tokenizer
+    bos: int | None
+    window: int
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+
+def load_scorer(cfg: EvalConfig) -> Scorer:
+    if cfg.checkpoint is None:
+        raise ConfigError("no checkpoint given: python eval.py CHECKPOINT --eval.data FILE (or --eval.task TASK)")
+    device, dtype = pick_device(cfg)
+    model, folder = checkpoint.load_model(cfg.checkpoint, dtype)
+    tokenizer = load_tokenizer(folder)
+    if tokenizer is None:
+        raise ConfigError(f"{cfg.checkpoint} has no tokenizer.json, and eval.py scores text: use a checkpoint "
+                          f"that carries its tokenizer")
+    bos, _ = special_token_ids(folder, tokenizer)
+    trained = checkpoint.trained_context(folder) or model.cfg.max_seq_len
+    window = min(cfg.window or trained, model.cfg.max_seq_len)
+    return Scorer(model.to(device).eval(), tokenizer, bos, window)
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity and bits per byte
+
+
+def window_spans(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored) of each window over tokens[begin:end]: it scores the tokens at
+    positions first_scored..end-1, so positions 1..n-1 are each scored once, and every window but a
+    short text's only one holds `window` tokens."""
+    spans, scored, end = [], 1, min(window, n_tokens)
+    while True:
+        spans.append((max(0, end - window), end, scored))
+        if end == n_tokens:
+            return spans
+        scored, end = end, min(end + stride, n_tokens)
+
+
+def sum_nll(model: Llama, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed negative log-likelihood of the targets (-100 = not scored) of a batch of windows."""
+    logits = model(tokens)[0].float()
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum")
+
+
+def score_text(scorer: Scorer, text: str, stride: int, batch_size: int) -> dict[str, float]:
+    """Loss (nats per token), perplexity and bits per byte of `text`, every token scored once."""
+    ids = ([scorer.bos] if scorer.bos is not None else []) + scorer.encode(text)
+    if len(ids) < 2:
+        raise UserError(f"the text holds {len(ids)} token(s): at least two are needed to predict one from another")
+    unscored_bytes = 0 if scorer.bos is not None else len(scorer.tokenizer.decode(ids[:1]).encode())
+    spans = window_spans(len(ids), scorer.window, stride or max(1, scorer.window // 2))
+    device = scorer.model.embed_tokens.weight.device
+    total, count = 0.0, 0
+    with torch.inference_mode(), tqdm(total=len(spans), desc="windows", unit="window", disable=None) as bar:
+        for lengths in sorted({end - begin for begin, end, _ in spans}):  # one batch shape per window length
+            same = [s for s in spans if s[1] - s[0] == lengths]
+            for i in range(0, len(same), batch_size):
+                batch = same[i:i + batch_size]
+                tokens = torch.tensor([ids[b:e] for b, e, _ in batch], device=device)
+                targets = torch.full_like(tokens, -100)
+                for row, (b, e, first) in enumerate(batch):
+                    targets[row, first - b - 1:e - b - 1] = tokens.new_tensor(ids[first:e])
+                total += sum_nll(scorer.model, tokens, targets).item()
+                count += int((targets != -100).sum())
+                bar.update(len(batch))
+    n_bytes = len(text.encode()) - unscored_bytes
+    return {"tokens": count, "bytes": n_bytes, "loss": total / count, "perplexity": math.exp(total / count),
+            "bits_per_byte": total / math.log(2) / n_bytes, "window": scorer.window,
+            "stride": stride or max(1, scorer.window // 2)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Multiple choice
+
+
+@dataclasses.dataclass
+class Example:
+    context: str
+    choices: list[str]
+    label: int
+
+
+def hellaswag_text(text: str) -> str:
+    """lm-evaluation-harness's cleanup of HellaSwag's WikiHow text: '[title]' becomes a sentence
+    break, other bracketed tags go, double spaces close up."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def hellaswag_example(row: dict) -> Example:
+    """A row of HellaSwag's jsonl as lm-evaluation-harness poses it: activity label, then both
+    halves of the context with the second capitalized."""
+    context = hellaswag_text(f"{row['activity_label']}: {row['ctx_a']} {row['ctx_b'].capitalize()}")
+    return Example(context, [hellaswag_text(e) for e in row["endings"]], int(row["label"]))
+
+
+def read_examples(cfg: EvalConfig) -> tuple[str, list[Example]]:
+    """(task name, examples) for cfg.task; every row checked, a bad one named by its line."""
+    hellaswag = cfg.task == "hellaswag"
+    if hellaswag and cfg.source is None:
+        raise ConfigError("eval.task=hellaswag needs its validation file: --eval.source hellaswag_val.jsonl "
+                          "(from github.com/rowanz/hellaswag, data/hellaswag_val.jsonl)")
+    path = Path(cfg.source if hellaswag else cfg.task)
+    if not hellaswag and path.suffix != ".jsonl":
+        raise ConfigError(f"eval.task={cfg.task!r} is not a known task: use hellaswag or a .jsonl file of "
+                          f"{{\"context\", \"choices\", \"label\"}} rows")
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist")
+    examples = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            row = json.loads(line)
+            example = hellaswag_example(row) if hellaswag else Example(row["context"], row["choices"], row["label"])
+        except json.JSONDecodeError:
+            raise UserError(f"{where} is not JSON") from None
+        except (KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{where} lacks a field or has one of the wrong type ({e}): each row needs "
+                            f"{'ctx_a, ctx_b, activity_label, endings, label' if hellaswag else 'context, choices, label'}") from None
+        if not (isinstance(example.choices, list) and len(example.choices) >= 2
+                and all(isinstance(c, str) for c in example.choices) and isinstance(example.context, str)):
+            raise UserError(f"{where} needs a context string and at least two choice strings")
+        if not (isinstance(example.label, int) and 0 <= example.label < len(example.choices)):
+            raise UserError(f"{where} has label {example.label!r}: it must index its {len(example.choices)} choices")
+        examples.append(example)
+        if cfg.limit and len(examples) == cfg.limit:
+            break
+    if not examples:
+        raise UserError(f"{path} holds no examples")
+    return ("hellaswag" if hellaswag else path.stem), examples
+
+
+def choice_requests(scorer: Scorer, example: Example) -> list[tuple[list[int], list[int]]]:
+    """(context ids, continuation ids) per choice: context + " " + choice tokenized whole, split
+    where the context's own tokens end (how lm-evaluation-harness keeps merges across the seam)."""
+    start = [scorer.bos] if scorer.bos is not None else []
+    context = scorer.encode(example.context)
+    requests = []
+    for choice in example.choices:
+        whole = scorer.encode(f"{example.context} {choice}")
+        requests.append((start + whole[:len(context)], whole[len(context):]))
+    return requests
+
+
+def logliks(scorer: Scorer, requests: Sequence[tuple[list[int], list[int]]], batch_size: int) -> list[float]:
+    """Summed log-probability of each continuation after its context, the context cut from the left
+    when the pair exceeds the window."""
+    device = scorer.model.embed_tokens.weight.device
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(requests), batch_size):
+            batch = [(ctx + cont)[-(scorer.window + 1):] for ctx, cont in requests[i:i + batch_size]]
+            n_cont = [len(cont) for _, cont in requests[i:i + batch_size]]
+            longest = max(map(len, batch)) - 1
+            tokens = torch.tensor([seq[:-1] + [0] * (longest - len(seq) + 1) for seq in batch], device=device)
+            logprobs = scorer.model(tokens)[0].float().log_softmax(-1)
+            for row, (seq, n) in enumerate(zip(batch, n_cont)):
+                positions = torch.arange(len(seq) - 1 - n, len(seq) - 1, device=device)
+                targets = torch.tensor(seq[-n:], device=device)
+                out.append(logprobs[row, positions, targets].sum().item())
+    return out
+
+
+def score_choices(scorer: Scorer, examples: Sequence[Example], batch_size: int) -> dict:
+    """acc and acc_norm over the examples, with each example's log-likelihoods."""
+    per_example = []
+    for example in tqdm(examples, desc="examples", unit="example", disable=None):
+        requests = choice_requests(scorer, example)
+        if any(not cont for _, cont in requests):
+            raise UserError(f"a choice of the example '{example.context[:40]}...' tokenizes to nothing after its context")
+        lls = logliks(scorer, requests, batch_size)
+        per_char = [ll / len(choice) for ll, choice in zip(lls, example.choices)]
+        per_example.append({"logliks": lls, "label": example.label,
+                            "acc": float(max(range(len(lls)), key=lls.__getitem__) == example.label),
+                            "acc_norm": float(max(range(len(lls)), key=per_char.__getitem__) == example.label)})
+    n = len(per_example)
+    return {"examples": n, "acc": sum(e["acc"] for e in per_example) / n,
+            "acc_norm": sum(e["acc_norm"] for e in per_example) / n, "per_example": per_example}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+@script
+def main(argv: list[str]) -> None:
+    if argv and not argv[0].startswith("-") and not argv[0].endswith(".toml"):
+        argv = ["--eval.checkpoint", argv[0], *argv[1:]]  # the checkpoint as the first argument
+    run(parse_cli(argv, prog="eval.py", sections=("eval",)).eval)
+
+
+def run(cfg: EvalConfig) -> dict:
+    if cfg.data is None and cfg.task is None:
+        raise ConfigError("nothing to score: give --eval.data FILE (perplexity) and/or --eval.task TASK (multiple choice)")
+    scorer = load_scorer(cfg)
+    results: dict = {"checkpoint": cfg.checkpoint}
+    if cfg.data is not None:
+        path = Path(cfg.data)
+        if not path.is_file():
+            raise ConfigError(f"eval.data={path} is not a file: give a UTF-8 text file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text") from None
+        results["text"] = {"file": str(path), **score_text(scorer, text, cfg.stride, cfg.batch_size)}
+    if cfg.task is not None:
+        name, examples = read_examples(cfg)
+        results["task"] = {"name": name, **score_choices(scorer, examples, cfg.batch_size)}
+    print_results(results)
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def print_results(results: dict) -> None:
+    if text := results.get("text"):
+        print(f"| text | tokens | loss | perplexity | bits/byte | window / stride |\n|---|---:|---:|---:|---:|---:|\n"
+              f"| {text['file']} | {text['tokens']:,} | {text['loss']:.4f} | {text['perplexity']:.3f} | "
+              f"{text['bits_per_byte']:.4f} | {text['window']} / {text['stride']} |")
+    if task := results.get("task"):
+        print(f"| task | examples | acc | acc_norm |\n|---|---:|---:|---:|\n"
+              f"| {task['name']} | {task['examples']:,} | {task['acc']:.4f} | {task['acc_norm']:.4f} |")
+    summary = {k: ({kk: vv for kk, vv in v.items() if kk != "per_example"} if isinstance(v, dict) else v)
+               for k, v in results.items()}
+    print(json.dumps(summary), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,148 @@
+"""eval.py: sliding-window perplexity and bits per byte, multiple-choice scoring, both against
+transformers on the same tokens, and the one-line errors."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import checkpoint
+from config import EvalConfig
+from eval import (Example, choice_requests, hellaswag_example, load_scorer, main, read_examples, score_choices,
+                  score_text, window_spans)
+from test_model import make_model
+from tokenizer import Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = ("ROMEO: But soft, what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
+        "Arise, fair sun, and kill the envious moon.\n") * 3
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt")
+    tokenizer = Tokenizer.train_char(TEXT + "xyz")
+    model = make_model(vocab_size=tokenizer.vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64)
+    checkpoint.save_hf(model, path)
+    tokenizer.save(path)
+    return path
+
+
+def hf_sum_nll(folder, ids: list[int], spans) -> tuple[float, int]:
+    """The same windows through transformers, summed by hand."""
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for begin, end, first in spans:
+            logprobs = hf(torch.tensor([ids[begin:end]])).logits[0].log_softmax(-1)
+            for p in range(first, end):
+                total -= logprobs[p - begin - 1, ids[p]].item()
+                count += 1
+    return total, count
+
+
+@pytest.mark.parametrize("n,window,stride", [(10, 4, 2), (100, 32, 8), (7, 16, 8), (33, 32, 32), (50, 8, 1)])
+def test_windows_score_every_token_once_with_the_context_the_stride_allows(n, window, stride):
+    spans = window_spans(n, window, stride)
+    scored = [p for _, end, first in spans for p in range(first, end)]
+    assert scored == list(range(1, n))
+    for begin, end, first in spans:
+        assert end - begin == min(window, n) and begin <= first - 1
+        if begin > 0:
+            assert first - begin >= window - stride
+
+
+@pytest.mark.parametrize("window,stride", [(64, 32), (16, 4), (0, 0)])
+def test_text_loss_equals_transformers_on_the_same_windows(folder, tmp_path, window, stride):
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(TEXT)
+    cfg = EvalConfig(checkpoint=str(folder), data=str(text_file), window=window, stride=stride, batch_size=3)
+    scorer = load_scorer(cfg)
+    ours = score_text(scorer, TEXT, stride, 3)
+    ids = ([scorer.bos] if scorer.bos is not None else []) + scorer.encode(TEXT)
+    total, count = hf_sum_nll(folder, ids, window_spans(len(ids), scorer.window, ours["stride"]))
+    assert ours["tokens"] == count == len(ids) - 1
+    assert ours["loss"] == pytest.approx(total / count, rel=1e-4)
+    assert ours["bits_per_byte"] == pytest.approx(total / math.log(2) / ours["bytes"], rel=1e-4)
+    assert ours["bytes"] == len(TEXT.encode()) - (0 if scorer.bos is not None else len(scorer.tokenizer.decode(ids[:1])))
+    assert ours["perplexity"] == pytest.approx(math.exp(ours["loss"]))
+
+
+def test_a_text_shorter_than_a_window_is_one_window(folder):
+    scorer = load_scorer(EvalConfig(checkpoint=str(folder)))
+    short = score_text(scorer, "ROMEO:", 0, 4)
+    assert short["tokens"] == len(scorer.encode("ROMEO:")) - (scorer.bos is None)
+
+
+def test_choice_logliks_equal_transformers(folder):
+    scorer = load_scorer(EvalConfig(checkpoint=str(folder)))
+    example = Example("It is the east, and Juliet", ["is the sun.", "is the moon.", "breaks"], 0)
+    result = score_choices(scorer, [example], batch_size=2)
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    expected = []
+    with torch.no_grad():
+        for context, continuation in choice_requests(scorer, example):
+            logprobs = hf(torch.tensor([context + continuation])).logits[0].log_softmax(-1)
+            expected.append(sum(logprobs[len(context) + i - 1, t].item() for i, t in enumerate(continuation)))
+    assert result["per_example"][0]["logliks"] == pytest.approx(expected, abs=1e-4)
+    best = max(range(3), key=expected.__getitem__)
+    best_norm = max(range(3), key=lambda i: expected[i] / len(example.choices[i]))
+    assert (result["acc"], result["acc_norm"]) == (float(best == 0), float(best_norm == 0))
+
+
+def test_hellaswag_rows_are_posed_as_lm_evaluation_harness_poses_them():
+    row = {"activity_label": "Removing ice from car", "ctx_a": "Then, the man writes over the snow.",
+           "ctx_b": "then", "endings": [", the man [title] cleans.", " the  man stops. ", "x", "y"], "label": "1"}
+    example = hellaswag_example(row)
+    assert example.context == "Removing ice from car: Then, the man writes over the snow. Then"
+    assert example.choices[:2] == [", the man. cleans.", "the man stops."] and example.label == 1
+
+
+@pytest.mark.parametrize("row,message", [
+    ({"context": "a", "label": 0}, "lacks a field"),
+    ({"context": "a", "choices": ["b", "c"], "label": 2}, "must index its 2 choices"),
+    ({"context": "a", "choices": ["b"], "label": 0}, "at least two choice strings"),
+])
+def test_bad_task_rows_are_named_by_their_line(tmp_path, row, message):
+    task = tmp_path / "task.jsonl"
+    task.write_text(json.dumps({"context": "ok", "choices": ["a", "b"], "label": 1}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(Exception, match=message) as error:
+        read_examples(EvalConfig(task=str(task)))
+    assert "line 2" in str(error.value)
+
+
+def test_the_command_line_prints_a_table_and_writes_json(folder, tmp_path, capsys):
+    (tmp_path / "t.txt").write_text(TEXT)
+    task = tmp_path / "mine.jsonl"
+    task.write_text("\n".join(json.dumps({"context": "It is the", "choices": [" east", " west"], "label": i})
+                              for i in (0, 1)))
+    out = tmp_path / "r.json"
+    assert main([str(folder), "--eval.data", str(tmp_path / "t.txt"), "--eval.task", str(task), "--eval.json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "bits/byte" in printed and "| mine | 2 |" in printed
+    results = json.loads(out.read_text())
+    assert results["task"]["examples"] == 2 and results["text"]["tokens"] > 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "nothing to score"),
+    (["--eval.task", "winogrande"], "not a known task"),
+    (["--eval.task", "hellaswag"], "needs its validation file"),
+    (["--eval.data", "EMPTY"], "at least two are needed"),
+    (["--eval.window", "8", "--eval.stride", "9", "--eval.data", "EMPTY"], "exceeds eval.window"),
+])
+def test_bad_input_is_one_line(folder, tmp_path, capsys, argv, message):
+    (tmp_path / "empty.txt").write_text("")
+    argv = [a.replace("EMPTY", str(tmp_path / "empty.txt")) for a in argv]
+    assert main([str(folder), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+
+
+def test_a_checkpoint_without_a_tokenizer_is_one_line(tmp_path, capsys):
+    checkpoint.save_hf(make_model(vocab_size=40, dim=16, n_layers=1, n_heads=2), tmp_path)
+    (tmp_path / "t.txt").write_text("hello")
+    assert main([str(tmp_path), "--eval.data", str(tmp_path / "t.txt")]) == 2
+    assert "has no tokenizer.json" in capsys.readouterr().err
