@@ -194,6 +194,17 @@ def prefill(model: Llama, windows: Sequence[list[int]]) -> tuple[torch.Tensor, t
     return model(tokens, last_only=True, pad=pad)[0][:, -1], pad
 
 
+def decode_one(model: Llama, decode_step: DecodeStep | None, tokens: torch.Tensor, length: int,
+               position: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+    """The next logits (batch, vocab) after feeding tokens (batch,) at slot `length` of the cache;
+    the compiled step reads the slot from `position`, which moves on by one."""
+    if decode_step is None:
+        return model(tokens[:, None], start_pos=length, last_only=True, pad=pad)[0][:, -1]
+    logits = decode_step(tokens[:, None], position, pad)[:, -1]
+    position += 1
+    return logits
+
+
 def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, eos_ids: Sequence[int] = (), *,
              use_cache: bool = True, decode_step: DecodeStep | None = None,
              context: int | None = None) -> Iterator[list[Completion]]:
@@ -236,14 +247,11 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
                 host.copy(next_tokens)
                 # A slide, and every step without the cache, re-reads windows that the host holds.
                 reread = length == context or not use_cache
-                if step < n_new - 1 and not reread:
-                    # Queued before the host waits for this step's tokens: the device computes
-                    # the next step while the host emits this one.
-                    if decode_step is not None:
-                        logits = decode_step(next_tokens[:, None], position, pad)[:, -1]
-                        position += 1
-                    else:
-                        logits = model(next_tokens[:, None], start_pos=length, last_only=True, pad=pad)[0][:, -1]
+                # After the first token (shown as soon as it exists), the next step is queued before
+                # the host waits for this one's tokens: the device computes it while the host emits.
+                ahead = 0 < step < n_new - 1 and not reread
+                if ahead:
+                    logits = decode_one(model, decode_step, next_tokens, length, position, pad)
                     length += 1
             emitted = host.wait()
             for row, window, token in zip(rows, windows, emitted):
@@ -257,13 +265,16 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
             yield rows
             if all(r.finish_reason for r in rows) or step == n_new - 1:
                 break
-            if reread:
-                with torch.inference_mode():
+            with torch.inference_mode():
+                if reread:
                     if length == context:  # the longest rows are full: each of them keeps its last half
                         windows = [w[-kept_on_slide(context):] if len(w) > context else w for w in windows]
                     logits, pad = prefill(model, windows)
                     length = max(map(len, windows))
                     position.fill_(length)
+                elif not ahead:
+                    logits = decode_one(model, decode_step, next_tokens, length, position, pad)
+                    length += 1
     finally:
         model.clear_cache()
 
