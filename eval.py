@@ -7,10 +7,11 @@
 
 A text is scored in windows of --eval.window tokens (default: the context the model was trained on)
 that move on by --eval.stride: every token is scored exactly once, each with at least window -
-stride tokens before it (a text shorter than a window is one window). The text starts with BOS when
-the checkpoint has one, as generate.py's prompts do; otherwise its first token has nothing to be
-predicted from and is not scored. Bits per byte are the total negative log-likelihood in bits over
-the UTF-8 bytes of the scored text.
+stride tokens before it (a text shorter than a window is one window). The text is tokenized as its
+tokenizer poses a document (AutoTokenizer's ids): with BOS in front when the tokenizer's
+post-processor adds one, so every text token is scored, and otherwise without, the first token
+then having nothing to be predicted from. Bits per byte are the total negative log-likelihood in
+bits over the UTF-8 bytes of the scored text.
 
 A multiple-choice example is scored as lm-evaluation-harness scores its tasks: the log-likelihood
 of " " + choice after the context (the pair tokenized whole, then split where the context ends),
@@ -47,7 +48,14 @@ class Scorer:
     window: int
 
     def encode(self, text: str) -> list[int]:
+        """The text's tokens alone, no special tokens."""
         return self.tokenizer.encode(text)
+
+    def encode_document(self, text: str) -> list[int]:
+        """The text as its tokenizer poses a document: with the BOS (or whatever else) its
+        post-processor adds, as AutoTokenizer(text) gives it, and none when it adds none."""
+        self.tokenizer.encode(text)  # refuses characters a char-level vocabulary lacks
+        return self.tokenizer.backend.encode(text, add_special_tokens=True).ids
 
 
 def load_scorer(cfg: EvalConfig) -> Scorer:
@@ -89,10 +97,11 @@ def sum_nll(model: Llama, tokens: torch.Tensor, targets: torch.Tensor) -> torch.
 
 def score_text(scorer: Scorer, text: str, stride: int, batch_size: int) -> dict[str, float]:
     """Loss (nats per token), perplexity and bits per byte of `text`, every token scored once."""
-    ids = ([scorer.bos] if scorer.bos is not None else []) + scorer.encode(text)
+    ids = scorer.encode_document(text)
     if len(ids) < 2:
         raise UserError(f"the text holds {len(ids)} token(s): at least two are needed to predict one from another")
-    unscored_bytes = 0 if scorer.bos is not None else len(scorer.tokenizer.decode(ids[:1]).encode())
+    # The first token is never scored: a BOS holds no text, a text token's bytes leave the count.
+    unscored_bytes = len(scorer.tokenizer.decode(ids[:1], skip_special=True).encode())
     spans = window_spans(len(ids), scorer.window, stride or max(1, scorer.window // 2))
     device = scorer.model.embed_tokens.weight.device
     total, count = 0.0, 0
@@ -179,9 +188,12 @@ def read_examples(cfg: EvalConfig) -> tuple[str, list[Example]]:
 
 def choice_requests(scorer: Scorer, example: Example) -> list[tuple[list[int], list[int]]]:
     """(context ids, continuation ids) per choice: context + " " + choice tokenized whole, split
-    where the context's own tokens end (how lm-evaluation-harness keeps merges across the seam)."""
-    start = [scorer.bos] if scorer.bos is not None else []
+    where the context's own tokens end (how lm-evaluation-harness keeps merges across the seam).
+    No special tokens, as its hf backend by default, except BOS before an empty context."""
     context = scorer.encode(example.context)
+    start = [scorer.bos] if not context and scorer.bos is not None else []
+    if not context and not start:
+        raise UserError("an example has an empty context and the checkpoint no BOS token to start from")
     requests = []
     for choice in example.choices:
         whole = scorer.encode(f"{example.context} {choice}")

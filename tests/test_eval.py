@@ -61,19 +61,40 @@ def test_text_loss_equals_transformers_on_the_same_windows(folder, tmp_path, win
     cfg = EvalConfig(checkpoint=str(folder), data=str(text_file), window=window, stride=stride, batch_size=3)
     scorer = load_scorer(cfg)
     ours = score_text(scorer, TEXT, stride, 3)
-    ids = ([scorer.bos] if scorer.bos is not None else []) + scorer.encode(TEXT)
+    ids = transformers.AutoTokenizer.from_pretrained(folder)(TEXT)["input_ids"]  # no BOS: the tokenizer adds none
+    assert ids == scorer.encode(TEXT)
     total, count = hf_sum_nll(folder, ids, window_spans(len(ids), scorer.window, ours["stride"]))
     assert ours["tokens"] == count == len(ids) - 1
     assert ours["loss"] == pytest.approx(total / count, rel=1e-4)
     assert ours["bits_per_byte"] == pytest.approx(total / math.log(2) / ours["bytes"], rel=1e-4)
-    assert ours["bytes"] == len(TEXT.encode()) - (0 if scorer.bos is not None else len(scorer.tokenizer.decode(ids[:1])))
+    assert ours["bytes"] == len(TEXT.encode()) - 1  # the first character is never predicted
+
+
+def test_a_tokenizer_that_adds_bos_gets_every_token_scored(folder, tmp_path):
+    """A post-processor that adds BOS (as Llama's do): the ids are AutoTokenizer's, and the BOS
+    gives the first text token something to be predicted from."""
+    import shutil
+
+    from tokenizers import processors
+    shutil.copytree(folder, tmp_path / "bos")
+    tokenizer = Tokenizer.load(tmp_path / "bos")
+    bos = tokenizer.backend.id_to_token(tokenizer.bos_id)
+    tokenizer.backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A",
+                                                                     special_tokens=[(bos, tokenizer.bos_id)])
+    tokenizer.backend.save(str(tmp_path / "bos" / "tokenizer.json"))
+    scorer = load_scorer(EvalConfig(checkpoint=str(tmp_path / "bos")))
+    ids = scorer.encode_document(TEXT)
+    assert ids == transformers.AutoTokenizer.from_pretrained(tmp_path / "bos")(TEXT)["input_ids"]
+    assert ids[0] == tokenizer.bos_id
+    ours = score_text(scorer, TEXT, 0, 4)
+    assert ours["tokens"] == len(TEXT) and ours["bytes"] == len(TEXT.encode())
     assert ours["perplexity"] == pytest.approx(math.exp(ours["loss"]))
 
 
 def test_a_text_shorter_than_a_window_is_one_window(folder):
     scorer = load_scorer(EvalConfig(checkpoint=str(folder)))
     short = score_text(scorer, "ROMEO:", 0, 4)
-    assert short["tokens"] == len(scorer.encode("ROMEO:")) - (scorer.bos is None)
+    assert short["tokens"] == len("ROMEO:") - 1 and short["window"] == 64
 
 
 def test_choice_logliks_equal_transformers(folder):
@@ -146,3 +167,37 @@ def test_a_checkpoint_without_a_tokenizer_is_one_line(tmp_path, capsys):
     (tmp_path / "t.txt").write_text("hello")
     assert main([str(tmp_path), "--eval.data", str(tmp_path / "t.txt")]) == 2
     assert "has no tokenizer.json" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_multiple_choice_agrees_with_lm_evaluation_harness(folder, tmp_path, monkeypatch):
+    """lm_eval's hf backend on the same checkpoint and a local task in its YAML format: the same
+    log-likelihood for every choice, so the same acc and acc_norm."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rows = [{"context": c, "choices": ch, "label": label} for c, ch, label in [
+        ("It is the east, and", ["Juliet is the sun.", "the moon", "sun"], 0),
+        ("Arise, fair sun, and kill", ["the envious moon.", "moon", "the east"], 1),
+        ("ROMEO: But soft, what light", ["through yonder window breaks?", "is", "soft"], 2),
+        ("Juliet is the", ["sun.", "moon.", "east"], 0)]]
+    task = tmp_path / "task.jsonl"
+    task.write_text("\n".join(map(json.dumps, rows)))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "mc.yaml").write_text(
+        f"task: nanollama_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {task}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32",
+                                     tasks=["nanollama_mc"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+                                     device="cpu", batch_size=2, log_samples=True)
+    cfg = EvalConfig(checkpoint=str(folder), task=str(task))
+    ours = score_choices(load_scorer(cfg), read_examples(cfg)[1], batch_size=3)
+    samples = sorted(theirs["samples"]["nanollama_mc"], key=lambda s: s["doc_id"])
+    for sample, mine in zip(samples, ours["per_example"]):
+        assert [r[0][0] for r in sample["resps"]] == pytest.approx(mine["logliks"], abs=1e-4)
+    results = theirs["results"]["nanollama_mc"]
+    assert (results["acc,none"], results["acc_norm,none"]) == pytest.approx((ours["acc"], ours["acc_norm"]))
