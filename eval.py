@@ -248,20 +248,55 @@ def main(argv: list[str]) -> None:
     run(parse_cli(argv, prog="eval.py", sections=("eval",)).eval)
 
 
+def read_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"eval.data={path} is not a file: give a UTF-8 text file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text") from None
+
+
+@dataclasses.dataclass
+class TrainingEval:
+    """eval.data and eval.task read once, for train.py to score its live weights at every evaluation."""
+    scorer: Scorer
+    cfg: EvalConfig
+    text: str | None
+    task: tuple[str, list[Example]] | None
+
+    def scores(self) -> dict[str, float]:
+        """text_loss and text_bits_per_byte, <task>_acc and <task>_acc_norm: flat, for a metrics record."""
+        out = {}
+        if self.text is not None:
+            result = score_text(self.scorer, self.text, self.cfg.stride, self.cfg.batch_size)
+            out |= {"text_loss": result["loss"], "text_bits_per_byte": result["bits_per_byte"]}
+        if self.task is not None:
+            name, examples = self.task
+            result = score_choices(self.scorer, examples, self.cfg.batch_size)
+            out |= {f"{name}_acc": result["acc"], f"{name}_acc_norm": result["acc_norm"]}
+        return out
+
+
+def training_eval(cfg: EvalConfig, model: Llama, tokenizer: Tokenizer, window: int) -> TrainingEval | None:
+    """What train.py scores at each evaluation besides its val loss (None: eval.data and eval.task unset)."""
+    if cfg.data is None and cfg.task is None:
+        return None
+    text = read_text(cfg.data) if cfg.data is not None else None
+    task = read_examples(cfg) if cfg.task is not None else None
+    bos = tokenizer.bos_id
+    return TrainingEval(Scorer(model, tokenizer, bos, min(cfg.window or window, window)), cfg, text, task)
+
+
 def run(cfg: EvalConfig) -> dict:
     if cfg.data is None and cfg.task is None:
         raise ConfigError("nothing to score: give --eval.data FILE (perplexity) and/or --eval.task TASK (multiple choice)")
     scorer = load_scorer(cfg)
     results: dict = {"checkpoint": cfg.checkpoint}
     if cfg.data is not None:
-        path = Path(cfg.data)
-        if not path.is_file():
-            raise ConfigError(f"eval.data={path} is not a file: give a UTF-8 text file")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise UserError(f"{path} is not UTF-8 text") from None
-        results["text"] = {"file": str(path), **score_text(scorer, text, cfg.stride, cfg.batch_size)}
+        text = read_text(cfg.data)
+        results["text"] = {"file": cfg.data, **score_text(scorer, text, cfg.stride, cfg.batch_size)}
     if cfg.task is not None:
         name, examples = read_examples(cfg)
         results["task"] = {"name": name, **score_choices(scorer, examples, cfg.batch_size)}

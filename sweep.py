@@ -11,7 +11,8 @@ line; quote them (`"train.lr" = ...`) or write them as nested tables (`train.lr 
     base = "../shakespeare_char_cpu.toml"  # config every trial starts from: relative to this file, else the repo
     name = "lr_warmup"                     # default: the file's stem; also the W&B group
     out_dir = "out/sweeps/lr_warmup"       # default: out/sweeps/<name>
-    metric = "best_val_loss"               # rank by best_val_loss (default), final_val_loss or tokens_per_s
+    metric = "best_val_loss"               # rank by best_val_loss (default), final_val_loss, tokens_per_s,
+                                           # or best_/final_ of an [eval] score, e.g. best_text_bits_per_byte
     count = 8                              # random search: how many trials to draw
     seed = 0                               # random search: the draws are a function of it (default 0)
 
@@ -73,6 +74,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import checkpoint
@@ -83,6 +85,25 @@ from train import EXIT_INTERRUPTED, StopRequest, read_metrics
 ROOT = Path(__file__).resolve().parent
 EXIT_FAILED = 1
 METRICS = {"best_val_loss": min, "final_val_loss": min, "tokens_per_s": max}
+# Or best_<key> / final_<key> of any score the eval records carry ([eval] data and tasks, e.g.
+# best_text_bits_per_byte or final_hellaswag_acc_norm): accuracies rank high first, the rest low first.
+EVAL_METRIC = re.compile(r"(best|final)_(\w+)")
+
+
+def metric_goal(metric: str) -> Callable[..., Any]:
+    """min or max: which end of `metric` is better."""
+    if metric in METRICS:
+        return METRICS[metric]
+    return max if re.search(r"_acc(_norm)?$", metric) else min
+
+
+def eval_metric(metric: str, evals: list[dict[str, Any]]) -> float | None:
+    """best_<key> or final_<key> over the eval records that carry key."""
+    kind, key = EVAL_METRIC.fullmatch(metric).groups()
+    values = [m[key] for m in evals if key in m]
+    if not values:
+        return None
+    return values[-1] if kind == "final" else metric_goal(metric)(values)
 SWEEP_KEYS = ("base", "name", "out_dir", "metric", "count", "seed", "shared", "grid", "random", "trials")
 STATE, LOG = "sweep.json", "train.log"
 TAIL_LINES = 8  # of a failed trial's log, kept in its sweep.json and shown in results.md
@@ -125,8 +146,9 @@ def load_sweep(path: str | Path) -> Sweep:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
         raise ConfigError(f"sweep.name={name!r} must be letters, digits, '.', '_' or '-' (it names a folder)")
     metric = spec.get("metric", "best_val_loss")
-    if metric not in METRICS:
-        raise ConfigError(f"sweep.metric={metric!r} is not one of {', '.join(METRICS)}")
+    if metric not in METRICS and not EVAL_METRIC.fullmatch(metric):
+        raise ConfigError(f"sweep.metric={metric!r} is not one of {', '.join(METRICS)}, nor best_<key> or final_<key> "
+                          f"of a logged eval score (e.g. best_text_bits_per_byte)")
     base = find_base(spec.get("base"), path)
     modes = [mode for mode in ("grid", "random", "trials") if mode in spec]
     if len(modes) != 1:
@@ -438,9 +460,10 @@ def trial_row(sweep: Sweep, trial: Trial) -> dict[str, Any]:
     steps = [m for m in metrics if m["kind"] == "train"]
     val = [m["val_loss"] for m in metrics if m["kind"] == "eval"]
     info = trial.dir / "run_info.json"
+    logged = {} if sweep.metric in METRICS else {sweep.metric: eval_metric(sweep.metric, [m for m in metrics if m["kind"] == "eval"])}
     return {"trial": trial.name, **{key: resolved(trial, key) for key in sweep.keys},
             "params": json.loads(info.read_text())["params"] if info.is_file() else None,
-            "best_val_loss": min(val, default=None), "final_val_loss": val[-1] if val else None,
+            "best_val_loss": min(val, default=None), "final_val_loss": val[-1] if val else None, **logged,
             "steps": steps[-1]["step"] if steps else 0,
             "tokens_per_s": statistics.median(m["tokens_per_s"] for m in steps) if steps else None,
             "wall_s": state.get("wall_s"), "status": state.get("status", "pending")}
@@ -448,7 +471,7 @@ def trial_row(sweep: Sweep, trial: Trial) -> dict[str, Any]:
 
 def ranked(sweep: Sweep) -> list[tuple[Trial, dict[str, Any]]]:
     """Trials best first by the metric; those without a value (pending, failed early) last."""
-    sign = 1 if METRICS[sweep.metric] is min else -1
+    sign = 1 if metric_goal(sweep.metric) is min else -1
     rows = [(trial, trial_row(sweep, trial)) for trial in sweep.trials]
     return sorted(rows, key=lambda r: (r[1][sweep.metric] is None, sign * (r[1][sweep.metric] or 0), r[0].name))
 
@@ -470,7 +493,7 @@ def write_results(sweep: Sweep) -> None:
 def _cell(key: str, value: Any) -> str:
     if value is None:
         return ""
-    if key.endswith("loss"):
+    if key.endswith("loss") or key.startswith(("best_", "final_")):
         return f"{value:.4f}"
     if key in ("params", "tokens_per_s"):
         return f"{value:,.0f}"
@@ -488,7 +511,8 @@ def results_markdown(sweep: Sweep, rows: list[tuple[Trial, dict[str, Any]]]) -> 
     lines = [f"Sweep `{sweep.name}`: base `{base}`" + (f", shared {shared}" if shared else "") +
              f"; ranked by {sweep.metric}.", ""]
     header = {"trial": "trial", **{k: k.rsplit(".", 1)[-1] for k in sweep.keys}, "params": "params",
-              "best_val_loss": "best val loss", "final_val_loss": "final val loss", "steps": "steps",
+              "best_val_loss": "best val loss", "final_val_loss": "final val loss",
+              **({} if sweep.metric in METRICS else {sweep.metric: sweep.metric}), "steps": "steps",
               "tokens_per_s": "tokens/s", "wall_s": "wall time", "status": "status"}
     lines.append("| " + " | ".join(header.values()) + " |")
     lines.append("| " + " | ".join("---" if k in ("trial", "status") else "---:" for k in header) + " |")

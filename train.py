@@ -36,6 +36,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 from config import Config, ConfigError, TrainConfig, build_config, load_toml, parse_cli, script, to_toml
+from eval import TrainingEval, training_eval
 from model import Llama
 from tokenizer import Tokenizer
 
@@ -244,6 +245,9 @@ def plot_curves(metrics: list[dict[str, Any]], png: Path) -> None:
     if evals:
         ax_loss.plot([m["step"] for m in evals], [m["train_loss"] for m in evals], "o-", label="train (eval)")
         ax_loss.plot([m["step"] for m in evals], [m["val_loss"] for m in evals], "o-", label="val")
+        if "text_loss" in evals[-1]:
+            ax_loss.plot([m["step"] for m in evals if "text_loss" in m],
+                         [m["text_loss"] for m in evals if "text_loss" in m], "o-", label="eval.data")
     ax_loss.set_ylabel("cross-entropy loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
@@ -288,6 +292,7 @@ class Run:
     wandb_run: Any = None
     resumed_from: Path | None = None
     eval_unrecorded: bool = False  # resumed at an evaluation step whose evaluation was never recorded
+    tasks: TrainingEval | None = None  # [eval] data and tasks, scored by the main process at each evaluation
     replaced: Path | None = None  # --overwrite: the previous run, kept until this one's first checkpoint
 
     @property
@@ -424,6 +429,7 @@ def start_run(cfg: Config) -> Run:
     data.check_compatible(train_tokens, val_tokens, model_vocab_size=cfg.model.vocab_size, block_size=tc.block_size,
                           tokenizer_hash=Tokenizer.load(resume_from).hash if ckpt_tokenizer else None)
     model.to(runtime.device)
+    tasks = training_eval(cfg.eval, model, Tokenizer.load(dataset_dir), tc.block_size) if runtime.is_main else None
     accum = accumulation_steps(tc, runtime.world)
     # Everything is checked: only now may a previous run make way.
     replaced = claim_out_dir(out_dir, overwrite) if runtime.is_main else None
@@ -434,7 +440,7 @@ def start_run(cfg: Config) -> Run:
     run = Run(cfg, runtime, out_dir, dataset_dir, model, model, optimizers, scaler,
               data.BatchSampler(train_tokens, tc.block_size, tc.micro_batch_size, tc.seed),
               data.BatchSampler(val_tokens, tc.block_size, tc.micro_batch_size, tc.seed), accum,
-              trained_context(cfg, model, resume_from), replaced=replaced)
+              trained_context(cfg, model, resume_from), replaced=replaced, tasks=tasks)
     if resume_from is not None:
         restore(run, resume_from)
     run.step_model = wrap_for_training(torch.compile(model) if tc.compile is not False else model, runtime)
@@ -572,7 +578,8 @@ def zero_grads(run: Run) -> None:
 
 @torch.no_grad()
 def evaluate(run: Run) -> dict[str, float]:
-    """Mean loss over the same eval_iters batches of each split at every evaluation."""
+    """Mean loss over the same eval_iters batches of each split at every evaluation, and on the
+    main process the scores of [eval] data and task when set (eval.py's, with the live weights)."""
     runtime, tc = run.runtime, run.cfg.train
     run.step_model.eval()
     losses = {}
@@ -585,6 +592,9 @@ def evaluate(run: Run) -> dict[str, float]:
         if runtime.world > 1:
             dist.all_reduce(total, op=dist.ReduceOp.AVG)
         losses[split] = total.item() / tc.eval_iters
+    if run.tasks is not None:  # the main process only; the others wait at their next collective
+        with runtime.autocast():
+            losses |= run.tasks.scores()
     run.step_model.train()
     return losses
 
@@ -631,15 +641,17 @@ def log_eval(run: Run, losses: dict[str, float], ckpt: Path, bar: tqdm) -> None:
     """Record an evaluation, move the `best` pointer when val improved, redraw loss.png."""
     if not run.runtime.is_main:
         return
+    tasks = {k: v for k, v in losses.items() if k not in ("train", "val")}
     append_metric(run.metrics_path, {"kind": "eval", "step": run.step, "train_loss": losses["train"],
-                                     "val_loss": losses["val"]})
+                                     "val_loss": losses["val"], **tasks})
     if losses["val"] < run.best_val:
         run.best_val = losses["val"]
         checkpoint.write_pointer(run.out_dir, "best", ckpt.name)
     if run.wandb_run is not None:
-        run.wandb_run.log({"val_loss": losses["val"], "train_loss_eval": losses["train"]}, step=run.step)
+        run.wandb_run.log({"val_loss": losses["val"], "train_loss_eval": losses["train"], **tasks}, step=run.step)
     plot_curves(read_metrics(run.metrics_path), run.out_dir / "loss.png")
-    bar.write(f"step {run.step}: train {losses['train']:.4f} | val {losses['val']:.4f} | best val {run.best_val:.4f}")
+    bar.write(f"step {run.step}: train {losses['train']:.4f} | val {losses['val']:.4f} | best val {run.best_val:.4f}"
+              + "".join(f" | {k} {v:.4f}" for k, v in tasks.items()))
 
 
 def train(cfg: Config) -> int:

@@ -201,3 +201,31 @@ def test_multiple_choice_agrees_with_lm_evaluation_harness(folder, tmp_path, mon
         assert [r[0][0] for r in sample["resps"]] == pytest.approx(mine["logliks"], abs=1e-4)
     results = theirs["results"]["nanollama_mc"]
     assert (results["acc,none"], results["acc_norm,none"]) == pytest.approx((ours["acc"], ours["acc_norm"]))
+
+
+def test_training_scores_eval_data_and_tasks_at_each_evaluation(tmp_path):
+    """train.py with [eval] data and task: each eval record carries their scores, and they equal
+    eval.py's on the checkpoint saved at that step."""
+    import subprocess
+    import sys
+
+    from test_train import ROOT, TINY
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 4)
+    subprocess.run([sys.executable, "prepare_data.py", "--data.dataset", "tiny", "--data.data_dir", str(tmp_path),
+                    "--data.input", str(corpus), "--data.tokenizer", "char"], cwd=ROOT, check=True, capture_output=True)
+    (tmp_path / "held_out.txt").write_text(TEXT[:150])
+    task = tmp_path / "mine.jsonl"
+    task.write_text("\n".join(json.dumps({"context": "It is the", "choices": [" east", " west"], "label": i}) for i in (0, 1)))
+    result = subprocess.run([sys.executable, "train.py", *TINY, "--data.data_dir", str(tmp_path), "--data.dataset", "tiny",
+                             "--train.out_dir", str(tmp_path / "run"), "--train.max_steps", "4", "--train.eval_interval", "2",
+                             "--eval.data", str(tmp_path / "held_out.txt"), "--eval.task", str(task)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [2, 4]
+    assert {"text_loss", "text_bits_per_byte", "mine_acc", "mine_acc_norm"} <= set(evals[-1])
+    cfg = EvalConfig(checkpoint=str(tmp_path / "run"), data=str(tmp_path / "held_out.txt"), window=32)
+    scored = score_text(load_scorer(cfg), TEXT[:150], 0, 4)
+    assert evals[-1]["text_loss"] == pytest.approx(scored["loss"], rel=1e-4)

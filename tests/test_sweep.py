@@ -214,3 +214,14 @@ def test_trial_directory_of_another_sweep(tmp_path, data_dir, capsys):
     assert capsys.readouterr().err.splitlines() == [
         f"error: trial directory {trial} was run with other overrides than sweep 'mine' now gives it: delete "
         f"the folder to run it again"]
+
+
+def test_trials_rank_by_any_logged_eval_score():
+    evals = [{"kind": "eval", "step": 2, "val_loss": 2.0, "text_bits_per_byte": 3.0, "mine_acc": 0.25},
+             {"kind": "eval", "step": 4, "val_loss": 1.9, "text_bits_per_byte": 2.5, "mine_acc": 0.5},
+             {"kind": "eval", "step": 6, "val_loss": 1.8, "text_bits_per_byte": 2.75, "mine_acc": 0.375}]
+    assert sweep.eval_metric("best_text_bits_per_byte", evals) == 2.5
+    assert sweep.eval_metric("final_text_bits_per_byte", evals) == 2.75
+    assert sweep.eval_metric("best_mine_acc", evals) == 0.5  # accuracies: higher is better
+    assert sweep.eval_metric("best_hellaswag_acc_norm", evals) is None  # not logged: ranked last
+    assert sweep.metric_goal("final_mine_acc_norm") is max and sweep.metric_goal("best_text_loss") is min
