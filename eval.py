@@ -207,7 +207,7 @@ def logliks(scorer: Scorer, requests: Sequence[tuple[list[int], list[int]]], bat
     device = scorer.model.embed_tokens.weight.device
     out = []
     with torch.inference_mode():
-        for i in range(0, len(requests), batch_size):
+        for i in tqdm(range(0, len(requests), batch_size), desc="choices", unit="batch", disable=None):
             batch = [(ctx + cont)[-(scorer.window + 1):] for ctx, cont in requests[i:i + batch_size]]
             n_cont = [len(cont) for _, cont in requests[i:i + batch_size]]
             longest = max(map(len, batch)) - 1
@@ -221,13 +221,18 @@ def logliks(scorer: Scorer, requests: Sequence[tuple[list[int], list[int]]], bat
 
 
 def score_choices(scorer: Scorer, examples: Sequence[Example], batch_size: int) -> dict:
-    """acc and acc_norm over the examples, with each example's log-likelihoods."""
-    per_example = []
-    for example in tqdm(examples, desc="examples", unit="example", disable=None):
-        requests = choice_requests(scorer, example)
-        if any(not cont for _, cont in requests):
+    """acc and acc_norm over the examples, with each example's log-likelihoods. All choices of all
+    examples are scored longest first, so a batch holds sequences of similar length."""
+    requests = [choice_requests(scorer, example) for example in examples]
+    for example, pairs in zip(examples, requests):
+        if any(not cont for _, cont in pairs):
             raise UserError(f"a choice of the example '{example.context[:40]}...' tokenizes to nothing after its context")
-        lls = logliks(scorer, requests, batch_size)
+    flat = [(i, j) for i, pairs in enumerate(requests) for j in range(len(pairs))]
+    flat.sort(key=lambda ij: -sum(map(len, requests[ij[0]][ij[1]])))
+    scores = dict(zip(flat, logliks(scorer, [requests[i][j] for i, j in flat], batch_size)))
+    per_example = []
+    for i, example in enumerate(examples):
+        lls = [scores[i, j] for j in range(len(example.choices))]
         per_char = [ll / len(choice) for ll, choice in zip(lls, example.choices)]
         per_example.append({"logliks": lls, "label": example.label,
                             "acc": float(max(range(len(lls)), key=lls.__getitem__) == example.label),

@@ -76,13 +76,15 @@ def make_step(model: torch.nn.Module, is_hf: bool, compile_: bool):
     return step
 
 
-def benchmark_args(doc: str, default_rounds: int, device: bool = False,
+def benchmark_args(doc: str, default_rounds: int, device: bool = False, compiled: bool = True,
                    extra: Sequence[tuple[str, dict]] = ()) -> argparse.Namespace:
-    """The options every benchmark here takes, --device for those that run on a GPU too, and
-    `extra` (flag, argparse keywords) of the benchmark's own."""
+    """The options every benchmark here takes, --no-compile for those with compiled variants,
+    --device for those that run on a GPU too, and `extra` (flag, argparse keywords) of the
+    benchmark's own."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=default_rounds, help="timed rounds (medians are reported)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
+    if compiled:
+        parser.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
     parser.add_argument("--json", type=Path, help="also write the results here")
     if device:
         parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
