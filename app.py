@@ -90,6 +90,18 @@ class Job:
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
+def poster(loop: asyncio.AbstractEventLoop, updates: asyncio.Queue) -> Callable[[Update | BaseException | None], None]:
+    """How the decoding thread hands a request its updates: onto the request's event loop. A loop
+    that has closed (the request is over: it raised, or its client left) takes nothing, and must
+    not take the decoding thread down with it."""
+    def post(item: Update | BaseException | None) -> None:
+        try:
+            loop.call_soon_threadsafe(updates.put_nowait, item)
+        except RuntimeError:  # "Event loop is closed": nobody is listening any more
+            pass
+    return post
+
+
 class Engine:
     """Loads a checkpoint and decodes requests on it one at a time, in arrival order."""
 
@@ -125,8 +137,8 @@ class Engine:
         """Queue a request and yield its progress after every decoded token (with `live`, every
         row's text so far; else a row's text once it has finished); leaving early (a client that
         went away) cancels it at the next token."""
-        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
-        job = Job(prompts, cfg, stops, live, lambda item: loop.call_soon_threadsafe(updates.put_nowait, item))
+        updates: asyncio.Queue = asyncio.Queue()
+        job = Job(prompts, cfg, stops, live, poster(asyncio.get_running_loop(), updates))
         self.jobs.put(job)
         try:
             while (item := await updates.get()) is not None:

@@ -211,6 +211,23 @@ def test_a_failed_decode_reaches_its_request_and_the_engine_goes_on(char_checkpo
     assert all(u.rows[0].text == "" for u in final_only[:-1])  # not rendered until it finished
 
 
+def test_a_request_whose_event_loop_closed_does_not_stop_the_engine(char_checkpoint):
+    """The decoding thread once died posting to a request's closed event loop (a request that had
+    raised, under load), and every later request waited forever."""
+    engine = app.Engine(SampleConfig(checkpoint=str(char_checkpoint), eos="none"), ServeConfig())
+    cfg = SampleConfig(max_new_tokens=4, eos="none")
+    prompt = [engine.encode("All:")]
+    gone = asyncio.new_event_loop()
+    gone.close()
+    engine.jobs.put(app.Job(prompt, cfg, [], True, app.poster(gone, asyncio.Queue())))
+
+    async def collect() -> list[app.Update]:
+        return [update async for update in engine.stream(prompt, cfg, [], live=True)]
+
+    updates = asyncio.run(asyncio.wait_for(collect(), timeout=60))
+    assert updates[-1].rows[0].finish_reason == "length"
+
+
 def test_the_prompt_cap_never_exceeds_the_context(char_checkpoint):
     engine = app.Engine(SampleConfig(checkpoint=str(char_checkpoint)), ServeConfig(max_prompt_tokens=10_000))
     assert engine.max_prompt_tokens == engine.context == 128
