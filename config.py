@@ -335,8 +335,8 @@ class ServeConfig:
 @dataclass
 class EvalConfig:
     checkpoint: str | None = _field(None, "checkpoint to score: anything generate.py's --checkpoint takes (also the first argument)")
-    data: str | None = _field(None, "a UTF-8 text file to score: loss, perplexity and bits per byte over all of it "
-                                    "(in train.py: at every evaluation)")
+    data: str | None = _field(None, "a UTF-8 text file (or a prepare_data.py folder: its val split) to score: loss, "
+                                    "perplexity and bits per byte over all of it (in train.py: at every evaluation)")
     task: str | None = _field(None, "a multiple-choice task: hellaswag, or a .jsonl file of {\"context\", \"choices\", \"label\"} rows")
     source: str | None = _field(None, "hellaswag's validation file (hellaswag_val.jsonl) on disk")
     window: int = _field(0, "tokens a scoring window holds (0 = the context the model was trained on)", ge=0)

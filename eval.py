@@ -1,6 +1,7 @@
 """Score a checkpoint: loss, perplexity and bits per byte over a text; accuracy on multiple choice.
 
     python eval.py out/run --eval.data notes.txt                   # the whole file, sliding windows
+    python eval.py out/run --eval.data data/shakespeare_char       # a prepare_data.py folder's val split
     python eval.py path/to/hf-llama --eval.task hellaswag --eval.source hellaswag_val.jsonl
     python eval.py out/run --eval.task my_task.jsonl               # {"context", "choices", "label"} rows
     python eval.py --help                                          # every option (--eval.<key>)
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import checkpoint
+import data
 from config import ConfigError, EvalConfig, UserError, parse_cli, script
 from generate import load_tokenizer, pick_device, special_token_ids
 from model import Llama
@@ -98,10 +100,17 @@ def sum_nll(model: Llama, tokens: torch.Tensor, targets: torch.Tensor) -> torch.
 def score_text(scorer: Scorer, text: str, stride: int, batch_size: int) -> dict[str, float]:
     """Loss (nats per token), perplexity and bits per byte of `text`, every token scored once."""
     ids = scorer.encode_document(text)
+    # The first token is never scored: a BOS holds no text, a text token's bytes leave the count.
+    unscored = len(scorer.tokenizer.decode(ids[:1], skip_special=True).encode())
+    return score_ids(scorer, ids, stride, batch_size, len(text.encode()) - unscored)
+
+
+def score_ids(scorer: Scorer, ids: Sequence[int], stride: int, batch_size: int,
+              n_bytes: int | None = None) -> dict[str, float]:
+    """score_text for tokens already made: every token after the first scored once, over n_bytes
+    bytes of text (default: what the scored tokens decode to)."""
     if len(ids) < 2:
         raise UserError(f"the text holds {len(ids)} token(s): at least two are needed to predict one from another")
-    # The first token is never scored: a BOS holds no text, a text token's bytes leave the count.
-    unscored_bytes = len(scorer.tokenizer.decode(ids[:1], skip_special=True).encode())
     spans = window_spans(len(ids), scorer.window, stride or max(1, scorer.window // 2))
     device = scorer.model.embed_tokens.weight.device
     total, count = 0.0, 0
@@ -117,7 +126,8 @@ def score_text(scorer: Scorer, text: str, stride: int, batch_size: int) -> dict[
                 total += sum_nll(scorer.model, tokens, targets).item()
                 count += int((targets != -100).sum())
                 bar.update(len(batch))
-    n_bytes = len(text.encode()) - unscored_bytes
+    if n_bytes is None:
+        n_bytes = len(scorer.tokenizer.decode(ids[1:], skip_special=True).encode())
     return {"tokens": count, "bytes": n_bytes, "loss": total / count, "perplexity": math.exp(total / count),
             "bits_per_byte": total / math.log(2) / n_bytes, "window": scorer.window,
             "stride": stride or max(1, scorer.window // 2)}
@@ -263,6 +273,16 @@ def read_text(path: str | Path) -> str:
         raise UserError(f"{path} is not UTF-8 text") from None
 
 
+def dataset_ids(folder: str | Path, scorer: Scorer) -> list[int]:
+    """The validation split of a folder prepare_data.py wrote, refused when another tokenizer made it."""
+    val = data.open_split(folder, "val")
+    if val.tokenizer_hash != scorer.tokenizer.hash:
+        raise UserError(f"{val.path} was tokenized with another tokenizer than the checkpoint's (sha256 "
+                        f"{val.tokenizer_hash[:12]} vs {scorer.tokenizer.hash[:12]}): score a text file instead, "
+                        f"or the dataset the checkpoint was trained on")
+    return val.tokens.tolist()
+
+
 @dataclasses.dataclass
 class TrainingEval:
     """eval.data and eval.task read once, for train.py to score its live weights at every evaluation."""
@@ -299,7 +319,10 @@ def run(cfg: EvalConfig) -> dict:
         raise ConfigError("nothing to score: give --eval.data FILE (perplexity) and/or --eval.task TASK (multiple choice)")
     scorer = load_scorer(cfg)
     results: dict = {"checkpoint": cfg.checkpoint}
-    if cfg.data is not None:
+    if cfg.data is not None and Path(cfg.data).is_dir():
+        results["text"] = {"file": cfg.data, **score_ids(scorer, dataset_ids(cfg.data, scorer), cfg.stride,
+                                                         cfg.batch_size)}
+    elif cfg.data is not None:
         text = read_text(cfg.data)
         results["text"] = {"file": cfg.data, **score_text(scorer, text, cfg.stride, cfg.batch_size)}
     if cfg.task is not None:

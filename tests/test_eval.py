@@ -229,3 +229,25 @@ def test_training_scores_eval_data_and_tasks_at_each_evaluation(tmp_path):
     cfg = EvalConfig(checkpoint=str(tmp_path / "run"), data=str(tmp_path / "held_out.txt"), window=32)
     scored = score_text(load_scorer(cfg), TEXT[:150], 0, 4)
     assert evals[-1]["text_loss"] == pytest.approx(scored["loss"], rel=1e-4)
+
+
+def test_a_prepared_dataset_is_scored_on_its_val_split(folder, tmp_path, capsys):
+    """--eval.data DIR: the val.bin prepare_data.py wrote with the checkpoint's tokenizer, scored
+    like the text it holds; data from another tokenizer is refused in one line."""
+    import numpy as np
+
+    import data
+    scorer = load_scorer(EvalConfig(checkpoint=str(folder)))
+    ids = scorer.encode(TEXT)
+    dataset = tmp_path / "ds"
+    dataset.mkdir()
+    data.write_tokens(dataset / "val.bin", [np.array(ids)], scorer.tokenizer.vocab_size, scorer.tokenizer.hash)
+    assert main([str(folder), "--eval.data", str(dataset), "--eval.json", str(tmp_path / "r.json")]) == 0
+    from_dataset = json.loads((tmp_path / "r.json").read_text())["text"]
+    from_text = score_text(scorer, TEXT, 0, 4)
+    assert from_dataset["loss"] == pytest.approx(from_text["loss"], rel=1e-6)
+    assert from_dataset["bytes"] == from_text["bytes"]
+    data.write_tokens(dataset / "val.bin", [np.array(ids)], scorer.tokenizer.vocab_size, "ab" * 32)
+    capsys.readouterr()
+    assert main([str(folder), "--eval.data", str(dataset)]) == 2
+    assert "another tokenizer" in capsys.readouterr().err
