@@ -99,14 +99,19 @@ def sum_nll(model: Llama, tokens: torch.Tensor, targets: torch.Tensor) -> torch.
 
 def score_text(scorer: Scorer, text: str, stride: int, batch_size: int) -> dict[str, float]:
     """Loss (nats per token), perplexity and bits per byte of `text`, every token scored once."""
+    return score_ids(scorer, *document(scorer, text), stride, batch_size)
+
+
+def document(scorer: Scorer, text: str) -> tuple[list[int], int]:
+    """(the text's ids as its tokenizer poses a document, the bytes of text its scored tokens hold)."""
     ids = scorer.encode_document(text)
     # The first token is never scored: a BOS holds no text, a text token's bytes leave the count.
     unscored = len(scorer.tokenizer.decode(ids[:1], skip_special=True).encode())
-    return score_ids(scorer, ids, stride, batch_size, len(text.encode()) - unscored)
+    return ids, len(text.encode()) - unscored
 
 
-def score_ids(scorer: Scorer, ids: Sequence[int], stride: int, batch_size: int,
-              n_bytes: int | None = None) -> dict[str, float]:
+def score_ids(scorer: Scorer, ids: Sequence[int], n_bytes: int | None, stride: int,
+              batch_size: int) -> dict[str, float]:
     """score_text for tokens already made: every token after the first scored once, over n_bytes
     bytes of text (default: what the scored tokens decode to)."""
     if len(ids) < 2:
@@ -263,6 +268,17 @@ def main(argv: list[str]) -> None:
     run(parse_cli(argv, prog="eval.py", sections=("eval",)).eval)
 
 
+def harness_task_yaml(name: str, jsonl: str | Path) -> str:
+    """An lm-evaluation-harness task (YAML) posing a {context, choices, label} jsonl file as
+    eval.py poses it: multiple choice, acc and acc_norm. Put it in a folder and pass that folder
+    as lm_eval's --include_path to score the same task with the harness."""
+    return (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {jsonl}\n"
+            "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
+            "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\n"
+            "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+            "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+
+
 def read_text(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
@@ -285,17 +301,18 @@ def dataset_ids(folder: str | Path, scorer: Scorer) -> list[int]:
 
 @dataclasses.dataclass
 class TrainingEval:
-    """eval.data and eval.task read once, for train.py to score its live weights at every evaluation."""
+    """eval.data and eval.task read and tokenized once, for train.py to score its live weights at
+    every evaluation."""
     scorer: Scorer
     cfg: EvalConfig
-    text: str | None
+    text: tuple[list[int], int] | None  # document(): ids and scored bytes
     task: tuple[str, list[Example]] | None
 
     def scores(self) -> dict[str, float]:
         """text_loss and text_bits_per_byte, <task>_acc and <task>_acc_norm: flat, for a metrics record."""
         out = {}
         if self.text is not None:
-            result = score_text(self.scorer, self.text, self.cfg.stride, self.cfg.batch_size)
+            result = score_ids(self.scorer, *self.text, self.cfg.stride, self.cfg.batch_size)
             out |= {"text_loss": result["loss"], "text_bits_per_byte": result["bits_per_byte"]}
         if self.task is not None:
             name, examples = self.task
@@ -308,10 +325,10 @@ def training_eval(cfg: EvalConfig, model: Llama, tokenizer: Tokenizer, window: i
     """What train.py scores at each evaluation besides its val loss (None: eval.data and eval.task unset)."""
     if cfg.data is None and cfg.task is None:
         return None
-    text = read_text(cfg.data) if cfg.data is not None else None
+    scorer = Scorer(model, tokenizer, tokenizer.bos_id, min(cfg.window or window, window))
+    text = document(scorer, read_text(cfg.data)) if cfg.data is not None else None
     task = read_examples(cfg) if cfg.task is not None else None
-    bos = tokenizer.bos_id
-    return TrainingEval(Scorer(model, tokenizer, bos, min(cfg.window or window, window)), cfg, text, task)
+    return TrainingEval(scorer, cfg, text, task)
 
 
 def run(cfg: EvalConfig) -> dict:
@@ -320,7 +337,7 @@ def run(cfg: EvalConfig) -> dict:
     scorer = load_scorer(cfg)
     results: dict = {"checkpoint": cfg.checkpoint}
     if cfg.data is not None and Path(cfg.data).is_dir():
-        results["text"] = {"file": cfg.data, **score_ids(scorer, dataset_ids(cfg.data, scorer), cfg.stride,
+        results["text"] = {"file": cfg.data, **score_ids(scorer, dataset_ids(cfg.data, scorer), None, cfg.stride,
                                                          cfg.batch_size)}
     elif cfg.data is not None:
         text = read_text(cfg.data)

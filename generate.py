@@ -477,8 +477,10 @@ def prepare_for_decoding(model: Llama, quantize: str = "none", compiled: bool = 
     optionally int8 weights. Outputs are unchanged up to float rounding (int8: up to its
     quantization error)."""
     model.fuse_projections()
-    if model.embed_tokens.weight.device.type == "cpu":
-        model.use_rowwise_matmuls() if compiled else model.use_decoding_layout()
+    if model.embed_tokens.weight.device.type == "cpu" and compiled:
+        model.use_rowwise_matmuls()
+    elif model.embed_tokens.weight.device.type == "cpu":
+        model.use_decoding_layout()
     if quantize == "int8":
         model.quantize_int8()
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import checkpoint  # noqa: E402
 from config import EvalConfig  # noqa: E402
-from eval import choice_requests, load_scorer, read_examples, score_choices  # noqa: E402
+from eval import choice_requests, harness_task_yaml, load_scorer, read_examples, score_choices  # noqa: E402
 from model import Llama  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from train_speed import REFERENCE, benchmark_args  # noqa: E402
@@ -57,12 +57,7 @@ def build(folder: Path, n_examples: int) -> tuple[Path, Path]:
     task = folder / "shakespeare_halves.jsonl"
     task.write_text("\n".join(map(json.dumps, rows)))
     (folder / "tasks").mkdir()
-    (folder / "tasks" / "task.yaml").write_text(
-        f"task: shakespeare_halves\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {task}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+    (folder / "tasks" / "task.yaml").write_text(harness_task_yaml("shakespeare_halves", task))
     return folder / "ckpt", task
 
 

@@ -326,3 +326,17 @@ def test_a_draft_that_cannot_serve_is_one_line(tmp_path, capsys, case):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:")
     assert {"vocabulary": "vocabulary of", "tokenizer": "same tokenizer.json", "k": "draft_tokens"}[case] in err
+
+
+@pytest.mark.slow
+def test_the_compiled_step_serves_other_lengths_without_recompiling():
+    """Cache lengths come in multiples of 256, so calls of different prompt and output lengths
+    reuse one compiled step."""
+    from torch._dynamo.utils import counters
+    model = make_model(**{**GQA, "max_seq_len": 512})
+    step = compile_decode_step(model)
+    last_rows(model, [[1, 2, 3]], SampleConfig(temperature=0.0, max_new_tokens=8), decode_step=step)
+    compiled = counters["stats"]["unique_graphs"]
+    for prompt, n in (([4, 5, 6, 7, 8], 30), ([9], 100), ([1] * 40, 60)):
+        last_rows(model, [prompt], SampleConfig(temperature=0.0, max_new_tokens=n), decode_step=step)
+    assert counters["stats"]["unique_graphs"] == compiled

@@ -9,8 +9,8 @@ import torch
 
 import checkpoint
 from config import EvalConfig
-from eval import (Example, choice_requests, hellaswag_example, load_scorer, main, read_examples, score_choices,
-                  score_text, window_spans)
+from eval import (Example, choice_requests, harness_task_yaml, hellaswag_example, load_scorer, main, read_examples,
+                  score_choices, score_text, window_spans)
 from test_model import make_model
 from tokenizer import Tokenizer
 
@@ -185,12 +185,7 @@ def test_multiple_choice_agrees_with_lm_evaluation_harness(folder, tmp_path, mon
     task = tmp_path / "task.jsonl"
     task.write_text("\n".join(map(json.dumps, rows)))
     (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "mc.yaml").write_text(
-        f"task: nanollama_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {task}\n"
-        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{context}}\"\n"
-        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\n"
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-        "  - metric: acc_norm\n    aggregation: mean\n    higher_is_better: true\n")
+    (tmp_path / "tasks" / "mc.yaml").write_text(harness_task_yaml("nanollama_mc", task))
     theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32",
                                      tasks=["nanollama_mc"], task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
                                      device="cpu", batch_size=2, log_samples=True)
