@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import struct
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -176,12 +177,15 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
 # Hugging Face Llama folders: config.json and (sharded) model.safetensors
 
 
-def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, max_seq_len: int | None = None) -> Llama:
-    """Load a Hugging Face Llama folder (config.json + model.safetensors, sharded or not)."""
-    cfg = read_hf_config(path)
+def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, max_seq_len: int | None = None,
+            cfg: ModelConfig | None = None) -> Llama:
+    """Load a Hugging Face Llama folder (config.json + model.safetensors, sharded or not), one
+    tensor at a time. `cfg` replaces its config.json (for a caller that changed its context or
+    RoPE settings; the weights must fit it)."""
+    cfg = cfg or read_hf_config(path)
     if max_seq_len is not None:
         cfg.max_seq_len = max_seq_len
-    return Llama.from_state_dict(cfg, read_hf_weights(path), dtype, source=str(path))
+    return Llama.from_state_dict(cfg, SafetensorsWeights(path), dtype, source=str(path))
 
 
 def save_hf(model: Llama, path: str | Path, trained_context: int | None = None) -> None:
@@ -254,7 +258,7 @@ def read_hf_config(path: str | Path) -> ModelConfig:
     cfg = ModelConfig(
         vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
         n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-        hidden_dim=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        head_dim=hf.get("head_dim"), hidden_dim=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         max_seq_len=hf.get("max_position_embeddings", 2048),
         rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -265,9 +269,6 @@ def read_hf_config(path: str | Path) -> ModelConfig:
         cfg.rope_low_freq_factor = float(rope["low_freq_factor"])
         cfg.rope_high_freq_factor = float(rope["high_freq_factor"])
         cfg.rope_original_max_seq_len = int(rope["original_max_position_embeddings"])
-    if hf.get("head_dim") not in (None, cfg.head_dim):
-        raise ConfigError(f"{file} sets head_dim={hf['head_dim']} but hidden_size/num_attention_heads="
-                          f"{cfg.head_dim}; decoupled head sizes are not supported")
     try:
         cfg.validate()
     except ConfigError as e:
@@ -275,34 +276,51 @@ def read_hf_config(path: str | Path) -> ModelConfig:
     return cfg
 
 
-def read_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a (possibly sharded) safetensors checkpoint, keyed by our parameter names."""
-    path = Path(path)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = load_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ConfigError(f"{index} has no weight_map: restore the file or re-save the model")
-        files = sorted(set(weight_map.values()))
-    elif (path / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    elif any(path.glob("pytorch_model*.bin")):
-        raise ConfigError(f"{path} holds only pickled pytorch_model.bin weights; re-save it with "
-                          f"safe_serialization=True (transformers) to get model.safetensors")
-    else:
-        raise ConfigError(f"{path} has no model.safetensors or model.safetensors.index.json")
-    state = {}
-    for name in files:
+class SafetensorsWeights(Mapping[str, torch.Tensor]):
+    """The tensors of a (possibly sharded) safetensors checkpoint, keyed by our parameter names and
+    read from disk one at a time when asked for: a model loads with its own memory plus one tensor,
+    however large the shards (and in bf16 files, each tensor becomes fp32 as it arrives)."""
+
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = load_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ConfigError(f"{index} has no weight_map: restore the file or re-save the model")
+            files = sorted(set(weight_map.values()))
+        elif (path / "model.safetensors").is_file():
+            files = ["model.safetensors"]
+        elif any(path.glob("pytorch_model*.bin")):
+            raise ConfigError(f"{path} holds only pickled pytorch_model.bin weights; re-save it with "
+                              f"safe_serialization=True (transformers) to get model.safetensors")
+        else:
+            raise ConfigError(f"{path} has no model.safetensors or model.safetensors.index.json")
+        self.where: dict[str, tuple[Any, str]] = {}  # our name -> (open file, its key there)
+        for name in files:
+            try:
+                handle = safetensors.safe_open(str(path / name), framework="pt")
+            except (safetensors.SafetensorError, OSError) as e:
+                raise ConfigError(f"{path / name} cannot be read ({e}): the file is truncated or corrupt; "
+                                  f"download or copy it again") from None
+            for key in handle.keys():
+                if not key.endswith("rotary_emb.inv_freq"):  # a buffer older exports saved; we recompute it
+                    self.where[key.removeprefix("model.")] = (handle, key)
+        self.path = path
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        handle, key = self.where[name]
         try:
-            tensors = safetensors.torch.load_file(str(path / name))
+            return handle.get_tensor(key)
         except (safetensors.SafetensorError, OSError) as e:
-            raise ConfigError(f"{path / name} cannot be read ({e}): the file is truncated or corrupt; "
+            raise ConfigError(f"{self.path}: {key} cannot be read ({e}): the file is truncated or corrupt; "
                               f"download or copy it again") from None
-        for key, tensor in tensors.items():
-            if key.endswith("rotary_emb.inv_freq"):  # a buffer older exports saved; we recompute it
-                continue
-            state[key.removeprefix("model.")] = tensor
-    return state
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.where)
+
+    def __len__(self) -> int:
+        return len(self.where)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -375,6 +393,9 @@ def read_llama2c(path: str | Path, dtype: torch.dtype = torch.float32, max_seq_l
 def write_llama2c(model: Llama, path: str | Path) -> None:
     """Write `model` as a legacy llama2.c checkpoint (float32), the classifier shared when tied."""
     cfg = model.cfg
+    if cfg.head_dim * cfg.n_heads != cfg.dim:
+        raise ConfigError(f"llama2.c derives the head width from dim / n_heads, but this model's head_dim="
+                          f"{cfg.head_dim} is not {cfg.dim} / {cfg.n_heads}: it cannot run there")
     if cfg.rope_theta != LLAMA2C_ROPE_THETA or cfg.norm_eps != LLAMA2C_NORM_EPS or cfg.rope_scaling != "none":
         raise ConfigError(f"llama2.c fixes rope_theta={LLAMA2C_ROPE_THETA:g}, norm_eps={LLAMA2C_NORM_EPS:g} and no "
                           f"RoPE scaling, but this model has rope_theta={cfg.rope_theta:g}, norm_eps={cfg.norm_eps:g}, "

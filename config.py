@@ -121,6 +121,7 @@ class ModelConfig:
     n_layers: int = _field(6, "number of transformer blocks", gt=0)
     n_heads: int = _field(6, "number of query heads", gt=0)
     n_kv_heads: int | None = _field(None, "number of key/value heads (none = n_heads; 1 = MQA)", gt=0)
+    head_dim: int | None = _field(None, "width of one attention head (none = dim / n_heads)", gt=0)
     hidden_dim: int | None = _field(None, "SwiGLU hidden width (none = 2/3 * 4 * dim rounded up to multiple_of)", gt=0)
     multiple_of: int = _field(32, "round the derived SwiGLU hidden width up to a multiple of this", gt=0)
     norm_eps: float = _field(1e-5, "epsilon inside RMSNorm", gt=0)
@@ -136,10 +137,6 @@ class ModelConfig:
     init_std: float = _field(0.02, "std of the normal init (residual projections are scaled by 1/sqrt(2*n_layers))", gt=0)
 
     @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    @property
     def ffn_dim(self) -> int:
         if self.hidden_dim is not None:
             return self.hidden_dim
@@ -147,17 +144,19 @@ class ModelConfig:
         return self.multiple_of * math.ceil(hidden / self.multiple_of)
 
     def validate(self) -> None:
-        """Check every field; an unset n_kv_heads becomes n_heads (MHA), so after validation
-        n_kv_heads is always the number of key/value heads."""
+        """Check every field; an unset n_kv_heads becomes n_heads (MHA) and an unset head_dim
+        dim / n_heads, so after validation both always hold the model's numbers."""
         check_fields(self, "model")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.dim % self.n_heads:
-            raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: "
-                              f"choose dim as a multiple of n_heads")
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: "
+                                  f"choose dim as a multiple of n_heads (or set model.head_dim)")
+            self.head_dim = self.dim // self.n_heads
         if self.head_dim % 2:
-            raise ConfigError(f"model.dim/model.n_heads={self.head_dim} is odd: RoPE rotates pairs, "
-                              f"so the head dim must be even")
+            raise ConfigError(f"model.head_dim={self.head_dim} is odd: RoPE rotates pairs, so the head dim "
+                              f"must be even")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}: "
                               f"use a divisor of n_heads (1 = MQA, n_heads = MHA)")
@@ -174,7 +173,8 @@ class DataConfig:
     source: str | None = _field(None, "local path or URL of a named dataset's raw file (none = its official download)")
     input: str | None = _field(None, "your own corpus: a .txt/.jsonl file, a folder of them, or a glob")
     sha256: str | None = _field(None, "expected sha256 of the downloaded or --data.source file (none = the dataset's own)")
-    tokenizer: Literal["char", "bpe"] = _field("char", "tokenizer kind for --data.input corpora (named datasets fix it)")
+    tokenizer: str = _field("char", "char or bpe (trained on the corpus; named datasets fix which), or a Hugging Face "
+                                    "tokenizer folder (tokenizer.json [+ tokenizer_config.json]) to use as it is")
     vocab_size: int = _field(4096, "BPE vocabulary size (ignored for char)", gt=0)
     bpe_train_bytes: int = _field(100_000_000, "BPE merges are learned from at most this many bytes of the corpus", gt=0)
     val_fraction: float = _field(0.1, "share of the corpus held out for validation", gt=0, lt=1)
@@ -364,10 +364,16 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    # The dotted keys a TOML file or the command line set, as opposed to defaults: --init_from keeps
+    # the model's own context and RoPE unless these name them, and generate.py the model's own
+    # sampling defaults unless they name those.
+    explicit: set[str] = field(default_factory=set, repr=False, compare=False)
+
     def validate(self) -> None:
         for section in SECTIONS:
             getattr(self, section).validate()
-        if self.train.block_size > self.model.max_seq_len:
+        context_from_model = self.train.init_from and "model.max_seq_len" not in self.explicit
+        if self.train.block_size > self.model.max_seq_len and not context_from_model:
             raise ConfigError(f"train.block_size={self.train.block_size} exceeds model.max_seq_len="
                               f"{self.model.max_seq_len}: raise max_seq_len or shorten the block")
 
@@ -463,6 +469,7 @@ def _set(cfg: Config, dotted: str, value: Any) -> None:
     except ValueError:
         raise ConfigError(f"bad value for {dotted}: {value!r} (expected {_describe(tp)})") from None
     setattr(getattr(cfg, section), key, coerced)
+    cfg.explicit.add(dotted)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:

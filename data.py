@@ -103,20 +103,16 @@ def open_split(dataset_dir: str | Path, split: str) -> TokenFile:
     return read_tokens(dataset_dir / f"{split}.bin")
 
 
-def tokenizer_files(dataset_dir: str | Path) -> list[Path]:
-    """The tokenizer files prepare_data.py saved beside the bins (checkpoints carry copies)."""
-    return [p for name in ("tokenizer.json", "tokenizer_config.json") if (p := Path(dataset_dir) / name).is_file()]
-
-
 def check_compatible(train: TokenFile, val: TokenFile, model_vocab_size: int, block_size: int,
-                     tokenizer_hash: str | None = None) -> None:
-    """Refuse data the model cannot train on, naming the mismatch."""
+                     model_tokenizer: tuple[str, str, str] | None = None) -> None:
+    """Refuse data the model cannot train on, naming the mismatch. `model_tokenizer` is the
+    (sha256, folder, fix) of the tokenizer the model comes with, when it has one."""
     if train.tokenizer_hash != val.tokenizer_hash:
         raise DataError(f"{train.path} and {val.path} come from different tokenizers: re-run prepare_data.py")
-    if tokenizer_hash is not None and train.tokenizer_hash != tokenizer_hash:
-        raise DataError(f"{train.path} was tokenized with another tokenizer than the checkpoint "
-                        f"(sha256 {train.tokenizer_hash[:12]} vs {tokenizer_hash[:12]}): use the dataset the "
-                        f"checkpoint was trained on")
+    if model_tokenizer is not None and train.tokenizer_hash != model_tokenizer[0]:
+        digest, folder, fix = model_tokenizer
+        raise DataError(f"{train.path} was tokenized with another tokenizer than {folder}'s (sha256 "
+                        f"{train.tokenizer_hash[:12]} vs {digest[:12]}): {fix}")
     if train.vocab_size > model_vocab_size:
         raise DataError(f"the data's vocab of {train.vocab_size} ids does not fit model.vocab_size="
                         f"{model_vocab_size}: set --model.vocab_size {train.vocab_size} (or more)")

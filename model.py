@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 
 import torch
 import torch.nn as nn
@@ -254,11 +255,12 @@ class Llama(nn.Module):
         self.reset_parameters()
 
     @classmethod
-    def from_state_dict(cls, cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+    def from_state_dict(cls, cfg: ModelConfig, state: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32,
                         source: str = "the state dict") -> "Llama":
         """A model holding `state`'s tensors (lm_head.weight may be absent when tied), built
-        without first initializing weights that would be overwritten. Missing, extra or misshapen
-        tensors are refused in one line naming `source`."""
+        without first initializing weights that would be overwritten. `state` is read one tensor
+        at a time, so a lazy mapping streams from disk. Missing, extra or misshapen tensors are
+        refused in one line naming `source`."""
         with torch.device("meta"):
             model = cls(cfg)
         shapes = {k: v.shape for k, v in model.state_dict().items()}
@@ -269,10 +271,12 @@ class Llama(nn.Module):
         if unexpected := sorted(set(state) - expected - {"lm_head.weight"}):
             raise ConfigError(f"{source} has weights this architecture lacks, e.g. {unexpected[0]}: "
                               f"it is not a plain Llama model")
-        if wrong := next((k for k in sorted(expected) if state[k].shape != shapes[k]), None):
-            raise ConfigError(f"{source}: {wrong} has shape {tuple(state[wrong].shape)} but the config implies "
-                              f"{tuple(shapes[wrong])}: the config and the weights disagree")
-        model.load_state_dict({k: state[k].to(dtype) for k in expected}, strict=False, assign=True)
+        for name in sorted(expected):
+            tensor = state[name]
+            if tensor.shape != shapes[name]:
+                raise ConfigError(f"{source}: {name} has shape {tuple(tensor.shape)} but the config implies "
+                                  f"{tuple(shapes[name])}: the config and the weights disagree")
+            model.load_state_dict({name: tensor.to(dtype)}, strict=False, assign=True)
         if cfg.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         model.rope_cos, model.rope_sin = rope_cos_sin(cfg)  # buffers built on the meta device
@@ -433,9 +437,10 @@ class Llama(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs (forward + backward) per token: 6 per matmul weight, plus attention
-        scores and the weighted sum, 6 * 2 * n_layers * dim * seq_len (PaLM appendix B)."""
+        scores and the weighted sum, 6 * 2 * n_layers * n_heads * head_dim * seq_len (PaLM appendix B,
+        where n_heads * head_dim is the model width)."""
         matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        return 6 * matmul_weights + 12 * self.cfg.n_layers * self.cfg.dim * seq_len
+        return 6 * matmul_weights + 12 * self.cfg.n_layers * self.cfg.n_heads * self.cfg.head_dim * seq_len
 
 
 @script

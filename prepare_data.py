@@ -3,12 +3,16 @@
     python prepare_data.py --data.dataset shakespeare_char                 # download, verify, tokenize
     python prepare_data.py --data.dataset shakespeare_char --data.source ../shared/data/tinyshakespeare.txt
     python prepare_data.py --data.dataset mybooks --data.input 'books/*.txt' --data.tokenizer bpe
+    python prepare_data.py --data.dataset shakespeare_smol --data.input ../shared/data/tinyshakespeare.txt \
+        --data.tokenizer path/to/SmolLM2-135M          # a pretrained model's tokenizer folder, as it is
 
 Named datasets are downloaded once into data/downloads/ and checked against their sha256. Your own
 corpus (`--data.input`) can be .txt files (one document each, or several separated by lines of
-`<|endoftext|>`) and .jsonl files (one document per line, in a "text" field). Documents are
-separated by EOS in the token stream. The split is deterministic: with several documents every
-1/val_fraction-th document goes to val; a single document keeps its tail for val.
+`<|endoftext|>`) and .jsonl files (one document per line, in a "text" field). Each document is
+tokenized as its tokenizer's post-processor poses it (with BOS for Llama-style tokenizers, as
+AutoTokenizer gives it) and followed by EOS. The split is deterministic: with several documents
+every 1/val_fraction-th document goes to val; a single document keeps its tail for val (each part
+then starts as a document does and has no EOS, as the text goes on beyond it).
 """
 
 from __future__ import annotations
@@ -190,41 +194,76 @@ def _init_worker(folder: str) -> None:
 
 
 def _encode(batch: tuple[list[str], bool]) -> np.ndarray:  # runs in a worker process
-    texts, add_eos = batch
-    ids = _worker_tokenizer.encode_batch(texts)
-    if add_eos:
-        ids = [doc + [_worker_tokenizer.eos_id] for doc in ids]
+    texts, whole_documents = batch
+    tokenizer = _worker_tokenizer
+    ids = tokenizer.encode_documents(texts) if whole_documents else tokenizer.encode_batch(texts)
     return np.fromiter((t for doc in ids for t in doc), dtype=np.int64)
 
 
-def batches(texts: Iterator[str], add_eos: bool) -> Iterator[list[str]]:
+def batches(texts: Iterator[str], whole_documents: bool) -> Iterator[list[str]]:
     """About a megabyte of text per batch; a single long document is cut at line ends."""
     batch, size = [], 0
     for text in texts:
-        for piece in [text] if add_eos else text.splitlines(keepends=True):
+        for piece in [text] if whole_documents else text.splitlines(keepends=True):
             batch.append(piece)
             size += len(piece)
             if size >= BATCH_CHARS:
-                yield batch if add_eos else ["".join(batch)]
+                yield batch if whole_documents else ["".join(batch)]
                 batch, size = [], 0
     if batch:
-        yield batch if add_eos else ["".join(batch)]
+        yield batch if whole_documents else ["".join(batch)]
 
 
 def encode_stream(pool: multiprocessing.pool.Pool, workers: int, texts: Iterator[str],
-                  add_eos: bool) -> Iterator[tuple[int, np.ndarray]]:
+                  whole_documents: bool) -> Iterator[tuple[int, np.ndarray]]:
     """(characters, token ids) per batch, in order. A few batches per worker are in flight at a
     time (pool.imap would read the whole corpus ahead), so memory stays bounded."""
-    pending = batches(texts, add_eos)
+    pending = batches(texts, whole_documents)
     while window := list(itertools.islice(pending, 4 * workers)):
-        encoded = pool.map(_encode, [(batch, add_eos) for batch in window])
+        encoded = pool.map(_encode, [(batch, whole_documents) for batch in window])
         for batch, ids in zip(window, encoded):
             yield sum(len(t) for t in batch), ids
+
+
+def pretrained_tokenizer(name: str) -> Path | None:
+    """The tokenizer folder --data.tokenizer names, or None for char and bpe (trained here)."""
+    if name in ("char", "bpe"):
+        return None
+    folder = Path(name)
+    if not folder.is_dir():
+        raise ConfigError(f"data.tokenizer={name!r} is neither char, bpe nor an existing folder: give a Hugging "
+                          f"Face tokenizer folder (tokenizer.json [+ tokenizer_config.json])")
+    tokenizer = Tokenizer.load(folder)
+    if tokenizer.eos_id is None:
+        raise ConfigError(f"{folder}'s tokenizer has no EOS token to end documents with: set eos_token in its "
+                          f"tokenizer_config.json")
+    return folder
+
+
+def make_tokenizer(cfg: DataConfig, kind: str, files: list[Path], several: bool, out: Path) -> Tokenizer:
+    """The dataset's tokenizer, written into `out`: trained on the corpus, or a pretrained
+    folder's files copied byte for byte (so its hash, and a model's, compare exactly)."""
+    if (folder := pretrained_tokenizer(cfg.tokenizer)) is not None:
+        out.mkdir(parents=True)
+        for file in Tokenizer.files(folder):
+            shutil.copyfile(file, out / file.name)
+        return Tokenizer.load(out)
+    if kind == "char":
+        chars: set[str] = set()
+        for doc in documents(files):
+            chars.update(doc)
+        tokenizer = Tokenizer.train_char("".join(chars))
+    else:
+        train_stream = split_texts(files, "train", cfg.val_fraction, several)
+        tokenizer = Tokenizer.train_bpe(train_stream, cfg.vocab_size, cfg.bpe_train_bytes)
+    tokenizer.save(out)
+    return tokenizer
 
 
 def prepare(cfg: DataConfig) -> dict:
     start = time.perf_counter()
     out = Path(cfg.data_dir) / cfg.dataset
+    pretrained_tokenizer(cfg.tokenizer)  # a bad folder is refused before any download
     if cfg.input is not None:
         files, kind, source = input_files(cfg.input), cfg.tokenizer, cfg.input
     elif cfg.dataset in DATASETS:
@@ -236,24 +275,18 @@ def prepare(cfg: DataConfig) -> dict:
         raise ConfigError(f"data.dataset={cfg.dataset!r} is not a named dataset ({', '.join(DATASETS)}): "
                           f"pass --data.input with your own files")
     several = is_multi_document(files)
-    if kind == "char":
-        chars: set[str] = set()
-        for doc in documents(files):
-            chars.update(doc)
-        tokenizer = Tokenizer.train_char("".join(chars))
-    else:
-        train_stream = split_texts(files, "train", cfg.val_fraction, several)
-        tokenizer = Tokenizer.train_bpe(train_stream, cfg.vocab_size, cfg.bpe_train_bytes)
-
     tmp = out.with_name(out.name + ".tmp")  # the dataset appears whole, or not at all
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save(tmp)
+    tokenizer = make_tokenizer(cfg, kind, files, several, tmp)
+    kind = tokenizer.kind
     counts, chars_seen = {}, {}
     with multiprocessing.get_context("spawn").Pool(cfg.workers, _init_worker, (str(tmp),)) as pool:
         for split in ("train", "val"):
             chars_seen[split] = 0
             with tqdm(unit="char", unit_scale=True, desc=split) as bar:
                 def chunks() -> Iterator[np.ndarray]:
+                    if not several:  # each part of a lone document starts as a document does
+                        yield np.array(tokenizer.prefix, dtype=np.int64)
                     texts = split_texts(files, split, cfg.val_fraction, several)
                     for n_chars, ids in encode_stream(pool, cfg.workers, texts, several):
                         chars_seen[split] += n_chars
@@ -265,7 +298,8 @@ def prepare(cfg: DataConfig) -> dict:
     meta = {"dataset": cfg.dataset, "source": str(source),
             "source_sha256": [sha256_of(f) for f in files] if len(files) > 1 else sha256_of(files[0]),
             "tokenizer": kind, "vocab_size": tokenizer.vocab_size, "tokenizer_sha256": tokenizer.hash,
-            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id,
+            "tokenizer_source": cfg.tokenizer if kind == "pretrained" else None,
+            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "document_prefix": tokenizer.prefix,
             "dtype": data.token_dtype(tokenizer.vocab_size).name, "documents_split": several,
             "train_tokens": counts["train"], "val_tokens": counts["val"],
             "train_chars": chars_seen["train"], "val_chars": chars_seen["val"],

@@ -1,8 +1,15 @@
-"""Byte-level BPE and character-level tokenizers behind one interface.
+"""Byte-level BPE and character-level tokenizers, and any Hugging Face tokenizer folder, behind
+one interface.
 
-Both kinds are Hugging Face `tokenizers` pipelines saved as a standard `tokenizer.json` (plus
+Ours are Hugging Face `tokenizers` pipelines saved as a standard `tokenizer.json` (plus
 `tokenizer_config.json`), so `transformers.AutoTokenizer.from_pretrained(folder)` loads either one
-and encodes identically, and a checkpoint folder carries its tokenizer with it.
+and encodes identically, and a checkpoint folder carries its tokenizer with it. A pretrained
+model's folder (SmolLM2, TinyLlama, Llama 3, ...) loads the same way, through its tokenizer.json.
+
+BOS and EOS follow one policy everywhere (docs/bpe.md, "BOS and EOS"): a document is what the
+tokenizer's own post-processor makes of a text (BOS in front for Llama tokenizers and our BPE,
+nothing for GPT-2-style ones and our char level), followed by EOS; a prompt is the same without
+the EOS. Data preparation, training, evaluation and sampling all ask this class.
 """
 
 from __future__ import annotations
@@ -13,12 +20,16 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
-from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
 from config import UserError, load_json
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+# The files that make up a tokenizer folder; data folders and checkpoints carry byte-identical copies.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# Names other tokenizers give their boundary tokens, for folders whose tokenizer_config.json names none.
+BOS_NAMES, EOS_NAMES = (BOS, "<s>", "<|bos|>", "<bos>"), (EOS, "</s>", "<|endoftext|>", "<|eos|>", "<eos>")
 # Llama 3's pre-tokenizer split (the same rule as GPT-4's cl100k), which llama.cpp implements:
 # contractions, letter runs, 1-3 digit groups, punctuation runs, newlines, other whitespace.
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -30,17 +41,33 @@ class TokenizerError(UserError):
 
 
 class Tokenizer:
-    """encode/decode over a `tokenizers.Tokenizer`, with BOS/EOS ids and a content hash."""
+    """encode/decode over a `tokenizers.Tokenizer`, with BOS/EOS ids, the ids its post-processor
+    puts before a text, and a content hash."""
 
-    def __init__(self, backend: HFTokenizer, kind: Literal["bpe", "char"]):
+    def __init__(self, backend: HFTokenizer, kind: Literal["bpe", "char", "pretrained"],
+                 bos_token: str | None = None, eos_token: str | None = None):
         self.backend, self.kind = backend, kind
-        self.eos_id = backend.token_to_id(EOS)
-        bos = backend.token_to_id(BOS)  # char level has one boundary token for both ends
-        self.bos_id = self.eos_id if bos is None else bos
+        self.eos_id = self._first_id([eos_token] if eos_token else EOS_NAMES)
+        bos = self._first_id([bos_token] if bos_token else BOS_NAMES)
+        self.bos_id = self.eos_id if bos is None else bos  # char level: one boundary token for both ends
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
         # Ids from a different vocabulary would silently train garbage, so datasets and
         # checkpoints record this hash and refuse to mix.
         self.hash = hashlib.sha256(backend.to_str().encode()).hexdigest()
+        self.prefix = self._post_processor_prefix()
+
+    def _first_id(self, names: Iterable[str]) -> int | None:
+        return next((i for name in names if (i := self.backend.token_to_id(name)) is not None), None)
+
+    def _post_processor_prefix(self) -> list[int]:
+        """The ids the post-processor puts before a text: [BOS] for Llama tokenizers, [] for GPT-2's."""
+        plain = self.backend.encode("a", add_special_tokens=False).ids
+        wrapped = self.backend.encode("a", add_special_tokens=True).ids
+        for start in range(len(wrapped) - len(plain) + 1):
+            if wrapped[start:start + len(plain)] == plain:
+                return wrapped[:start]
+        raise TokenizerError(f"this tokenizer's post-processor rewrites the text's own tokens ({plain} became "
+                             f"{wrapped}); only post-processors that add special tokens around a text are supported")
 
     # --- training ------------------------------------------------------------------------------
 
@@ -60,6 +87,9 @@ class Tokenizer:
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         backend.train_from_iterator(_bounded(texts, max_bytes), trainer=trainer)
+        # Like Llama's tokenizers, every document starts with BOS (the trainer gave it id 0).
+        backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                               special_tokens=[(BOS, 0)])
         return cls(backend, "bpe")
 
     @classmethod
@@ -80,6 +110,7 @@ class Tokenizer:
     # --- use -----------------------------------------------------------------------------------
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """The text's own tokens, with no special token unless asked for."""
         if self.kind == "char":
             self._check_chars(text)
         ids = self.backend.encode(text, add_special_tokens=False).ids
@@ -90,6 +121,25 @@ class Tokenizer:
             for text in texts:
                 self._check_chars(text)
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A text as the start of a document: the post-processor's prefix (BOS or nothing), then
+        its tokens; AutoTokenizer(text)["input_ids"] for tokenizers that add nothing after a text."""
+        return self.prefix + self.encode(text)
+
+    def encode_documents(self, texts: list[str]) -> list[list[int]]:
+        """Whole documents as training data holds them: what the post-processor makes of each
+        text (AutoTokenizer(text)["input_ids"] exactly), then EOS unless that already ends it."""
+        if self.kind == "char":
+            for text in texts:
+                self._check_chars(text)
+        docs = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=True)]
+        return [ids if ids[-1:] == [self.eos_id] else ids + [self.eos_id] for ids in docs]
+
+    def start_ids(self) -> list[int]:
+        """What an empty prompt starts from: the prefix, or else BOS, which for tokenizers without
+        one is EOS, the token that precedes every document of the training stream but the first."""
+        return self.prefix or [self.bos_id]
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)
@@ -118,11 +168,14 @@ class Tokenizer:
 
     @classmethod
     def load(cls, folder: str | Path) -> "Tokenizer":
+        """Ours or any Hugging Face tokenizer folder (tokenizer.json [+ tokenizer_config.json])."""
         folder = Path(folder)
         file = folder / "tokenizer.json"
         if not file.is_file():
-            raise TokenizerError(f"{folder} has no tokenizer.json: prepare the data with prepare_data.py or "
-                                 f"point at a folder that has one")
+            spm = " (a sentencepiece tokenizer.model alone is not enough: save the tokenizer with transformers' " \
+                  "AutoTokenizer.save_pretrained to get one)" if (folder / "tokenizer.model").is_file() else ""
+            raise TokenizerError(f"{folder} has no tokenizer.json{spm}: prepare the data with prepare_data.py or "
+                                 f"point at a tokenizer folder that has one")
         config_file = folder / "tokenizer_config.json"
         config = load_json(config_file) if config_file.is_file() else {}
         try:
@@ -130,8 +183,20 @@ class Tokenizer:
         except Exception as e:  # the Rust library raises a bare Exception for any unreadable file
             raise TokenizerError(f"{file} is not a tokenizer the tokenizers library can read "
                                  f"({str(e).splitlines()[0][:200]}): restore the file") from None
-        kind = config.get("nanollama_kind") or ("char" if isinstance(backend.model, models.WordLevel) else "bpe")
-        return cls(backend, kind)
+        return cls(backend, config.get("nanollama_kind", "pretrained"),
+                   _token_name(config.get("bos_token")), _token_name(config.get("eos_token")))
+
+    @staticmethod
+    def files(folder: str | Path) -> list[Path]:
+        """The tokenizer files a folder holds, to copy byte for byte."""
+        return [p for name in TOKENIZER_FILES if (p := Path(folder) / name).is_file()]
+
+
+def _token_name(value: object) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken object."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
 
 
 def _bounded(texts: Iterable[str], max_bytes: int) -> Iterator[str]:

@@ -203,6 +203,7 @@ def fig_rmsnorm() -> None:
 
 def fig_rope() -> None:
     cfg = ModelConfig(dim=128, n_heads=1, max_seq_len=1024)
+    cfg.validate()
     cos, sin = rope_cos_sin(cfg)
     half = cfg.head_dim // 2
     fig, (ax_rot, ax_decay, ax_scale) = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -234,6 +235,7 @@ def fig_rope() -> None:
     # Llama 3.1 scaling: which wavelengths grow, which stay.
     llama3 = ModelConfig(dim=4096, n_heads=32, rope_theta=500000.0)
     scaled = ModelConfig(dim=4096, n_heads=32, rope_theta=500000.0, rope_scaling="llama3")
+    llama3.validate(), scaled.validate()
     before, after = 2 * math.pi / rope_frequencies(llama3), 2 * math.pi / rope_frequencies(scaled)
     ax_scale.loglog(before, after / before, "o", ms=3)
     for wavelength, label in ((8192 / 4, "original / high_freq_factor"), (8192 / 1, "original / low_freq_factor")):
@@ -270,6 +272,7 @@ def fig_masks() -> None:
 
 def fig_kv_cache_memory() -> None:
     cfg = ModelConfig(**LLAMA3_8B)
+    cfg.validate()
     contexts = torch.arange(0, 131072 + 1, 1024)
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for n_kv_heads, name in ((32, "MHA (32 KV heads)"), (8, "GQA (8 KV heads, Llama 3 8B)"), (1, "MQA (1 KV head)")):

@@ -66,8 +66,9 @@ def test_compatibility_checks(tmp_path):
         data.check_compatible(train, val, model_vocab_size=50, block_size=16)
     with pytest.raises(data.DataError, match="holds 20 tokens, fewer than block_size \\+ 1 = 33"):
         data.check_compatible(train, val, model_vocab_size=100, block_size=32)
-    with pytest.raises(data.DataError, match="tokenized with another tokenizer than the checkpoint"):
-        data.check_compatible(train, val, model_vocab_size=100, block_size=16, tokenizer_hash="cd" * 32)
+    with pytest.raises(data.DataError, match="tokenized with another tokenizer than ckpt's .*: use its data"):
+        data.check_compatible(train, val, model_vocab_size=100, block_size=16,
+                              model_tokenizer=("cd" * 32, "ckpt", "use its data"))
     other = tmp_path / "other.bin"
     data.write_tokens(other, [np.arange(50)], 100, "cd" * 32)
     with pytest.raises(data.DataError, match="come from different tokenizers"):

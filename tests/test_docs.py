@@ -33,6 +33,7 @@ GiB, MiB, KiB = 2**30, 2**20, 2**10
 
 def rope_tables(head_dim: int, max_seq_len: int = 64, **kw) -> tuple[ModelConfig, torch.Tensor, torch.Tensor]:
     cfg = ModelConfig(dim=head_dim, n_heads=1, max_seq_len=max_seq_len, **kw)
+    cfg.validate()
     return (cfg, *rope_cos_sin(cfg))
 
 
@@ -119,6 +120,7 @@ def rope_adjacent_pairs(x: torch.Tensor, positions: torch.Tensor, inv_freq: torc
 def test_rope_layouts_agree_after_permutation():
     torch.manual_seed(0)
     cfg = ModelConfig(dim=64, n_heads=4, n_kv_heads=2, max_seq_len=32)
+    cfg.validate()
     cos, sin = rope_cos_sin(cfg)
     hd, T = cfg.head_dim, 12
     x = torch.randn(T, cfg.dim)
@@ -145,6 +147,7 @@ def test_rope_layouts_agree_after_permutation():
 def test_llama31_scaling_as_quoted():
     plain = ModelConfig(dim=4096, n_heads=32, rope_theta=500000.0)
     scaled = ModelConfig(dim=4096, n_heads=32, rope_theta=500000.0, rope_scaling="llama3")
+    plain.validate(), scaled.validate()
     before, after = rope_frequencies(plain), rope_frequencies(scaled)
     wavelength = 2 * math.pi / before
     assert len(before) == 64
