@@ -35,7 +35,8 @@ from typing import Any, Literal
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline server
 
 from config import SampleConfig, ServeConfig, UserError, bounds_of, expand_short_flags, parse_cli, script
-from generate import compile_decode_step, detokenize, generate, generate_text, load_for_sampling, start_prompt, visible_text
+from generate import (compile_decode_step, detokenize, generate, generate_text, load_for_sampling, start_prompt,
+                      visible_text, with_generation_defaults)
 
 try:
     import fastapi
@@ -105,26 +106,29 @@ def poster(loop: asyncio.AbstractEventLoop, updates: asyncio.Queue) -> Callable[
 class Engine:
     """Loads a checkpoint and decodes requests on it one at a time, in arrival order."""
 
-    def __init__(self, sample: SampleConfig, serve: ServeConfig):
+    def __init__(self, sample: SampleConfig, serve: ServeConfig, chosen: set[str] = frozenset()):
         loaded = load_for_sampling(sample)
-        self.model, self.tokenizer, self.bos, self.eos = loaded.model, loaded.tokenizer, loaded.bos, loaded.eos
+        self.loaded, self.model, self.tokenizer, self.eos = loaded, loaded.model, loaded.tokenizer, loaded.eos
         self.name = serve.model_name or Path(sample.checkpoint).name
         self.context = loaded.context  # what the model was trained on: decoding slides past it
         # A prompt must also leave room in the context for at least one new token.
         self.max_prompt_tokens = min(serve.max_prompt_tokens or self.context, self.context)
         self.defaults = sample
+        # Sampling settings the command line or the checkpoint's generation_config.json chose: a
+        # request that omits one gets it, instead of the API's neutral default.
+        self.chosen = chosen
         self.decode_step = compile_decode_step(self.model) if sample.compile else None
         self.render = functools.partial(detokenize, self.tokenizer)
         self.jobs: queue.Queue[Job] = queue.Queue()
         threading.Thread(target=self._work, name="decoder", daemon=True).start()
 
     def encode(self, prompt: str | list[int]) -> list[int]:
-        """A prompt's ids, BOS first when the model has one; bad prompts raise RequestError."""
+        """A prompt's ids, starting as training documents did; bad prompts raise RequestError."""
         if isinstance(prompt, str) and self.tokenizer is None:
             raise RequestError(f"{self.name} has no tokenizer: send the prompt as a list of token ids", "prompt")
         try:
-            ids = start_prompt(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt, self.bos,
-                               self.model.cfg.vocab_size, self.name)
+            ids = start_prompt(self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt, self.loaded,
+                               self.name)
         except UserError as e:
             raise RequestError(str(e), "prompt") from None
         if len(ids) > self.max_prompt_tokens:
@@ -279,10 +283,10 @@ def parse_request(body: bytes, engine: Engine,
     stops = request.stop_strings()
     if stops and engine.tokenizer is None:
         raise RequestError(f"{engine.name} has no tokenizer, so it cannot watch for stop strings", "stop")
-    cfg = dataclasses.replace(
-        engine.defaults, max_new_tokens=request.max_tokens, temperature=request.temperature, top_p=request.top_p,
-        top_k=request.top_k, min_p=request.min_p, repetition_penalty=request.repetition_penalty,
-        num_samples=request.n, seed=secrets.randbits(31) if request.seed is None else request.seed)
+    knobs = {ours: getattr(request, field) for field, ours in API_KNOBS.items()
+             if field in request.model_fields_set or ours not in engine.chosen}
+    knobs["seed"] = secrets.randbits(31) if request.seed is None else request.seed  # fresh draws per request
+    cfg = dataclasses.replace(engine.defaults, **knobs)
     try:
         cfg.validate()
     except UserError as e:
@@ -440,9 +444,11 @@ def build_demo(engine: Engine, serve: ServeConfig) -> Any:
 # Command line
 
 
-def build_app(sample: SampleConfig, serve: ServeConfig) -> tuple[fastapi.FastAPI, bool]:
-    """The server (API, plus the demo at / when Gradio is installed) and whether the demo is on."""
-    engine = Engine(sample, serve)
+def build_app(sample: SampleConfig, serve: ServeConfig,
+              chosen: set[str] = frozenset()) -> tuple[fastapi.FastAPI, bool]:
+    """The server (API, plus the demo at / when Gradio is installed) and whether the demo is on.
+    `chosen`: the sampling settings requests default to (see Engine)."""
+    engine = Engine(sample, serve, chosen)
     api = build_api(engine, serve)
     demo = build_demo(engine, serve)
     if demo is None:
@@ -457,7 +463,8 @@ def build_app(sample: SampleConfig, serve: ServeConfig) -> tuple[fastapi.FastAPI
 @script
 def main(argv: list[str]) -> None:
     cfg = parse_cli(expand_short_flags(argv, ("serve", "sample")), prog="app.py", sections=("sample", "serve"))
-    app, with_demo = build_app(cfg.sample, cfg.serve)
+    sample, chosen = with_generation_defaults(cfg.sample, cfg.explicit)
+    app, with_demo = build_app(sample, cfg.serve, chosen)
     host, port = cfg.serve.host, cfg.serve.port
     shown = f"[{host}]" if ":" in host else host
     print(f"serving {cfg.sample.checkpoint}: "

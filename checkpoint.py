@@ -38,6 +38,7 @@ import torch
 
 from config import ConfigError, ModelConfig, UserError, load_json
 from model import Llama
+from tokenizer import TOKENIZER_FILES
 
 MARKER = "COMPLETE"
 STATE_FILE = "training_state.pt"
@@ -74,9 +75,15 @@ def read_pointer(out_dir: Path, name: str) -> str | None:
     return pointer.read_text().strip() if pointer.is_file() else None
 
 
+# Files a checkpoint carries besides the weights, so that it is a complete model folder for
+# transformers and vLLM: the tokenizer (chat template included) and the sampling defaults.
+CARRIED_FILES = (*TOKENIZER_FILES, "generation_config.json")
+
+
 def save(out_dir: str | Path, step: int, model: Llama, training_state: dict[str, Any], config_toml: str,
-         extra_files: list[Path] = (), trained_context: int | None = None) -> Path:
-    """Write checkpoint `ckpt-<step>` atomically, point `latest` at it, and return its path."""
+         extra_files: dict[str, bytes] | None = None, trained_context: int | None = None) -> Path:
+    """Write checkpoint `ckpt-<step>` atomically, point `latest` at it, and return its path.
+    `extra_files` (name: contents) are written beside the weights, e.g. CARRIED_FILES."""
     out_dir = Path(out_dir)
     name = f"ckpt-{step:06d}"
     final, tmp = out_dir / name, out_dir / f"{name}.tmp"
@@ -86,8 +93,8 @@ def save(out_dir: str | Path, step: int, model: Llama, training_state: dict[str,
         save_hf(model, tmp, trained_context)
         torch.save(training_state, tmp / STATE_FILE)
         (tmp / "config.toml").write_text(config_toml)
-        for file in extra_files:
-            shutil.copy2(file, tmp / file.name)
+        for file, contents in (extra_files or {}).items():
+            (tmp / file).write_bytes(contents)
         hashes = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
         (tmp / MARKER).write_text(json.dumps({"step": step, "sha256": hashes}, indent=1))
         for p in tmp.iterdir():

@@ -36,7 +36,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 from config import ConfigError, EvalConfig, UserError, parse_cli, script
-from generate import load_tokenizer, pick_device, special_token_ids
+from generate import load_tokenizer, pick_device
 from model import Llama
 from tokenizer import Tokenizer
 
@@ -46,7 +46,6 @@ class Scorer:
     """A checkpoint ready to score."""
     model: Llama
     tokenizer: Tokenizer
-    bos: int | None
     window: int
 
     def encode(self, text: str) -> list[int]:
@@ -69,10 +68,9 @@ def load_scorer(cfg: EvalConfig) -> Scorer:
     if tokenizer is None:
         raise ConfigError(f"{cfg.checkpoint} has no tokenizer.json, and eval.py scores text: use a checkpoint "
                           f"that carries its tokenizer")
-    bos, _ = special_token_ids(folder, tokenizer)
     trained = checkpoint.trained_context(folder) or model.cfg.max_seq_len
     window = min(cfg.window or trained, model.cfg.max_seq_len)
-    return Scorer(model.to(device).eval(), tokenizer, bos, window)
+    return Scorer(model.to(device).eval(), tokenizer, window)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,9 +202,10 @@ def read_examples(cfg: EvalConfig) -> tuple[str, list[Example]]:
 def choice_requests(scorer: Scorer, example: Example) -> list[tuple[list[int], list[int]]]:
     """(context ids, continuation ids) per choice: context + " " + choice tokenized whole, split
     where the context's own tokens end (how lm-evaluation-harness keeps merges across the seam).
-    No special tokens, as its hf backend by default, except BOS before an empty context."""
+    No special tokens, as its hf backend by default, except BOS (or else EOS) before an empty context."""
     context = scorer.encode(example.context)
-    start = [scorer.bos] if not context and scorer.bos is not None else []
+    bos = scorer.tokenizer.bos_id
+    start = [bos] if not context and bos is not None else []
     if not context and not start:
         raise UserError("an example has an empty context and the checkpoint no BOS token to start from")
     requests = []
@@ -325,7 +324,7 @@ def training_eval(cfg: EvalConfig, model: Llama, tokenizer: Tokenizer, window: i
     """What train.py scores at each evaluation besides its val loss (None: eval.data and eval.task unset)."""
     if cfg.data is None and cfg.task is None:
         return None
-    scorer = Scorer(model, tokenizer, tokenizer.bos_id, min(cfg.window or window, window))
+    scorer = Scorer(model, tokenizer, min(cfg.window or window, window))
     text = document(scorer, read_text(cfg.data)) if cfg.data is not None else None
     task = read_examples(cfg) if cfg.task is not None else None
     return TrainingEval(scorer, cfg, text, task)

@@ -448,7 +448,8 @@ class Loaded:
     """A checkpoint ready to sample from."""
     model: Llama  # on the configured device and dtype, in eval mode
     tokenizer: Tokenizer | None  # None: the checkpoint has none (prompts are token ids)
-    bos: int | None
+    prefix: list[int]  # what every prompt starts with (BOS or nothing), as documents did in training
+    start: list[int]  # what an empty prompt is
     eos: list[int]  # cfg.eos, when set, replaces the checkpoint's
     context: int  # the longest window to decode over: what the model was trained on, when recorded
     folder: Path | None  # the checkpoint's folder (None: a llama2.c file)
@@ -464,9 +465,9 @@ def load_for_sampling(cfg: SampleConfig) -> Loaded:
     model = model.to(device).eval()
     prepare_for_decoding(model, cfg.quantize, cfg.compile)
     tokenizer = load_tokenizer(folder)
-    bos, eos = special_token_ids(folder, tokenizer)
+    prefix, start, eos = special_token_ids(folder, tokenizer)
     trained = checkpoint.trained_context(folder) if folder is not None else None
-    return Loaded(model, tokenizer, bos, eos if cfg.eos_ids() is None else cfg.eos_ids(),
+    return Loaded(model, tokenizer, prefix, start, eos if cfg.eos_ids() is None else cfg.eos_ids(),
                   min(trained or model.cfg.max_seq_len, model.cfg.max_seq_len), folder)
 
 
@@ -497,23 +498,63 @@ def load_tokenizer(folder: Path | None) -> Tokenizer | None:
     return Tokenizer.load(folder)
 
 
-def special_token_ids(folder: Path | None, tokenizer) -> tuple[int | None, list[int]]:
-    """(BOS id, EOS ids): generation_config.json, then config.json, then the tokenizer's usual names.
-    A llama2.c file has BOS 1, which also ends a sequence (TinyStories stories are BOS-separated)."""
+def special_token_ids(folder: Path | None, tokenizer: Tokenizer | None) -> tuple[list[int], list[int], list[int]]:
+    """(prompt prefix, empty prompt, EOS ids). The tokenizer decides the first two as it decided
+    the training data (tokenizer.py: its post-processor's prefix; BOS, or EOS, to start from
+    nothing); without one, config.json's BOS is both. EOS ids come from generation_config.json
+    (Llama 3 lists several), then config.json, then the tokenizer. A llama2.c file has BOS 1,
+    which also ends a sequence (TinyStories stories are BOS-separated)."""
     if folder is None:
-        return 1, [1]
+        return [1], [1], [1]
     found: dict[str, typing.Any] = {}
     for name in ("config.json", "generation_config.json"):  # the later file wins
         if (folder / name).is_file():
             found.update({k: v for k, v in load_json(folder / name).items() if v is not None})
-    bos, eos = found.get("bos_token_id"), found.get("eos_token_id")
+    eos = found.get("eos_token_id")
     if tokenizer is not None:
-        def first_known(own: int | None, names: list[str]) -> int | None:
-            candidates = [own, *map(tokenizer.backend.token_to_id, names)]
-            return next((i for i in candidates if i is not None), None)
-        bos = bos if bos is not None else first_known(tokenizer.bos_id, ["<s>", "<|bos|>", "<bos>"])
-        eos = eos if eos is not None else first_known(tokenizer.eos_id, ["</s>", "<|eos|>", "<eos>", "<|endoftext|>"])
-    return bos, [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        prefix, start = tokenizer.prefix, tokenizer.start_ids()
+        eos = eos if eos is not None else tokenizer.eos_id
+    else:
+        prefix = start = [found["bos_token_id"]] if isinstance(found.get("bos_token_id"), int) else []
+    return prefix, start, [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+# Sampling settings a generation_config.json may hold, as SampleConfig names them.
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+                       "repetition_penalty": "repetition_penalty"}
+
+
+def generation_defaults(checkpoint_path: str | None) -> dict[str, typing.Any]:
+    """The sampling settings a checkpoint's generation_config.json asks for, as SampleConfig
+    fields: its temperature, top_k, top_p, min_p and repetition_penalty, or temperature 0 where it
+    says do_sample=false (greedy, as transformers' generate then decodes)."""
+    path = Path(checkpoint_path) if checkpoint_path else None
+    if path is None or not path.is_dir():
+        return {}
+    file = checkpoint.resolve(path) / "generation_config.json"
+    if not file.is_file():
+        return {}
+    found = load_json(file)
+    if found.get("do_sample") is False:
+        return {"temperature": 0.0}
+    return {ours: found[theirs] for theirs, ours in GENERATION_DEFAULTS.items()
+            if isinstance(found.get(theirs), (int, float)) and not isinstance(found[theirs], bool)}
+
+
+def with_generation_defaults(cfg: SampleConfig, explicit: set[str]) -> tuple[SampleConfig, set[str]]:
+    """cfg with the checkpoint's generation_config.json defaults wherever the user set nothing,
+    and the names of the sampling settings that are now chosen (by the user or the checkpoint)."""
+    chosen = {key.split(".", 1)[1] for key in explicit if key.startswith("sample.")}
+    taken = {k: v for k, v in generation_defaults(cfg.checkpoint).items() if k not in chosen}
+    if taken:
+        print("sampling with the checkpoint's generation_config.json defaults: "
+              + ", ".join(f"{k}={v}" for k, v in taken.items()), file=sys.stderr)
+    cfg = dataclasses.replace(cfg, **taken)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"the checkpoint's generation_config.json: {e}") from None
+    return cfg, chosen | set(taken)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,19 +578,22 @@ def read_prompt_text(cfg: SampleConfig) -> str:
     return sys.stdin.read() if stat.S_ISFIFO(mode) or stat.S_ISREG(mode) else ""  # piped in, not a terminal
 
 
-def start_prompt(ids: Sequence[int], bos: int | None, vocab_size: int, source: str) -> list[int]:
-    """A prompt's ids checked against the vocabulary and starting with BOS when the model has one."""
+def start_prompt(ids: Sequence[int], loaded: Loaded, source: str) -> list[int]:
+    """A prompt's ids checked against the vocabulary and starting as documents did in training
+    (with BOS when the tokenizer puts one there); an empty prompt starts from `loaded.start`."""
+    vocab_size = loaded.model.cfg.vocab_size
     if (bad := next((i for i in ids if not 0 <= i < vocab_size), None)) is not None:
         raise ConfigError(f"prompt token id {bad} is outside the vocabulary of {source} (0..{vocab_size - 1})")
-    ids = list(ids) if bos is None or ids[:1] == [bos] else [bos, *ids]
-    if not ids:
+    prefix = loaded.prefix
+    ids = list(ids) if list(ids[:len(prefix)]) == prefix else [*prefix, *ids]
+    if not ids and not loaded.start:
         raise ConfigError(f"the prompt is empty and {source} defines no BOS token to start from: give a prompt")
-    return ids
+    return ids or list(loaded.start)
 
 
-def prompt_token_ids(cfg: SampleConfig, tokenizer, bos: int | None, vocab_size: int,
-                     source: str) -> tuple[list[str | None], list[list[int]]]:
-    """(prompt texts, None for raw ids; prompt token ids) each starting with BOS when there is one."""
+def prompt_token_ids(cfg: SampleConfig, loaded: Loaded, source: str) -> tuple[list[str | None], list[list[int]]]:
+    """(prompt texts, None for raw ids; prompt token ids) each starting as documents did in training."""
+    tokenizer = loaded.tokenizer
     if cfg.prompt_ids is not None:
         id_lists = cfg.prompt_id_lists()
         texts: list[str | None] = [None] * len(id_lists)
@@ -560,7 +604,7 @@ def prompt_token_ids(cfg: SampleConfig, tokenizer, bos: int | None, vocab_size: 
         if tokenizer is None and any(texts):
             raise ConfigError(f"{source} has no tokenizer.json: give the prompt as token ids, e.g. --prompt_ids '1 403 9'")
         id_lists = [tokenizer.encode(t) if t else [] for t in texts]
-    return texts, [start_prompt(ids, bos, vocab_size, source) for ids in id_lists]
+    return texts, [start_prompt(ids, loaded, source) for ids in id_lists]
 
 
 def fit_context(id_lists: list[list[int]], cfg: SampleConfig, context: int) -> list[list[int]]:
@@ -617,7 +661,8 @@ def load_draft(cfg: SampleConfig, loaded: Loaded) -> Llama:
 
 @script
 def main(argv: list[str]) -> None:
-    run(parse_cli(expand_short_flags(argv, ("sample",)), prog="generate.py", sections=("sample",)).sample)
+    cfg = parse_cli(expand_short_flags(argv, ("sample",)), prog="generate.py", sections=("sample",))
+    run(with_generation_defaults(cfg.sample, cfg.explicit)[0])
 
 
 def run(cfg: SampleConfig) -> None:
@@ -626,7 +671,7 @@ def run(cfg: SampleConfig) -> None:
     stops = cfg.stop_strings()
     if stops and tokenizer is None:
         raise ConfigError(f"stop strings need a tokenizer and {cfg.checkpoint} has none: stop on token ids with --eos")
-    texts, id_lists = prompt_token_ids(cfg, tokenizer, loaded.bos, model.cfg.vocab_size, cfg.checkpoint)
+    texts, id_lists = prompt_token_ids(cfg, loaded, cfg.checkpoint)
     id_lists = fit_context(id_lists, cfg, context)
     steps, speculation = token_steps(loaded, cfg, id_lists)
     if max(map(len, id_lists)) + cfg.max_new_tokens - 1 > context:

@@ -285,6 +285,7 @@ class Run:
     val_batches: data.BatchSampler
     accum: int  # micro-batches per optimizer step on each process
     trained_context: int  # the longest window the weights have learned from (sampling stays inside)
+    carried: dict[str, bytes]  # tokenizer files and generation_config.json every checkpoint carries
     step: int = 0  # optimizer steps taken
     best_val: float = math.inf
     nonfinite_streak: int = 0
@@ -380,30 +381,85 @@ def find_resume_checkpoint(cfg: Config, out_dir: Path) -> Path | None:
         return None
     ckpt = checkpoint.resolve(out_dir if cfg.train.resume == "latest" else cfg.train.resume)
     checkpoint.verify(ckpt)
+    if cfg.train.init_from:  # a fine-tune resumes with the model its checkpoint holds, not the folder's again
+        cfg.model = checkpoint.read_hf_config(ckpt)
     check_resume_compatible(cfg, ckpt)
     return ckpt
 
 
-def build_model(cfg: Config, resume_from: Path | None, runtime: Runtime) -> Llama:
-    """A freshly initialized model from the seed, or the weights of --init_from (whose config.json
-    then replaces the [model] section). A resumed run's weights are loaded later, in restore()."""
+# What --init_from keeps from the pretrained model's config.json unless the config sets it.
+PRETRAINED_CONTEXT = ("max_seq_len", "rope_theta", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
+                      "rope_high_freq_factor", "rope_original_max_seq_len")
+
+
+def adopt_pretrained_config(cfg: Config, runtime: Runtime) -> Path | None:
+    """With --init_from DIR (and no checkpoint to resume), the [model] section becomes DIR's
+    config.json: its shape always, its context length and RoPE settings unless the config sets
+    them. Returns DIR."""
+    if not cfg.train.init_from or cfg.train.resume is not None:
+        return None
+    folder = Path(cfg.train.init_from)
+    if not folder.is_dir():
+        raise ConfigError(f"train.init_from={folder} is not a folder: give a Hugging Face Llama folder "
+                          f"(config.json + model.safetensors) or one of our checkpoints")
+    folder = checkpoint.resolve(folder)
+    pretrained = checkpoint.read_hf_config(folder)
+    chosen = [key for key in PRETRAINED_CONTEXT if f"model.{key}" in cfg.explicit]
+    for key in chosen:
+        setattr(pretrained, key, getattr(cfg.model, key))
+    pretrained.validate()
+    if ignored := sorted(k for k in cfg.explicit if k.startswith("model.") and k[6:] not in PRETRAINED_CONTEXT):
+        warn(f"{', '.join(ignored)} ignored: with --init_from the model's shape is {folder}'s")
+    cfg.model = pretrained
+    kept = [key for key in ("max_seq_len", "rope_theta", "rope_scaling") if key not in chosen]
+    runtime.log(f"initialized from {folder}: its config.json replaces [model]"
+                + (f"; kept its {', '.join(f'{k}={getattr(pretrained, k)}' for k in kept)}" if kept else "")
+                + (f"; the config sets {', '.join(f'{k}={getattr(pretrained, k)}' for k in chosen)}" if chosen else ""))
+    if cfg.train.block_size > pretrained.max_seq_len:
+        raise ConfigError(f"train.block_size={cfg.train.block_size} exceeds {folder}'s context of "
+                          f"{pretrained.max_seq_len} tokens: shorten the block (or set model.max_seq_len)")
+    return folder
+
+
+def build_model(cfg: Config, pretrained: Path | None) -> Llama:
+    """A freshly initialized model from the seed, or the weights of --init_from in fp32 (the
+    master weights; autocast computes in bf16 on GPUs). A resumed run's weights are loaded later,
+    in restore()."""
     torch.manual_seed(cfg.train.seed)
-    if cfg.train.init_from and resume_from is None:
-        model = checkpoint.load_hf(cfg.train.init_from, max_seq_len=cfg.model.max_seq_len)
-        cfg.model = model.cfg
-        runtime.log(f"initialized from {cfg.train.init_from}: model section replaced by its config.json")
-        return model
+    if pretrained is not None:
+        return checkpoint.load_hf(pretrained, cfg=cfg.model)
     return Llama(cfg.model)
 
 
-def trained_context(cfg: Config, model: Llama, resume_from: Path | None) -> int:
+def model_tokenizer(resume_from: Path | None, pretrained: Path | None) -> tuple[str, str, str] | None:
+    """(sha256, folder, fix) of the tokenizer a resumed checkpoint or --init_from model comes
+    with, which the data must have been prepared with."""
+    folder = resume_from or pretrained
+    if folder is None or not (folder / "tokenizer.json").is_file():
+        return None
+    fix = ("use the dataset the checkpoint was trained on" if resume_from is not None else
+           f"prepare the data with the model's tokenizer: python prepare_data.py --data.tokenizer {folder} ...")
+    return Tokenizer.load(folder).hash, str(folder), fix
+
+
+def carried_files(dataset_dir: Path, resume_from: Path | None, pretrained: Path | None) -> dict[str, bytes]:
+    """The files every checkpoint carries besides the weights, read once (the folders they come
+    from may be pruned or moved while the run goes on): the resumed checkpoint's; else the
+    dataset's tokenizer, replaced by --init_from's own files (tokenizer, chat template,
+    generation_config.json), so a fine-tuned checkpoint is a drop-in replacement for the model."""
+    sources = [resume_from] if resume_from is not None else [dataset_dir, pretrained]
+    return {name: (folder / name).read_bytes() for folder in sources if folder is not None
+            for name in checkpoint.CARRIED_FILES if (folder / name).is_file()}
+
+
+def trained_context(cfg: Config, model: Llama, resume_from: Path | None, pretrained: Path | None) -> int:
     """Windows of block_size, on top of what the weights already knew: a resumed checkpoint's
     record, or an --init_from model's record or (for a foreign folder) its whole context."""
     earlier = cfg.train.block_size
     if resume_from is not None:
         earlier = checkpoint.trained_context(resume_from) or earlier
-    elif cfg.train.init_from:
-        earlier = checkpoint.trained_context(cfg.train.init_from) or model.cfg.max_seq_len
+    elif pretrained is not None:
+        earlier = checkpoint.trained_context(pretrained) or model.cfg.max_seq_len
     return min(max(earlier, cfg.train.block_size), model.cfg.max_seq_len)
 
 
@@ -423,11 +479,11 @@ def start_run(cfg: Config) -> Run:
     dataset_dir = Path(cfg.data.data_dir) / cfg.data.dataset
     train_tokens, val_tokens = data.open_split(dataset_dir, "train"), data.open_split(dataset_dir, "val")
     resume_from = find_resume_checkpoint(cfg, out_dir)
-    model = build_model(cfg, resume_from, runtime)
-    # A checkpoint carries its tokenizer: resuming on data from another one would train garbage.
-    ckpt_tokenizer = resume_from is not None and (resume_from / "tokenizer.json").is_file()
+    pretrained = adopt_pretrained_config(cfg, runtime)
+    # A model comes with its tokenizer: training it on data from another one would train garbage.
     data.check_compatible(train_tokens, val_tokens, model_vocab_size=cfg.model.vocab_size, block_size=tc.block_size,
-                          tokenizer_hash=Tokenizer.load(resume_from).hash if ckpt_tokenizer else None)
+                          model_tokenizer=model_tokenizer(resume_from, pretrained))
+    model = build_model(cfg, pretrained)
     model.to(runtime.device)
     tasks = training_eval(cfg.eval, model, Tokenizer.load(dataset_dir), tc.block_size) if runtime.is_main else None
     accum = accumulation_steps(tc, runtime.world)
@@ -440,7 +496,8 @@ def start_run(cfg: Config) -> Run:
     run = Run(cfg, runtime, out_dir, dataset_dir, model, model, optimizers, scaler,
               data.BatchSampler(train_tokens, tc.block_size, tc.micro_batch_size, tc.seed),
               data.BatchSampler(val_tokens, tc.block_size, tc.micro_batch_size, tc.seed), accum,
-              trained_context(cfg, model, resume_from), replaced=replaced, tasks=tasks)
+              trained_context(cfg, model, resume_from, pretrained), carried_files(dataset_dir, resume_from, pretrained),
+              replaced=replaced, tasks=tasks)
     if resume_from is not None:
         restore(run, resume_from)
     run.step_model = wrap_for_training(torch.compile(model) if tc.compile is not False else model, runtime)
@@ -602,8 +659,8 @@ def evaluate(run: Run) -> dict[str, float]:
 def save_checkpoint(run: Run) -> Path:
     state = {"step": run.step, "optimizer": [o.state_dict() for o in run.optimizers], "scaler": run.scaler.state_dict(),
              "rng": rng_state(), "best_val_loss": run.best_val, "wandb_run_id": run.wandb_id or ""}
-    path = checkpoint.save(run.out_dir, run.step, run.model, state, to_toml(run.cfg),
-                           data.tokenizer_files(run.dataset_dir), run.trained_context)
+    path = checkpoint.save(run.out_dir, run.step, run.model, state, to_toml(run.cfg), run.carried,
+                           run.trained_context)
     checkpoint.prune(run.out_dir, run.cfg.train.keep_last)
     if run.replaced is not None:  # the new run now stands on its own
         shutil.rmtree(run.replaced)

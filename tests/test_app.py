@@ -92,7 +92,7 @@ def reference(checkpoint: Path, prompt: str, **sample) -> str:
     """What generate.py's own decoding makes of the prompt: the server must produce the same."""
     cfg = SampleConfig(checkpoint=str(checkpoint), eos="none", **sample)
     loaded = load_for_sampling(cfg)
-    steps = generate(loaded.model, [[loaded.bos] + loaded.tokenizer.encode(prompt)], cfg, loaded.eos,
+    steps = generate(loaded.model, [loaded.tokenizer.encode_prompt(prompt)], cfg, loaded.eos,
                      context=loaded.context)
     for rows, texts in generate_text(steps, lambda ids: detokenize(loaded.tokenizer, ids)):
         pass

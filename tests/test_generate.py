@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from config import ConfigError, SampleConfig, build_config, expand_short_flags
 from checkpoint import read_llama2c, save_hf, write_llama2c
@@ -248,7 +249,9 @@ def test_cli_json_stop_strings_and_streaming(checkpoint_dir, capsys):
     base = ["--checkpoint", str(checkpoint_dir), "--prompt", "once upon", "--temperature", "0",
             "--max_new_tokens", "20"]
     (full,) = cli(capsys, *base, "--json")
-    assert full["prompt_ids"][0] == 0 and full["finish_reason"] == "length" and len(full["token_ids"]) == 20
+    # The tokenizer's post-processor adds no BOS, so neither does the prompt: it is what AutoTokenizer gives.
+    expected = transformers.AutoTokenizer.from_pretrained(checkpoint_dir / "ckpt-000002")("once upon")["input_ids"]
+    assert full["prompt_ids"] == expected and full["finish_reason"] == "length" and len(full["token_ids"]) == 20
     stop = full["text"][6:9]
     (stopped,) = cli(capsys, *base, "--json", "--stop", stop)
     assert stopped["finish_reason"] == "stop" and stopped["text"] == full["text"][:full["text"].find(stop)]
@@ -262,7 +265,7 @@ def test_cli_json_stop_strings_and_streaming(checkpoint_dir, capsys):
 def test_cli_truncates_only_when_asked(checkpoint_dir, capsys):
     long_ids = " ".join(["5"] * 70)
     assert main(["--checkpoint", str(checkpoint_dir), "--prompt_ids", long_ids]) == 2
-    assert capsys.readouterr().err == ("error: the prompt has 71 tokens but the model's context is 64: shorten it, "
+    assert capsys.readouterr().err == ("error: the prompt has 70 tokens but the model's context is 64: shorten it, "
                                        "or pass --truncate left to keep its last tokens\n")
     (row,) = cli(capsys, "--checkpoint", str(checkpoint_dir), "--prompt_ids", long_ids, "--truncate", "left",
                  "--max_new_tokens", "10", "--json")
