@@ -60,9 +60,13 @@ class Tokenizer:
         return next((i for name in names if (i := self.backend.token_to_id(name)) is not None), None)
 
     def _post_processor_prefix(self) -> list[int]:
-        """The ids the post-processor puts before a text: [BOS] for Llama tokenizers, [] for GPT-2's."""
-        plain = self.backend.encode("a", add_special_tokens=False).ids
-        wrapped = self.backend.encode("a", add_special_tokens=True).ids
+        """The ids the post-processor puts before a text: [BOS] for Llama tokenizers, [] for GPT-2's.
+        It wraps a probe text made of one ordinary token, so any vocabulary can encode it."""
+        added = self.backend.get_added_tokens_decoder()
+        ordinary = next((i for i in range(self.backend.get_vocab_size()) if i not in added), None)
+        probe = self.backend.decode([ordinary]) if ordinary is not None else ""
+        plain = self.backend.encode(probe, add_special_tokens=False).ids
+        wrapped = self.backend.encode(probe, add_special_tokens=True).ids
         for start in range(len(wrapped) - len(plain) + 1):
             if wrapped[start:start + len(plain)] == plain:
                 return wrapped[:start]
