@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -81,16 +81,18 @@ CARRIED_FILES = (*TOKENIZER_FILES, "generation_config.json")
 
 
 def save(out_dir: str | Path, step: int, model: Llama, training_state: dict[str, Any], config_toml: str,
-         extra_files: dict[str, bytes] | None = None, trained_context: int | None = None) -> Path:
+         extra_files: dict[str, bytes] | None = None, trained_context: int | None = None,
+         write_weights: Callable[[Path], None] | None = None) -> Path:
     """Write checkpoint `ckpt-<step>` atomically, point `latest` at it, and return its path.
-    `extra_files` (name: contents) are written beside the weights, e.g. CARRIED_FILES."""
+    `extra_files` (name: contents) are written beside the weights, e.g. CARRIED_FILES;
+    `write_weights(folder)` replaces the full model's weights (LoRA runs save their adapters)."""
     out_dir = Path(out_dir)
     name = f"ckpt-{step:06d}"
     final, tmp = out_dir / name, out_dir / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a save that was killed
     tmp.mkdir(parents=True)
     try:
-        save_hf(model, tmp, trained_context)
+        (write_weights or (lambda folder: save_hf(model, folder, trained_context)))(tmp)
         torch.save(training_state, tmp / STATE_FILE)
         (tmp / "config.toml").write_text(config_toml)
         for file, contents in (extra_files or {}).items():
@@ -177,6 +179,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
     folder = resolve(path)
     if (folder / MARKER).exists():
         verify(folder)
+    if (folder / ADAPTER_CONFIG).is_file():
+        return load_lora(folder, dtype, max_seq_len), folder
     return load_hf(folder, dtype, max_seq_len), folder
 
 
@@ -328,6 +332,87 @@ class SafetensorsWeights(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.where)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters, in peft's format: a checkpoint folder of a LoRA run holds adapter_config.json and
+# adapter_model.safetensors (named as for LlamaForCausalLM, so peft loads them onto the
+# transformers model too) and, for our own readers, config.json with the base model's shape.
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
+
+
+def _peft() -> Any:
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("LoRA needs the peft package: pip install -r requirements-lora.txt") from None
+    return peft
+
+
+def add_lora(model: Llama, rank: int, alpha: float, dropout: float, targets: list[str]) -> Any:
+    """Freeze `model` and give the named projections trainable adapters: peft injects them in
+    place, so `model` itself now computes W x + (alpha / rank) B A x. Returns peft's wrapper,
+    which saves and merges them."""
+    peft = _peft()
+    if unknown := [t for t in targets if t not in LORA_TARGETS]:
+        raise ConfigError(f"LoRA target {unknown[0]!r} is not a projection of this Llama: choose among "
+                          f"{', '.join(LORA_TARGETS)}")
+    return peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                                                      target_modules=targets))
+
+
+def _transformers_key(key: str) -> str:
+    """peft's key for one of our modules -> its key for LlamaForCausalLM, which nests the decoder
+    (everything but lm_head) one level down, in `.model`."""
+    rest = key.removeprefix("base_model.model.")
+    return "base_model.model." + (rest if rest.startswith("lm_head.") else "model." + rest)
+
+
+def save_lora(adapters: Any, folder: Path, base: Path, trained_context: int | None = None) -> None:
+    """The adapters as peft saves them (loadable with PeftModel.from_pretrained onto the base in
+    transformers), recording the base model's folder, plus our config.json."""
+    peft = _peft()
+    state = {_transformers_key(k): v.detach().contiguous()
+             for k, v in peft.get_peft_model_state_dict(adapters).items()}
+    safetensors.torch.save_file(state, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = adapters.peft_config["default"]
+    config.base_model_name_or_path = str(base.resolve())
+    config.save_pretrained(str(folder))
+    model = adapters.get_base_model()
+    config = hf_config_dict(model.cfg, model.embed_tokens.weight.dtype)
+    if trained_context is not None:
+        config[TRAINED_CONTEXT] = trained_context
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def read_lora(adapters: Any, folder: Path) -> None:
+    """Load a checkpoint's adapter weights into `adapters` (made by add_lora with its settings)."""
+    peft = _peft()
+    saved = safetensors.torch.load_file(str(folder / ADAPTER_WEIGHTS))
+    ours = {"base_model.model." + k.removeprefix("base_model.model.").removeprefix("model."): v
+            for k, v in saved.items()}
+    expected = set(peft.get_peft_model_state_dict(adapters))
+    if set(ours) != expected:
+        raise ConfigError(f"{folder / ADAPTER_WEIGHTS} holds other adapters than train.lora_rank and "
+                          f"train.lora_targets describe: resume with the LoRA settings of the run")
+    peft.set_peft_model_state_dict(adapters, ours)
+
+
+def load_lora(folder: Path, dtype: torch.dtype = torch.float32, max_seq_len: int | None = None) -> Llama:
+    """A LoRA checkpoint as one plain model: its base model with the adapters merged into the weights."""
+    info = load_json(folder / ADAPTER_CONFIG)
+    base = Path(info.get("base_model_name_or_path") or "")
+    if not base.is_dir():
+        raise ConfigError(f"{folder} holds LoRA adapters for the base model {base}, which is not here: put the "
+                          f"base model there, or write its path into {folder / ADAPTER_CONFIG}")
+    model = load_hf(resolve(base), max_seq_len=max_seq_len)  # merged in fp32, then cast
+    targets = info.get("target_modules")
+    adapters = add_lora(model, info["r"], info["lora_alpha"], 0.0,
+                        sorted(targets) if isinstance(targets, (list, set)) else [targets])
+    read_lora(adapters, folder)
+    return adapters.merge_and_unload().to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,14 +149,14 @@ class ModelConfig:
         check_fields(self, "model")
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
+        named = "model.head_dim" if self.head_dim is not None else "model.dim/model.n_heads"
         if self.head_dim is None:
             if self.dim % self.n_heads:
                 raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}: "
                                   f"choose dim as a multiple of n_heads (or set model.head_dim)")
             self.head_dim = self.dim // self.n_heads
         if self.head_dim % 2:
-            raise ConfigError(f"model.head_dim={self.head_dim} is odd: RoPE rotates pairs, so the head dim "
-                              f"must be even")
+            raise ConfigError(f"{named}={self.head_dim} is odd: RoPE rotates pairs, so the head dim must be even")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}: "
                               f"use a divisor of n_heads (1 = MQA, n_heads = MHA)")
@@ -222,7 +222,13 @@ class TrainConfig:
                          "never leaves zero good ones)", ge=2)
     max_nonfinite_skips: int = _field(5, "stop after this many consecutive non-finite steps", gt=0)
     peak_tflops: float | None = _field(None, "peak TFLOP/s for MFU (none = a table for known GPUs, a measured matmul on CPU)", gt=0)
-    init_from: str | None = _field(None, "Hugging Face Llama folder to fine-tune from")
+    init_from: str | None = _field(None, "Hugging Face Llama folder (or one of our checkpoints) to fine-tune from")
+    lora_rank: int = _field(0, "LoRA: rank of the adapters trained on the frozen --init_from model (0 = full "
+                               "fine-tuning; needs requirements-lora.txt)", ge=0)
+    lora_alpha: float = _field(16.0, "LoRA: the adapters' output is scaled by lora_alpha / lora_rank", gt=0)
+    lora_dropout: float = _field(0.0, "LoRA: dropout on the adapters' input", ge=0, lt=1)
+    lora_targets: str = _field("q_proj,k_proj,v_proj,o_proj", "LoRA: comma-separated projections to adapt (of "
+                               "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head)")
     resume: str | None = _field(None, "resume from 'latest' in out_dir or from a checkpoint folder (--resume [PATH])")
     overwrite: bool = _field(False, "start afresh in an out_dir that holds another run (--overwrite)")
     wandb: Literal["off", "offline", "online"] = _field("off", "Weights & Biases logging mode")
@@ -239,6 +245,17 @@ class TrainConfig:
             raise ConfigError(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        if self.lora_rank and not self.init_from:
+            raise ConfigError("train.lora_rank is set but train.init_from is not: LoRA adapts a pretrained model, "
+                              "so give --init_from DIR (or set lora_rank 0 for full training)")
+        if self.lora_rank and self.optimizer == "muon":
+            raise ConfigError("train.lora_rank with train.optimizer=muon: LoRA's rank-r matrices are no hidden "
+                              "projections for Muon to orthogonalize; use adamw")
+        if self.lora_rank and not self.lora_target_list():
+            raise ConfigError("train.lora_targets is empty: name the projections to adapt, e.g. q_proj,v_proj")
+
+    def lora_target_list(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
 
 @dataclass

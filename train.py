@@ -147,8 +147,10 @@ def peak_flops(cfg: TrainConfig, runtime: Runtime) -> float:
                 return tflops * 1e12
     n, reps = 1024, 4
     dtype = runtime.amp_dtype if runtime.device.type == "cuda" else torch.float32
-    a = torch.randn(n, n, device=runtime.device, dtype=dtype)
-    b = torch.randn(n, n, device=runtime.device, dtype=dtype)
+    # Constant operands: drawing random ones would move the RNG a resumed run has just restored
+    # (and with dropout, e.g. LoRA's, change what it trains on).
+    a = torch.full((n, n), 0.5, device=runtime.device, dtype=dtype)
+    b = torch.full((n, n), 0.5, device=runtime.device, dtype=dtype)
     a @ b  # warm up
     rates = []
     for _ in range(3):  # the fastest round: other work on the machine only ever slows a round down
@@ -286,6 +288,7 @@ class Run:
     accum: int  # micro-batches per optimizer step on each process
     trained_context: int  # the longest window the weights have learned from (sampling stays inside)
     carried: dict[str, bytes]  # tokenizer files and generation_config.json every checkpoint carries
+    adapters: Any = None  # LoRA: peft's wrapper around `model`, whose adapters are all that trains and is saved
     step: int = 0  # optimizer steps taken
     best_val: float = math.inf
     nonfinite_streak: int = 0
@@ -421,14 +424,19 @@ def adopt_pretrained_config(cfg: Config, runtime: Runtime) -> Path | None:
     return folder
 
 
-def build_model(cfg: Config, pretrained: Path | None) -> Llama:
+def build_model(cfg: Config, pretrained: Path | None) -> tuple[Llama, Any]:
     """A freshly initialized model from the seed, or the weights of --init_from in fp32 (the
-    master weights; autocast computes in bf16 on GPUs). A resumed run's weights are loaded later,
-    in restore()."""
+    master weights; autocast computes in bf16 on GPUs); with LoRA, that model frozen under new
+    adapters (and peft's wrapper of them). A resumed run's trained weights are loaded later, in
+    restore(); a resumed LoRA run needs its frozen base, --init_from, again."""
     torch.manual_seed(cfg.train.seed)
-    if pretrained is not None:
-        return checkpoint.load_hf(pretrained, cfg=cfg.model)
-    return Llama(cfg.model)
+    tc = cfg.train
+    base = pretrained or (checkpoint.resolve(Path(tc.init_from)) if tc.lora_rank else None)
+    model = checkpoint.load_hf(base, cfg=cfg.model) if base is not None else Llama(cfg.model)
+    if not tc.lora_rank:
+        return model, None
+    adapters = checkpoint.add_lora(model, tc.lora_rank, tc.lora_alpha, tc.lora_dropout, tc.lora_target_list())
+    return model, adapters
 
 
 def model_tokenizer(resume_from: Path | None, pretrained: Path | None) -> tuple[str, str, str] | None:
@@ -483,7 +491,7 @@ def start_run(cfg: Config) -> Run:
     # A model comes with its tokenizer: training it on data from another one would train garbage.
     data.check_compatible(train_tokens, val_tokens, model_vocab_size=cfg.model.vocab_size, block_size=tc.block_size,
                           model_tokenizer=model_tokenizer(resume_from, pretrained))
-    model = build_model(cfg, pretrained)
+    model, adapters = build_model(cfg, pretrained)
     model.to(runtime.device)
     tasks = training_eval(cfg.eval, model, Tokenizer.load(dataset_dir), tc.block_size) if runtime.is_main else None
     accum = accumulation_steps(tc, runtime.world)
@@ -497,7 +505,7 @@ def start_run(cfg: Config) -> Run:
               data.BatchSampler(train_tokens, tc.block_size, tc.micro_batch_size, tc.seed),
               data.BatchSampler(val_tokens, tc.block_size, tc.micro_batch_size, tc.seed), accum,
               trained_context(cfg, model, resume_from, pretrained), carried_files(dataset_dir, resume_from, pretrained),
-              replaced=replaced, tasks=tasks)
+              adapters=adapters, replaced=replaced, tasks=tasks)
     if resume_from is not None:
         restore(run, resume_from)
     run.step_model = wrap_for_training(torch.compile(model) if tc.compile is not False else model, runtime)
@@ -507,7 +515,10 @@ def start_run(cfg: Config) -> Run:
 def restore(run: Run, ckpt: Path) -> None:
     """Weights, optimizer, loss scaler, every RNG and the loop's counters from a checkpoint."""
     state = checkpoint.load_training_state(ckpt)
-    run.model.load_state_dict(checkpoint.load_hf(ckpt).state_dict())
+    if run.adapters is not None:
+        checkpoint.read_lora(run.adapters, ckpt)
+    else:
+        run.model.load_state_dict(checkpoint.load_hf(ckpt).state_dict())
     saved = state["optimizer"] if isinstance(state["optimizer"], list) else [state["optimizer"]]
     if len(saved) != len(run.optimizers):
         raise ConfigError(f"cannot resume {ckpt}: it was trained with {len(saved)} optimizer(s) and train.optimizer="
@@ -536,6 +547,10 @@ def wrap_for_training(module: torch.nn.Module, runtime: Runtime) -> torch.nn.Mod
         module, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
 
 
+def trainable_params(model: Llama) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def start_logging(run: Run) -> tuple[int, float]:
     """Record the config and environment, print the setup, open W&B; returns (training FLOPs per
     token, the peak FLOP/s that MFU divides by)."""
@@ -547,7 +562,8 @@ def start_logging(run: Run) -> tuple[int, float]:
         (run.out_dir / "run_info.json").write_text(json.dumps({
             "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "device": str(runtime.device), "amp_dtype": str(runtime.amp_dtype), "world_size": runtime.world,
-            "params": model.num_params(), "flops_per_token": flops_per_token, "peak_flops": peak}, indent=2))
+            "params": model.num_params(), "trainable_params": trainable_params(model),
+            "flops_per_token": flops_per_token, "peak_flops": peak}, indent=2))
     runtime.log(f"device {runtime.device} | amp {str(runtime.amp_dtype).removeprefix('torch.')} | "
                 f"compile {tc.compile} | world {runtime.world}")
     adamw = f"adamw lr {tc.lr:g} betas ({tc.beta1:g}, {tc.beta2:g}) decay {tc.weight_decay:g}"
@@ -556,7 +572,9 @@ def start_logging(run: Run) -> tuple[int, float]:
                 f"decay {tc.muon_weight_decay:g} on "
                 f"{sum(p.numel() for p in run.optimizers[1].param_groups[0]['params']):,} block-matrix weights | "
                 f"{adamw} on the rest")
-    runtime.log(f"params {model.num_params():,} | micro batch {tc.micro_batch_size} x {tc.block_size} tokens | "
+    lora = (f" (LoRA rank {tc.lora_rank} on {tc.lora_targets}: {trainable_params(model):,} trainable)"
+            if run.adapters is not None else "")
+    runtime.log(f"params {model.num_params():,}{lora} | micro batch {tc.micro_batch_size} x {tc.block_size} tokens | "
                 f"accumulation {run.accum} | {run.tokens_per_step:,} tokens/step | peak {peak / 1e12:.2f} TFLOP/s")
     if tc.wandb != "off" and runtime.is_main:
         import wandb
@@ -659,8 +677,13 @@ def evaluate(run: Run) -> dict[str, float]:
 def save_checkpoint(run: Run) -> Path:
     state = {"step": run.step, "optimizer": [o.state_dict() for o in run.optimizers], "scaler": run.scaler.state_dict(),
              "rng": rng_state(), "best_val_loss": run.best_val, "wandb_run_id": run.wandb_id or ""}
+    write_adapters = None
+    if run.adapters is not None:
+        base = checkpoint.resolve(Path(run.cfg.train.init_from))
+        def write_adapters(folder: Path) -> None:
+            checkpoint.save_lora(run.adapters, folder, base, run.trained_context)
     path = checkpoint.save(run.out_dir, run.step, run.model, state, to_toml(run.cfg), run.carried,
-                           run.trained_context)
+                           run.trained_context, write_adapters)
     checkpoint.prune(run.out_dir, run.cfg.train.keep_last)
     if run.replaced is not None:  # the new run now stands on its own
         shutil.rmtree(run.replaced)

@@ -112,9 +112,9 @@ def test_completion_equals_generate_py(client, char_checkpoint):
     choice = done.choices[0]
     assert choice.text == reference(char_checkpoint, "First", max_new_tokens=24, seed=5, temperature=0.9, top_p=0.95)
     assert choice.finish_reason == "length" and choice.index == 0
-    # Char level: one token per character, and the prompt has BOS in front.
-    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (1 + len("First"), 24)
-    assert done.usage.total_tokens == 1 + len("First") + 24
+    # Char level: one token per character, and no BOS in front (its documents have none either).
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (len("First"), 24)
+    assert done.usage.total_tokens == len("First") + 24
 
 
 def test_stream_n_stop_and_seed(client, char_checkpoint):
@@ -302,7 +302,7 @@ def test_cli_api_and_demo_agree_on_every_knob(char_checkpoint):
     ({"prompt": "All:", "top_p": 2}, "top_p", "top_p: input should be less than or equal to 1, got 2"),
     ({"prompt": "All:", "n": 40}, "n", "completions per request"),
     ({"prompt": "All:", "logprobs": 3}, "logprobs", "logprobs is not supported"),
-    ({"prompt": "a" * MAX_PROMPT_TOKENS}, "prompt", f"more than the {MAX_PROMPT_TOKENS} this server accepts"),
+    ({"prompt": "a" * (MAX_PROMPT_TOKENS + 1)}, "prompt", f"more than the {MAX_PROMPT_TOKENS} this server accepts"),
     ({"prompt": "All: ~"}, "prompt", "character '~'"),
     ({"prompt": [1, 2, 999]}, "prompt", "token id 999 is outside the vocabulary"),
     ({"prompt": []}, "prompt", "prompt is an empty list"),

@@ -34,7 +34,7 @@ CONFIG_SCRIPTS = {"train.py", "model.py", "generate.py", "app.py", "prepare_data
 HELP_SCRIPTS = {"convert.py", "bench/train_speed.py", "bench/generate_speed.py", "bench/speculative_speed.py", "bench/eval_speed.py", "bench/prepare_speed.py",
                 "bench/speedrun.py"}
 # Forms run by CI itself (.ci/run) or feeding another command's stdin: skipped, but only these.
-SKIPPED_FORMS = {"quickstart", "pip install", "test command", "stdin feeder", "lm_eval"}
+SKIPPED_FORMS = {"quickstart", "pip install", "test command", "stdin feeder", "lm_eval", "hub download"}
 FENCE_LANGUAGES = {"bash", "python", "text", "yaml", "toml", ""}  # a ```sh block would escape the checks
 
 
@@ -88,6 +88,8 @@ def classify(line: str) -> list[tuple[str, list[str] | None]]:
             out.append(("pip install", None))
         elif head == "lm_eval":  # the optional harness; its tasks download from the Hugging Face Hub
             out.append(("lm_eval", None))
+        elif head == "huggingface-cli" and rest[:1] == ["download"]:  # the user's own download of a model
+            out.append(("hub download", None))
         elif head == "echo" and i + 1 < len(parts):
             out.append(("stdin feeder", None))
         elif head in ("python", "python3") and rest and rest[0].endswith(".py"):
