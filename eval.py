@@ -26,7 +26,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -108,13 +108,16 @@ def document(scorer: Scorer, text: str) -> tuple[list[int], int]:
     return ids, len(text.encode()) - unscored
 
 
-def score_ids(scorer: Scorer, ids: Sequence[int], n_bytes: int | None, stride: int,
-              batch_size: int) -> dict[str, float]:
-    """score_text for tokens already made: every token after the first scored once, over n_bytes
-    bytes of text (default: what the scored tokens decode to)."""
-    if len(ids) < 2:
-        raise UserError(f"the text holds {len(ids)} token(s): at least two are needed to predict one from another")
-    spans = window_spans(len(ids), scorer.window, stride or max(1, scorer.window // 2))
+def text_spans(scorer: Scorer, n_tokens: int, stride: int) -> list[tuple[int, int, int]]:
+    """The scoring windows of a text of n_tokens (stride 0: half the window)."""
+    if n_tokens < 2:
+        raise UserError(f"the text holds {n_tokens} token(s): at least two are needed to predict one from another")
+    return window_spans(n_tokens, scorer.window, stride or max(1, scorer.window // 2))
+
+
+def windows_nll(scorer: Scorer, ids: Sequence[int], spans: Sequence[tuple[int, int, int]],
+                batch_size: int) -> tuple[float, int]:
+    """(summed negative log-likelihood, tokens scored) over the given windows of `ids`."""
     device = scorer.model.embed_tokens.weight.device
     total, count = 0.0, 0
     with torch.inference_mode(), tqdm(total=len(spans), desc="windows", unit="window", disable=None) as bar:
@@ -129,6 +132,15 @@ def score_ids(scorer: Scorer, ids: Sequence[int], n_bytes: int | None, stride: i
                 total += sum_nll(scorer.model, tokens, targets).item()
                 count += int((targets != -100).sum())
                 bar.update(len(batch))
+    return total, count
+
+
+def score_ids(scorer: Scorer, ids: Sequence[int], n_bytes: int | None, stride: int,
+              batch_size: int) -> dict[str, float]:
+    """score_text for tokens already made: every token after the first scored once, over n_bytes
+    bytes of text (default: what the scored tokens decode to)."""
+    spans = text_spans(scorer, len(ids), stride)
+    total, count = windows_nll(scorer, ids, spans, batch_size)
     if n_bytes is None:
         n_bytes = len(scorer.tokenizer.decode(ids[1:], skip_special=True).encode())
     return {"tokens": count, "bytes": n_bytes, "loss": total / count, "perplexity": math.exp(total / count),
@@ -235,8 +247,16 @@ def logliks(scorer: Scorer, requests: Sequence[tuple[list[int], list[int]]], bat
 
 
 def score_choices(scorer: Scorer, examples: Sequence[Example], batch_size: int) -> dict:
-    """acc and acc_norm over the examples, with each example's log-likelihoods. All choices of all
-    examples are scored longest first, so a batch holds sequences of similar length."""
+    """acc and acc_norm over the examples, with each example's log-likelihoods."""
+    per_example = example_scores(scorer, examples, batch_size)
+    n = len(per_example)
+    return {"examples": n, "acc": sum(e["acc"] for e in per_example) / n,
+            "acc_norm": sum(e["acc_norm"] for e in per_example) / n, "per_example": per_example}
+
+
+def example_scores(scorer: Scorer, examples: Sequence[Example], batch_size: int) -> list[dict]:
+    """Each example's log-likelihoods, acc and acc_norm. All choices of all examples are scored
+    longest first, so a batch holds sequences of similar length."""
     requests = [choice_requests(scorer, example) for example in examples]
     for example, pairs in zip(examples, requests):
         if any(not cont for _, cont in pairs):
@@ -251,9 +271,7 @@ def score_choices(scorer: Scorer, examples: Sequence[Example], batch_size: int) 
         per_example.append({"logliks": lls, "label": example.label,
                             "acc": float(max(range(len(lls)), key=lls.__getitem__) == example.label),
                             "acc_norm": float(max(range(len(lls)), key=per_char.__getitem__) == example.label)})
-    n = len(per_example)
-    return {"examples": n, "acc": sum(e["acc"] for e in per_example) / n,
-            "acc_norm": sum(e["acc_norm"] for e in per_example) / n, "per_example": per_example}
+    return per_example
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,16 +325,22 @@ class TrainingEval:
     text: tuple[list[int], int] | None  # document(): ids and scored bytes
     task: tuple[str, list[Example]] | None
 
-    def scores(self) -> dict[str, float]:
-        """text_loss and text_bits_per_byte, <task>_acc and <task>_acc_norm: flat, for a metrics record."""
+    def scores(self, rank: int = 0, world: int = 1,
+               all_sum: Callable[[list[float]], list[float]] = lambda sums: sums) -> dict[str, float]:
+        """text_loss and text_bits_per_byte, <task>_acc and <task>_acc_norm: flat, for a metrics
+        record. Under torchrun every process scores its share (every world-th window and example)
+        and `all_sum` adds the processes' sums, so all of them return the numbers one process would."""
         out = {}
         if self.text is not None:
-            result = score_ids(self.scorer, *self.text, self.cfg.stride, self.cfg.batch_size)
-            out |= {"text_loss": result["loss"], "text_bits_per_byte": result["bits_per_byte"]}
+            ids, n_bytes = self.text
+            spans = text_spans(self.scorer, len(ids), self.cfg.stride)[rank::world]
+            total, count = all_sum(list(windows_nll(self.scorer, ids, spans, self.cfg.batch_size)))
+            out |= {"text_loss": total / count, "text_bits_per_byte": total / math.log(2) / n_bytes}
         if self.task is not None:
             name, examples = self.task
-            result = score_choices(self.scorer, examples, self.cfg.batch_size)
-            out |= {f"{name}_acc": result["acc"], f"{name}_acc_norm": result["acc_norm"]}
+            mine = example_scores(self.scorer, examples[rank::world], self.cfg.batch_size)
+            acc, acc_norm, n = all_sum([sum(e["acc"] for e in mine), sum(e["acc_norm"] for e in mine), len(mine)])
+            out |= {f"{name}_acc": acc / n, f"{name}_acc_norm": acc_norm / n}
         return out
 
 

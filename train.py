@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -296,7 +297,7 @@ class Run:
     wandb_run: Any = None
     resumed_from: Path | None = None
     eval_unrecorded: bool = False  # resumed at an evaluation step whose evaluation was never recorded
-    tasks: TrainingEval | None = None  # [eval] data and tasks, scored by the main process at each evaluation
+    tasks: TrainingEval | None = None  # [eval] data and tasks, scored at each evaluation (shared out under torchrun)
     replaced: Path | None = None  # --overwrite: the previous run, kept until this one's first checkpoint
 
     @property
@@ -493,7 +494,7 @@ def start_run(cfg: Config) -> Run:
                           model_tokenizer=model_tokenizer(resume_from, pretrained))
     model, adapters = build_model(cfg, pretrained)
     model.to(runtime.device)
-    tasks = training_eval(cfg.eval, model, Tokenizer.load(dataset_dir), tc.block_size) if runtime.is_main else None
+    tasks = training_eval(cfg.eval, model, Tokenizer.load(dataset_dir), tc.block_size)
     accum = accumulation_steps(tc, runtime.world)
     # Everything is checked: only now may a previous run make way.
     replaced = claim_out_dir(out_dir, overwrite) if runtime.is_main else None
@@ -667,11 +668,20 @@ def evaluate(run: Run) -> dict[str, float]:
         if runtime.world > 1:
             dist.all_reduce(total, op=dist.ReduceOp.AVG)
         losses[split] = total.item() / tc.eval_iters
-    if run.tasks is not None:  # the main process only; the others wait at their next collective
+    if run.tasks is not None:  # every process scores its share of the windows and examples
         with runtime.autocast():
-            losses |= run.tasks.scores()
+            losses |= run.tasks.scores(runtime.rank, runtime.world, functools.partial(sum_over_processes, runtime))
     run.step_model.train()
     return losses
+
+
+def sum_over_processes(runtime: Runtime, values: list[float]) -> list[float]:
+    """Each value summed over all processes (in float64, so counts and sums stay exact)."""
+    if runtime.world == 1:
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(total)
+    return total.tolist()
 
 
 def save_checkpoint(run: Run) -> Path:

@@ -3,14 +3,16 @@ transformers on the same tokens, and the one-line errors."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
 import checkpoint
-from config import EvalConfig
+from config import DataConfig, EvalConfig
 from eval import (Example, choice_requests, harness_task_yaml, hellaswag_example, load_scorer, main, read_examples,
                   score_choices, score_text, window_spans)
+from prepare_data import prepare
 from test_model import make_model
 from tokenizer import Tokenizer
 
@@ -224,6 +226,35 @@ def test_training_scores_eval_data_and_tasks_at_each_evaluation(tmp_path):
     cfg = EvalConfig(checkpoint=str(tmp_path / "run"), data=str(tmp_path / "held_out.txt"), window=32)
     scored = score_text(load_scorer(cfg), TEXT[:150], 0, 4)
     assert evals[-1]["text_loss"] == pytest.approx(scored["loss"], rel=1e-4)
+
+
+def test_training_eval_is_shared_out_across_torchrun_processes(tmp_path):
+    """Under torchrun each process scores every other window and example; the summed results are
+    the single process's (training itself: 2 processes equal 1 with accumulation 2)."""
+    import shutil
+    import sys
+
+    from test_train import TINY, run_cli
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(TEXT * 4)
+    prepare(DataConfig(dataset="tiny", data_dir=str(tmp_path), input=str(corpus), tokenizer="char", workers=1))
+    (tmp_path / "held_out.txt").write_text(TEXT[:150])
+    task = tmp_path / "mine.jsonl"
+    task.write_text("\n".join(json.dumps({"context": c, "choices": [" east", " west", " sun"], "label": i})
+                              for i, c in enumerate(["It is the", "Juliet is the", "Arise, fair"])))
+    common = [*TINY, "--data.data_dir", str(tmp_path), "--data.dataset", "tiny", "--train.max_steps", "2",
+              "--train.eval_interval", "2", "--train.batch_tokens", "256", "--train.device", "cpu",
+              "--eval.data", str(tmp_path / "held_out.txt"), "--eval.task", str(task), "--eval.batch_size", "2"]
+    one = run_cli(*common, "--train.out_dir", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    two = run_cli(*common, "--train.out_dir", str(tmp_path / "two"), launcher=(torchrun, "--standalone",
+                                                                                "--nproc_per_node", "2"))
+    assert two.returncode == 0, two.stderr
+    records = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "eval"][-1] for run in ("one", "two")]
+    for key in ("text_loss", "text_bits_per_byte", "mine_acc", "mine_acc_norm"):
+        assert records[1][key] == pytest.approx(records[0][key], rel=1e-5), key
 
 
 def test_a_prepared_dataset_is_scored_on_its_val_split(folder, tmp_path, capsys):
