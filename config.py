@@ -355,7 +355,8 @@ class EvalConfig:
     data: str | None = _field(None, "a UTF-8 text file (or a prepare_data.py folder: its val split) to score: loss, "
                                     "perplexity and bits per byte over all of it (in train.py: at every evaluation)")
     task: str | None = _field(None, "a multiple-choice task: hellaswag, or a .jsonl file of {\"context\", \"choices\", \"label\"} rows")
-    source: str | None = _field(None, "hellaswag's validation file (hellaswag_val.jsonl) on disk")
+    source: str | None = _field(None, "hellaswag's validation file (hellaswag_val.jsonl) on disk (none = download "
+                                      "it once into data/downloads/, checked against its published git blob id)")
     window: int = _field(0, "tokens a scoring window holds (0 = the context the model was trained on)", ge=0)
     stride: int = _field(0, "new tokens scored per window after the first; each has at least window - stride tokens "
                             "before it (0 = window // 2)", ge=0)

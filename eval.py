@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 import checkpoint
 import data
+import prepare_data
 from config import ConfigError, EvalConfig, UserError, parse_cli, script
 from generate import load_tokenizer, pick_device
 from model import Llama
@@ -173,13 +174,28 @@ def hellaswag_example(row: dict) -> Example:
     return Example(context, [hellaswag_text(e) for e in row["endings"]], int(row["label"]))
 
 
+# HellaSwag's validation split at a fixed commit of its repository, checked against the id git
+# gives the file in that commit's tree: the only checksum the project publishes (no sha256).
+HELLASWAG_COMMIT = "a29ff8e9a04bba4bd6588223785ce105328adc57"
+HELLASWAG_URL = f"https://raw.githubusercontent.com/rowanz/hellaswag/{HELLASWAG_COMMIT}/data/hellaswag_val.jsonl"
+HELLASWAG_BLOB = "0f5ee25d72216f12317d5d8a7b92deafa423d81e"
+
+
+def hellaswag_file(cfg: EvalConfig) -> Path:
+    """--eval.source as given (your own copy, offline), or the official file, downloaded once into
+    data/downloads/ and verified."""
+    if cfg.source is not None:
+        return Path(cfg.source)
+    try:
+        return prepare_data.fetch(HELLASWAG_URL, Path("data") / "downloads", HELLASWAG_BLOB, "git blob sha1")
+    except UserError as e:
+        raise UserError(f"{e} (offline: pass a copy of hellaswag_val.jsonl with --eval.source)") from None
+
+
 def read_examples(cfg: EvalConfig) -> tuple[str, list[Example]]:
     """(task name, examples) for cfg.task; every row checked, a bad one named by its line."""
     hellaswag = cfg.task == "hellaswag"
-    if hellaswag and cfg.source is None:
-        raise ConfigError("eval.task=hellaswag needs its validation file: --eval.source hellaswag_val.jsonl "
-                          "(from github.com/rowanz/hellaswag, data/hellaswag_val.jsonl)")
-    path = Path(cfg.source if hellaswag else cfg.task)
+    path = hellaswag_file(cfg) if hellaswag else Path(cfg.task)
     if not hellaswag and path.suffix != ".jsonl":
         raise ConfigError(f"eval.task={cfg.task!r} is not a known task: use hellaswag or a .jsonl file of "
                           f"{{\"context\", \"choices\", \"label\"}} rows")

@@ -65,8 +65,22 @@ def sha256_of(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def fetch(source: str, cache_dir: Path, expected_sha256: str | None) -> Path:
-    """A verified local copy of `source` (a path, a file:// or an http(s) URL)."""
+def git_blob_sha1(path: Path) -> str:
+    """The id git gives the file's contents (sha1 of "blob <size>\\0" + contents): the checksum a
+    repository's tree publishes for every file, for sources that publish no sha256."""
+    digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+DIGESTS = {"sha256": sha256_of, "git blob sha1": git_blob_sha1}
+
+
+def fetch(source: str, cache_dir: Path, expected: str | None, digest: str = "sha256") -> Path:
+    """A verified local copy of `source` (a path, a file:// or an http(s) URL), checked against
+    the `expected` hex digest of kind `digest` (a key of DIGESTS)."""
     local = Path(source.removeprefix("file://")) if "://" not in source or source.startswith("file://") else None
     if local is not None:
         if not local.is_file():
@@ -76,12 +90,12 @@ def fetch(source: str, cache_dir: Path, expected_sha256: str | None) -> Path:
         path = cache_dir / Path(source.split("?")[0]).name
         if not path.is_file():
             download(source, path)
-    actual = sha256_of(path)
-    if expected_sha256 is None:
-        raise data.DataError(f"{path} has no published sha256 to check; it hashes to {actual}: if you trust the "
+    actual = DIGESTS[digest](path)
+    if expected is None:
+        raise data.DataError(f"{path} has no published {digest} to check; it hashes to {actual}: if you trust the "
                              f"file, pass --data.sha256 {actual}")
-    if actual != expected_sha256.lower():
-        raise data.DataError(f"checksum mismatch for {path}: expected sha256 {expected_sha256}, got {actual}; "
+    if actual != expected.lower():
+        raise data.DataError(f"checksum mismatch for {path}: expected {digest} {expected}, got {actual}; "
                              f"delete it and download again, or pass the right file")
     return path
 

@@ -123,6 +123,26 @@ def test_hellaswag_rows_are_posed_as_lm_evaluation_harness_poses_them():
     assert example.choices[:2] == [", the man. cleans.", "the man stops."] and example.label == 1
 
 
+def test_hellaswag_is_fetched_and_checked_against_its_git_blob_id(tmp_path, monkeypatch):
+    """Without --eval.source the official file is fetched from a pinned commit and checked against
+    the id git gives it there; here the "official" file is a local one, its id computed by git."""
+    import subprocess
+
+    import eval as eval_module
+    row = {"activity_label": "Baking", "ctx_a": "She mixes the flour.", "ctx_b": "she", "label": 0,
+           "endings": ["bakes the bread.", "sings.", "flies away.", "sleeps."]}
+    local = tmp_path / "hellaswag_val.jsonl"
+    local.write_text(json.dumps(row) + "\n")
+    blob = subprocess.run(["git", "hash-object", str(local)], capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.setattr(eval_module, "HELLASWAG_URL", local.as_uri())
+    monkeypatch.setattr(eval_module, "HELLASWAG_BLOB", blob)
+    name, examples = read_examples(EvalConfig(task="hellaswag"))
+    assert name == "hellaswag" and examples[0].context == "Baking: She mixes the flour. She"
+    monkeypatch.setattr(eval_module, "HELLASWAG_BLOB", "0" * 40)
+    with pytest.raises(Exception, match=f"checksum mismatch .*expected git blob sha1 0{{40}}, got {blob}.*--eval.source"):
+        read_examples(EvalConfig(task="hellaswag"))
+
+
 @pytest.mark.parametrize("row,message", [
     ({"context": "a", "label": 0}, "lacks a field"),
     ({"context": "a", "choices": ["b", "c"], "label": 2}, "must index its 2 choices"),
@@ -152,7 +172,6 @@ def test_the_command_line_prints_a_table_and_writes_json(folder, tmp_path, capsy
 @pytest.mark.parametrize("argv,message", [
     ([], "nothing to score"),
     (["--eval.task", "winogrande"], "not a known task"),
-    (["--eval.task", "hellaswag"], "needs its validation file"),
     (["--eval.data", "EMPTY"], "at least two are needed"),
     (["--eval.window", "8", "--eval.stride", "9", "--eval.data", "EMPTY"], "exceeds eval.window"),
 ])
