@@ -1,9 +1,13 @@
-"""Convert a model between our checkpoints, Hugging Face Llama folders and llama2.c's .bin files.
+"""Convert a model between our checkpoints, Hugging Face Llama folders, llama2.c's .bin files and
+GGUF files for llama.cpp and Ollama.
 
     python convert.py out/run/ model.bin          # newest checkpoint of a run -> llama2.c (run.c runs it)
     python convert.py stories260K.bin hf-folder/  # llama2.c -> a Hugging Face / nanollama folder
+    python convert.py out/run/ --to gguf model.gguf --dtype q8_0   # -> llama.cpp / Ollama (docs/gguf.md)
 
-The formats themselves live in checkpoint.py.
+The target format follows --to, else the name: NAME.bin is llama2.c, NAME.gguf is GGUF, anything
+else a Hugging Face folder. --dtype (f32, f16 or q8_0; default f32) sets GGUF's matrix type.
+The formats themselves live in checkpoint.py and llamacpp.py.
 """
 
 from __future__ import annotations
@@ -13,8 +17,36 @@ import sys
 import checkpoint
 from config import ConfigError, script
 
-USAGE = ("usage: python convert.py SRC DST (SRC: a checkpoint, run or Hugging Face folder or a llama2.c .bin; "
-         "DST: NAME.bin for llama2.c, else a Hugging Face folder)")
+USAGE = ("usage: python convert.py SRC DST [--to hf|llama2c|gguf] [--dtype f32|f16|q8_0] (SRC: a checkpoint, run or "
+         "Hugging Face folder or a llama2.c .bin; DST: NAME.bin for llama2.c, NAME.gguf for llama.cpp, else a "
+         "Hugging Face folder)")
+FORMATS = ("hf", "llama2c", "gguf")
+
+
+def parse(argv: list[str]) -> tuple[str, str, str, str | None]:
+    """SRC, DST, the target format and the GGUF dtype as given (None: the default), from
+    `SRC DST [--to FMT] [--dtype D]` in any order."""
+    options, paths = {"--to": None, "--dtype": None}, []
+    args = iter(argv)
+    for arg in args:
+        key, has_value, value = arg.partition("=")
+        if key in options:
+            options[key] = value if has_value else next(args, None)
+            if options[key] is None:
+                raise ConfigError(f"{key} needs a value; {USAGE}")
+        elif arg.startswith("-"):
+            raise ConfigError(f"unknown option {arg}; {USAGE}")
+        else:
+            paths.append(arg)
+    if len(paths) != 2:
+        raise ConfigError(USAGE)
+    source, target = paths
+    to = options["--to"] or ("llama2c" if target.endswith(".bin") else "gguf" if target.endswith(".gguf") else "hf")
+    if to not in FORMATS:
+        raise ConfigError(f"--to {to!r} is not a format; choose one of {', '.join(FORMATS)}")
+    if options["--dtype"] is not None and to != "gguf":
+        raise ConfigError(f"--dtype only applies to --to gguf (this writes {to})")
+    return source, target, to, options["--dtype"]
 
 
 @script
@@ -22,11 +54,19 @@ def main(argv: list[str]) -> None:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n\n" + USAGE)
         return
-    if len(argv) != 2 or argv[0].startswith("-"):
-        raise ConfigError(USAGE)
-    source, target = argv
-    model, _ = checkpoint.load_model(source)
-    if target.endswith(".bin"):
+    source, target, to, dtype = parse(argv)
+    if to == "gguf":
+        try:
+            import llamacpp  # needs the optional gguf package
+        except ModuleNotFoundError as e:
+            raise ConfigError(f"writing GGUF needs the {e.name} package: pip install -r requirements-gguf.txt") from None
+        dtype = dtype or "f32"
+        if dtype not in llamacpp.DTYPES:  # refused before the model is loaded
+            raise ConfigError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(llamacpp.DTYPES)}")
+    model, folder = checkpoint.load_model(source)
+    if to == "gguf":
+        llamacpp.write_gguf(model, folder, target, dtype)
+    elif to == "llama2c":
         checkpoint.write_llama2c(model, target)
     else:
         checkpoint.save_hf(model, target)
