@@ -4,33 +4,39 @@ GGUF files for llama.cpp and Ollama.
     python convert.py out/run/ model.bin          # newest checkpoint of a run -> llama2.c (run.c runs it)
     python convert.py stories260K.bin hf-folder/  # llama2.c -> a Hugging Face / nanollama folder
     python convert.py out/run/ --to gguf model.gguf --dtype q8_0   # -> llama.cpp / Ollama (docs/gguf.md)
+    python convert.py out/lora-run/ merged/ --merge-lora           # LoRA adapters + base -> one plain folder
 
 The target format follows --to, else the name: NAME.bin is llama2.c, NAME.gguf is GGUF, anything
 else a Hugging Face folder. --dtype (f32, f16 or q8_0; default f32) sets GGUF's matrix type.
-The formats themselves live in checkpoint.py and llamacpp.py.
+A LoRA checkpoint (adapters only) is read as its base model with the adapters merged in; with
+--merge-lora, a source that is not one is refused. The formats themselves live in checkpoint.py
+and llamacpp.py.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import checkpoint
 from config import ConfigError, script
 
-USAGE = ("usage: python convert.py SRC DST [--to hf|llama2c|gguf] [--dtype f32|f16|q8_0] (SRC: a checkpoint, run or "
-         "Hugging Face folder or a llama2.c .bin; DST: NAME.bin for llama2.c, NAME.gguf for llama.cpp, else a "
-         "Hugging Face folder)")
+USAGE = ("usage: python convert.py SRC DST [--to hf|llama2c|gguf] [--dtype f32|f16|q8_0] [--merge-lora] (SRC: a "
+         "checkpoint, run or Hugging Face folder or a llama2.c .bin; DST: NAME.bin for llama2.c, NAME.gguf for "
+         "llama.cpp, else a Hugging Face folder)")
 FORMATS = ("hf", "llama2c", "gguf")
 
 
-def parse(argv: list[str]) -> tuple[str, str, str, str | None]:
-    """SRC, DST, the target format and the GGUF dtype as given (None: the default), from
-    `SRC DST [--to FMT] [--dtype D]` in any order."""
-    options, paths = {"--to": None, "--dtype": None}, []
+def parse(argv: list[str]) -> tuple[str, str, str, str | None, bool]:
+    """SRC, DST, the target format, the GGUF dtype as given (None: the default) and whether
+    --merge-lora was given, from `SRC DST [--to FMT] [--dtype D] [--merge-lora]` in any order."""
+    options, paths, merge_lora = {"--to": None, "--dtype": None}, [], False
     args = iter(argv)
     for arg in args:
         key, has_value, value = arg.partition("=")
-        if key in options:
+        if arg == "--merge-lora":
+            merge_lora = True
+        elif key in options:
             options[key] = value if has_value else next(args, None)
             if options[key] is None:
                 raise ConfigError(f"{key} needs a value; {USAGE}")
@@ -46,7 +52,7 @@ def parse(argv: list[str]) -> tuple[str, str, str, str | None]:
         raise ConfigError(f"--to {to!r} is not a format; choose one of {', '.join(FORMATS)}")
     if options["--dtype"] is not None and to != "gguf":
         raise ConfigError(f"--dtype only applies to --to gguf (this writes {to})")
-    return source, target, to, options["--dtype"]
+    return source, target, to, options["--dtype"], merge_lora
 
 
 @script
@@ -54,7 +60,7 @@ def main(argv: list[str]) -> None:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__.strip() + "\n\n" + USAGE)
         return
-    source, target, to, dtype = parse(argv)
+    source, target, to, dtype, merge_lora = parse(argv)
     if to == "gguf":
         try:
             import llamacpp  # needs the optional gguf package
@@ -63,6 +69,9 @@ def main(argv: list[str]) -> None:
         dtype = dtype or "f32"
         if dtype not in llamacpp.DTYPES:  # refused before the model is loaded
             raise ConfigError(f"--dtype {dtype!r} is not supported; choose one of {', '.join(llamacpp.DTYPES)}")
+    if merge_lora and not (Path(source).is_dir() and (checkpoint.resolve(source) / checkpoint.ADAPTER_CONFIG).is_file()):
+        raise ConfigError(f"--merge-lora: {source} holds no LoRA adapters ({checkpoint.ADAPTER_CONFIG}); give the "
+                          f"run or checkpoint folder of a --train.lora_rank run")
     model, folder = checkpoint.load_model(source)
     if to == "gguf":
         llamacpp.write_gguf(model, folder, target, dtype)

@@ -96,9 +96,12 @@ def test_lora_fine_tune_resumes_exactly_samples_and_converts(pretrained, tmp_pat
                          text=True)
     assert out.returncode == 0, out.stderr
     merged_dir = tmp_path / "merged"
-    converted = subprocess.run([sys.executable, "convert.py", str(tmp_path / "straight"), str(merged_dir)],
-                               cwd=ROOT, capture_output=True, text=True)
+    converted = subprocess.run([sys.executable, "convert.py", str(tmp_path / "straight"), str(merged_dir),
+                                "--merge-lora"], cwd=ROOT, capture_output=True, text=True)
     assert converted.returncode == 0, converted.stderr
+    refused = subprocess.run([sys.executable, "convert.py", str(merged_dir), str(tmp_path / "again"), "--merge-lora"],
+                             cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 2 and "holds no LoRA adapters" in refused.stderr
     tokens = torch.tensor([[0, 5, 9, 17, 33]])
     with torch.no_grad():
         hf = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(pretrained), ckpt)
