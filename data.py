@@ -7,6 +7,10 @@ A `.bin` token file is a 64-byte header followed by the tokens:
 
 Reading maps the tokens with `np.memmap`, so a file of any size costs no memory, and checks the
 header and the file length before anything trains on it.
+
+A conversation dataset (prepare_data.py on chat .jsonl) adds, per split, `<split>_mask.bin` (the
+same format, one 0/1 per token: 1 where the token is the assistant's) and `<split>_starts.npy`
+(where each conversation begins), and trains through ConversationSampler.
 """
 
 from __future__ import annotations
@@ -104,9 +108,10 @@ def open_split(dataset_dir: str | Path, split: str) -> TokenFile:
 
 
 def check_compatible(train: TokenFile, val: TokenFile, model_vocab_size: int, block_size: int,
-                     model_tokenizer: tuple[str, str, str] | None = None) -> None:
+                     model_tokenizer: tuple[str, str, str] | None = None, padded: bool = False) -> None:
     """Refuse data the model cannot train on, naming the mismatch. `model_tokenizer` is the
-    (sha256, folder, fix) of the tokenizer the model comes with, when it has one."""
+    (sha256, folder, fix) of the tokenizer the model comes with, when it has one; `padded` data
+    (conversations) fills its rows with padding, so it needs no block's worth of tokens."""
     if train.tokenizer_hash != val.tokenizer_hash:
         raise DataError(f"{train.path} and {val.path} come from different tokenizers: re-run prepare_data.py")
     if model_tokenizer is not None and train.tokenizer_hash != model_tokenizer[0]:
@@ -116,7 +121,7 @@ def check_compatible(train: TokenFile, val: TokenFile, model_vocab_size: int, bl
     if train.vocab_size > model_vocab_size:
         raise DataError(f"the data's vocab of {train.vocab_size} ids does not fit model.vocab_size="
                         f"{model_vocab_size}: set --model.vocab_size {train.vocab_size} (or more)")
-    for split in (train, val):
+    for split in () if padded else (train, val):
         if len(split) < block_size + 1:
             raise DataError(f"{split.path} holds {len(split):,} tokens, fewer than block_size + 1 = "
                             f"{block_size + 1}: lower train.block_size or use more data")
@@ -150,4 +155,76 @@ class BatchSampler:
 
     def get_eval(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The same evaluation batches at every evaluation, so successive losses compare."""
+        return self._windows(EVAL_STREAM, index)
+
+
+@dataclass
+class Conversations:
+    """A split of whole conversations: tokens, the assistant mask and each conversation's start."""
+    tokens: TokenFile
+    mask: np.ndarray
+    starts: np.ndarray  # int64, ascending, starts[0] == 0; conversation i is tokens[starts[i]:starts[i + 1]]
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(np.append(self.starts, len(self.tokens)))
+
+
+def is_conversations(dataset_dir: str | Path) -> bool:
+    return (Path(dataset_dir) / "train_mask.bin").is_file()
+
+
+def open_conversations(dataset_dir: str | Path, split: str) -> Conversations:
+    tokens = open_split(dataset_dir, split)
+    mask = read_tokens(Path(dataset_dir) / f"{split}_mask.bin")
+    starts_file = Path(dataset_dir) / f"{split}_starts.npy"
+    starts = np.load(starts_file) if starts_file.is_file() else None
+    if (len(mask) != len(tokens) or starts is None or starts.ndim != 1 or not len(starts) or starts[0] != 0
+            or (np.diff(starts) <= 0).any() or starts[-1] >= len(tokens)):
+        raise DataError(f"{dataset_dir}'s {split} conversations are inconsistent (mask or starts do not fit the "
+                        f"tokens): re-run prepare_data.py")
+    return Conversations(tokens, mask.tokens, starts)
+
+
+class ConversationSampler:
+    """Rows of whole conversations packed into block_size + 1 tokens, as (inputs, targets), where
+    only the assistant's tokens are targets (-100 elsewhere, and on the EOS padding after the last
+    conversation that fits). A row takes conversations drawn at random until the next one would
+    cross its end; one longer than the row alone is cut to its first block_size + 1 tokens.
+    Like BatchSampler, a batch depends only on (seed, step, index), so resuming is exact."""
+
+    def __init__(self, data: Conversations, block_size: int, batch_size: int, seed: int, pad_id: int):
+        self.data, self.block_size, self.batch_size, self.seed, self.pad_id = data, block_size, batch_size, seed, pad_id
+        self.lengths = data.lengths()
+
+    def _row(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        size = self.block_size + 1
+        tokens, mask = np.full(size, self.pad_id, dtype=np.int64), np.zeros(size, dtype=bool)
+        filled = 0
+        while True:
+            i = int(rng.integers(len(self.lengths)))
+            n = min(int(self.lengths[i]), size)
+            if filled and filled + n > size:
+                return tokens, mask
+            start = int(self.data.starts[i])
+            tokens[filled:filled + n] = self.data.tokens.tokens[start:start + n]
+            mask[filled:filled + n] = self.data.mask[start:start + n] == 1
+            filled += n
+            if filled == size:
+                return tokens, mask
+
+    def _windows(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step, index])
+        rows = [self._row(rng) for _ in range(self.batch_size)]
+        tokens = np.stack([t for t, _ in rows])
+        targets = np.where(np.stack([m for _, m in rows]), tokens, -100)
+        if (top := tokens.max()) >= self.data.tokens.vocab_size:
+            raise DataError(f"{self.data.tokens.path} holds token id {top} but its header declares a vocab of "
+                            f"{self.data.tokens.vocab_size} ids: the file is corrupt; re-run prepare_data.py")
+        import torch  # see BatchSampler._windows
+        return torch.from_numpy(tokens[:, :-1]), torch.from_numpy(targets[:, 1:])
+
+    def get(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._windows(step, index)
+
+    def get_eval(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self._windows(EVAL_STREAM, index)

@@ -21,6 +21,7 @@ import glob
 import itertools
 import hashlib
 import json
+import math
 import multiprocessing
 import multiprocessing.pool
 import shutil
@@ -35,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 import data
+from chat import ChatFormat, chat_template, check_messages
 from config import ConfigError, DataConfig, parse_cli, script
 from tokenizer import Tokenizer
 
@@ -195,8 +197,67 @@ def split_texts(files: list[Path], split: str, val_fraction: float, several: boo
         yield text[:cut] if split == "train" else text[cut:]
         return
     for i, doc in enumerate(documents(files)):
-        if (int((i + 1) * val_fraction) > int(i * val_fraction)) == (split == "val"):
+        if in_val(i, val_fraction) == (split == "val"):
             yield doc
+
+
+def in_val(i: int, val_fraction: float) -> bool:
+    """Whether document i goes to val: every 1/val_fraction-th one does."""
+    return int((i + 1) * val_fraction) > int(i * val_fraction)
+
+
+def is_chat(files: list[Path]) -> bool:
+    """Whether the corpus is conversations: its first .jsonl row holds "messages"."""
+    if files[0].suffix != ".jsonl":
+        return False
+    first = next((line for _, line in text_lines(files[0]) if line.strip()), "")
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and "messages" in record
+
+
+def conversations(files: list[Path]) -> Iterator[list[dict[str, str]]]:
+    """Each conversation of .jsonl files of {"messages": [{"role", "content"}, ...]} rows, checked."""
+    for file in files:
+        if file.suffix != ".jsonl":
+            raise data.DataError(f"{file}: a conversation corpus is .jsonl files of {{\"messages\": [...]}} rows only")
+        for number, line in text_lines(file):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise data.DataError(f"{file}:{number} is not valid JSON ({e.msg})") from None
+            yield check_messages(record.get("messages") if isinstance(record, dict) else None, f"{file}:{number}")
+
+
+def write_conversations(files: list[Path], tokenizer: Tokenizer, folder: Path,
+                        val_fraction: float) -> tuple[dict[str, int], dict[str, int], dict]:
+    """Each split's conversations rendered with the tokenizer's chat template: <split>.bin, the
+    assistant mask <split>_mask.bin and the conversations' starts <split>_starts.npy. Returns
+    (tokens, characters of content, conversation counts) per split. Fine-tuning sets are small:
+    a split is assembled in memory."""
+    chat = ChatFormat(tokenizer, chat_template(folder))
+    counts, chars, stats = {}, {}, {"conversations": {}, "assistant_tokens": {}}
+    for split in ("train", "val"):
+        ids, masks = [], []
+        for i, messages in enumerate(tqdm(conversations(files), desc=split, unit="conversation")):
+            if in_val(i, val_fraction) == (split == "val"):
+                conversation, mask = chat.encode_with_mask(messages)
+                ids.append(np.array(conversation, dtype=np.int64))
+                masks.append(np.array(mask, dtype=np.int64))
+                chars[split] = chars.get(split, 0) + sum(len(m["content"]) for m in messages)
+        if not ids:
+            raise data.DataError(f"the {split} split has no conversation: give at least {math.ceil(1 / val_fraction)} "
+                                 f"conversations or change --data.val_fraction")
+        counts[split] = data.write_tokens(folder / f"{split}.bin", ids, tokenizer.vocab_size, tokenizer.hash)
+        data.write_tokens(folder / f"{split}_mask.bin", masks, 2, tokenizer.hash)
+        np.save(folder / f"{split}_starts.npy", np.cumsum([0] + [len(c) for c in ids[:-1]]).astype(np.int64))
+        stats["conversations"][split] = len(ids)
+        stats["assistant_tokens"][split] = int(sum(m.sum() for m in masks))
+    return counts, chars, stats
 
 
 _worker_tokenizer: Tokenizer | None = None
@@ -274,6 +335,25 @@ def make_tokenizer(cfg: DataConfig, kind: str, files: list[Path], several: bool,
     return tokenizer
 
 
+def encode_splits(cfg: DataConfig, files: list[Path], several: bool, tokenizer: Tokenizer, folder: Path,
+                  counts: dict[str, int], chars_seen: dict[str, int]) -> None:
+    """Each split's text tokenized by worker processes into <split>.bin, counting tokens and characters."""
+    with multiprocessing.get_context("spawn").Pool(cfg.workers, _init_worker, (str(folder),)) as pool:
+        for split in ("train", "val"):
+            chars_seen[split] = 0
+            with tqdm(unit="char", unit_scale=True, desc=split) as bar:
+                def chunks() -> Iterator[np.ndarray]:
+                    if not several:  # each part of a lone document starts as a document does
+                        yield np.array(tokenizer.prefix, dtype=np.int64)
+                    texts = split_texts(files, split, cfg.val_fraction, several)
+                    for n_chars, ids in encode_stream(pool, cfg.workers, texts, several):
+                        chars_seen[split] += n_chars
+                        bar.update(n_chars)
+                        yield ids
+                counts[split] = data.write_tokens(folder / f"{split}.bin", chunks(), tokenizer.vocab_size,
+                                                  tokenizer.hash)
+
+
 def prepare(cfg: DataConfig) -> dict:
     start = time.perf_counter()
     out = Path(cfg.data_dir) / cfg.dataset
@@ -288,26 +368,20 @@ def prepare(cfg: DataConfig) -> dict:
     else:
         raise ConfigError(f"data.dataset={cfg.dataset!r} is not a named dataset ({', '.join(DATASETS)}): "
                           f"pass --data.input with your own files")
-    several = is_multi_document(files)
+    chat = is_chat(files)
+    if chat and pretrained_tokenizer(cfg.tokenizer) is None:
+        raise ConfigError(f"{files[0]} holds conversations, which need a tokenizer with a chat template: pass "
+                          f"--data.tokenizer FOLDER (a Hugging Face tokenizer folder that has one)")
+    several = chat or is_multi_document(files)
     tmp = out.with_name(out.name + ".tmp")  # the dataset appears whole, or not at all
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = make_tokenizer(cfg, kind, files, several, tmp)
     kind = tokenizer.kind
-    counts, chars_seen = {}, {}
-    with multiprocessing.get_context("spawn").Pool(cfg.workers, _init_worker, (str(tmp),)) as pool:
-        for split in ("train", "val"):
-            chars_seen[split] = 0
-            with tqdm(unit="char", unit_scale=True, desc=split) as bar:
-                def chunks() -> Iterator[np.ndarray]:
-                    if not several:  # each part of a lone document starts as a document does
-                        yield np.array(tokenizer.prefix, dtype=np.int64)
-                    texts = split_texts(files, split, cfg.val_fraction, several)
-                    for n_chars, ids in encode_stream(pool, cfg.workers, texts, several):
-                        chars_seen[split] += n_chars
-                        bar.update(n_chars)
-                        yield ids
-                counts[split] = data.write_tokens(tmp / f"{split}.bin", chunks(), tokenizer.vocab_size,
-                                                  tokenizer.hash)
+    counts, chars_seen, chat_stats = {}, {}, {}
+    if chat:
+        counts, chars_seen, chat_stats = write_conversations(files, tokenizer, tmp, cfg.val_fraction)
+    else:
+        encode_splits(cfg, files, several, tokenizer, tmp, counts, chars_seen)
     seconds = time.perf_counter() - start
     meta = {"dataset": cfg.dataset, "source": str(source),
             "source_sha256": [sha256_of(f) for f in files] if len(files) > 1 else sha256_of(files[0]),
@@ -316,7 +390,7 @@ def prepare(cfg: DataConfig) -> dict:
             "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "document_prefix": tokenizer.prefix,
             "dtype": data.token_dtype(tokenizer.vocab_size).name, "documents_split": several,
             "train_tokens": counts["train"], "val_tokens": counts["val"],
-            "train_chars": chars_seen["train"], "val_chars": chars_seen["val"],
+            "train_chars": chars_seen["train"], "val_chars": chars_seen["val"], **chat_stats,
             "seconds": round(seconds, 2)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(out, ignore_errors=True)

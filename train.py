@@ -284,8 +284,8 @@ class Run:
     step_model: torch.nn.Module  # what trains: the model, compiled and/or wrapped in DDP
     optimizers: list[torch.optim.Optimizer]  # AdamW, then Muon when configured
     scaler: torch.amp.GradScaler
-    train_batches: data.BatchSampler
-    val_batches: data.BatchSampler
+    train_batches: data.BatchSampler | data.ConversationSampler
+    val_batches: data.BatchSampler | data.ConversationSampler
     accum: int  # micro-batches per optimizer step on each process
     trained_context: int  # the longest window the weights have learned from (sampling stays inside)
     carried: dict[str, bytes]  # tokenizer files and generation_config.json every checkpoint carries
@@ -472,6 +472,19 @@ def trained_context(cfg: Config, model: Llama, resume_from: Path | None, pretrai
     return min(max(earlier, cfg.train.block_size), model.cfg.max_seq_len)
 
 
+def batch_samplers(dataset_dir: Path, train_tokens: data.TokenFile, val_tokens: data.TokenFile,
+                   tc: TrainConfig) -> tuple[data.BatchSampler, data.BatchSampler] | tuple[
+                       data.ConversationSampler, data.ConversationSampler]:
+    """Random windows of the token stream; for a conversation dataset, whole conversations packed
+    into rows, the loss on the assistant's tokens only."""
+    if not data.is_conversations(dataset_dir):
+        return (data.BatchSampler(train_tokens, tc.block_size, tc.micro_batch_size, tc.seed),
+                data.BatchSampler(val_tokens, tc.block_size, tc.micro_batch_size, tc.seed))
+    pad = Tokenizer.load(dataset_dir).eos_id
+    return tuple(data.ConversationSampler(data.open_conversations(dataset_dir, split), tc.block_size,
+                                          tc.micro_batch_size, tc.seed, pad) for split in ("train", "val"))
+
+
 def accumulation_steps(tc: TrainConfig, world: int) -> int:
     per_micro = tc.micro_batch_size * tc.block_size * world
     if tc.batch_tokens % per_micro:
@@ -491,7 +504,8 @@ def start_run(cfg: Config) -> Run:
     pretrained = adopt_pretrained_config(cfg, runtime)
     # A model comes with its tokenizer: training it on data from another one would train garbage.
     data.check_compatible(train_tokens, val_tokens, model_vocab_size=cfg.model.vocab_size, block_size=tc.block_size,
-                          model_tokenizer=model_tokenizer(resume_from, pretrained))
+                          model_tokenizer=model_tokenizer(resume_from, pretrained),
+                          padded=data.is_conversations(dataset_dir))
     model, adapters = build_model(cfg, pretrained)
     model.to(runtime.device)
     tasks = training_eval(cfg.eval, model, Tokenizer.load(dataset_dir), tc.block_size)
@@ -503,8 +517,7 @@ def start_run(cfg: Config) -> Run:
     optimizers = configure_optimizers(model, tc, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
     run = Run(cfg, runtime, out_dir, dataset_dir, model, model, optimizers, scaler,
-              data.BatchSampler(train_tokens, tc.block_size, tc.micro_batch_size, tc.seed),
-              data.BatchSampler(val_tokens, tc.block_size, tc.micro_batch_size, tc.seed), accum,
+              *batch_samplers(dataset_dir, train_tokens, val_tokens, tc), accum,
               trained_context(cfg, model, resume_from, pretrained), carried_files(dataset_dir, resume_from, pretrained),
               adapters=adapters, replaced=replaced, tasks=tasks)
     if resume_from is not None:

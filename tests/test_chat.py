@@ -2,15 +2,24 @@
 assistant-token mask, on a Llama-3-style and a ChatML-style template built here."""
 
 import json
+import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
+import data
 from chat import ChatError, ChatFormat, check_messages
+from config import DataConfig, UserError
+from prepare_data import prepare
 from test_open_models import DOCS
+
+ROOT = Path(__file__).resolve().parent.parent
 
 LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
           "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
@@ -115,3 +124,78 @@ def test_bad_conversations_and_templates_are_one_line(tmp_path):
     (folder / "chat_template.jinja").write_text("{% for m in messages %}")
     with pytest.raises(ChatError, match="does not parse"):
         ChatFormat.load(folder)
+
+
+def write_conversations(path: Path, conversations: list) -> Path:
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in conversations))
+    return path
+
+
+def test_conversations_are_prepared_with_their_ids_mask_and_starts(tmp_path):
+    folder = chat_folder(tmp_path / "tok", CHATML_MARKED)
+    meta = prepare(DataConfig(dataset="chat", data_dir=str(tmp_path / "data"), tokenizer=str(folder), workers=1,
+                              input=str(write_conversations(tmp_path / "chat.jsonl", CONVERSATIONS * 4)),
+                              val_fraction=0.25))
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    train = [c for i, c in enumerate(CONVERSATIONS * 4) if int((i + 1) * 0.25) == int(i * 0.25)]
+    expected = [auto.apply_chat_template(c, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+                for c in train]
+    split = data.open_conversations(tmp_path / "data" / "chat", "train")
+    assert split.tokens.tokens.tolist() == [t for e in expected for t in e["input_ids"]]
+    assert split.mask.tolist() == [m for e in expected for m in e["assistant_masks"]]
+    assert split.lengths().tolist() == [len(e["input_ids"]) for e in expected]
+    assert meta["conversations"] == {"train": 9, "val": 3}
+
+
+def test_packed_rows_hold_whole_conversations_and_train_on_the_assistant_only(tmp_path):
+    folder = chat_folder(tmp_path / "tok", CHATML)
+    prepare(DataConfig(dataset="chat", data_dir=str(tmp_path / "data"), tokenizer=str(folder), workers=1,
+                       input=str(write_conversations(tmp_path / "chat.jsonl", CONVERSATIONS * 4)), val_fraction=0.25))
+    split = data.open_conversations(tmp_path / "data" / "chat", "train")
+    stream, mask = split.tokens.tokens.tolist(), split.mask.tolist()
+    spans = [(int(s), int(s + n)) for s, n in zip(split.starts, split.lengths())]
+    packed = 0
+    for block in (48, 256):  # conversations of about 50 to 130 tokens: cut to fit, or several to a row
+        sampler = data.ConversationSampler(split, block, 4, seed=7, pad_id=1)
+        x, y = sampler.get(3, 1)
+        assert torch.equal(x, sampler.get(3, 1)[0]) and not torch.equal(x, sampler.get(4, 1)[0])
+        for row, targets in zip(x.tolist(), y.tolist()):
+            # The row is whole conversations laid end to end (the last one cut only if it alone is
+            # longer than the row), then EOS padding; targets are the assistant's next tokens.
+            position, expected, count = 0, [], 0
+            while position < len(row) and row[position] != 1:
+                begin, end = next((b, e) for b, e in spans
+                                  if row[position:position + e - b] == stream[b:e][:len(row) - position])
+                expected += [stream[t] if mask[t] else -100 for t in range(begin, end)]
+                position, count = position + end - begin, count + 1
+            assert position >= len(row) or set(row[position:]) == {1}
+            assert targets == (expected[1:] + [-100] * len(row))[:len(row)]
+            packed += count > 1
+    assert packed  # some row held more than one conversation
+
+    # train.py trains on it: --init_from a model of this tokenizer, the loss on the assistant's tokens.
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    result = subprocess.run([sys.executable, "train.py", "--init_from", str(folder), "--data.data_dir",
+                             str(tmp_path / "data"), "--data.dataset", "chat", "--train.out_dir", str(tmp_path / "run"),
+                             "--train.device", "cpu", "--train.compile", "false", "--train.block_size", "64",
+                             "--train.micro_batch_size", "4", "--train.batch_tokens", "256", "--train.max_steps", "4",
+                             "--train.warmup_steps", "1", "--train.eval_interval", "4", "--train.eval_iters", "1"],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in records if r["kind"] == "train")
+
+
+def test_conversation_corpus_errors_are_one_line(tmp_path):
+    corpus = write_conversations(tmp_path / "chat.jsonl", CONVERSATIONS)
+    with pytest.raises(UserError, match="holds conversations, which need a tokenizer with a chat template"):
+        prepare(DataConfig(dataset="chat", data_dir=str(tmp_path / "data"), input=str(corpus), tokenizer="bpe"))
+    folder = chat_folder(tmp_path / "tok", CHATML)
+    with corpus.open("a") as f:
+        f.write(json.dumps({"messages": [{"role": "narrator", "content": "x"}]}) + "\n")
+    with pytest.raises(UserError, match=r"chat.jsonl:4: message 0 has role 'narrator'"):
+        prepare(DataConfig(dataset="chat", data_dir=str(tmp_path / "data"), input=str(corpus), tokenizer=str(folder),
+                           workers=1))
