@@ -223,6 +223,9 @@ class TrainConfig:
     max_nonfinite_skips: int = _field(5, "stop after this many consecutive non-finite steps", gt=0)
     peak_tflops: float | None = _field(None, "peak TFLOP/s for MFU (none = a table for known GPUs, a measured matmul on CPU)", gt=0)
     init_from: str | None = _field(None, "Hugging Face Llama folder (or one of our checkpoints) to fine-tune from")
+    long_conversations: Literal["truncate", "skip"] = _field(
+        "truncate", "conversation data: a conversation longer than block_size + 1 tokens is cut to its start, or "
+                    "never drawn (the count is printed at start)")
     lora_rank: int = _field(0, "LoRA: rank of the adapters trained on the frozen --init_from model (0 = full "
                                "fine-tuning; needs requirements-lora.txt)", ge=0)
     lora_alpha: float = _field(16.0, "LoRA: the adapters' output is scaled by lora_alpha / lora_rank", gt=0)

@@ -189,19 +189,27 @@ class ConversationSampler:
     """Rows of whole conversations packed into block_size + 1 tokens, as (inputs, targets), where
     only the assistant's tokens are targets (-100 elsewhere, and on the EOS padding after the last
     conversation that fits). A row takes conversations drawn at random until the next one would
-    cross its end; one longer than the row alone is cut to its first block_size + 1 tokens.
+    cross its end; one longer than the row alone is cut to its first block_size + 1 tokens, or
+    with skip_long never drawn.
     Like BatchSampler, a batch depends only on (seed, step, index), so resuming is exact."""
 
-    def __init__(self, data: Conversations, block_size: int, batch_size: int, seed: int, pad_id: int):
+    def __init__(self, data: Conversations, block_size: int, batch_size: int, seed: int, pad_id: int,
+                 skip_long: bool = False):
         self.data, self.block_size, self.batch_size, self.seed, self.pad_id = data, block_size, batch_size, seed, pad_id
         self.lengths = data.lengths()
+        self.too_long = int((self.lengths > block_size + 1).sum())
+        # The conversations rows draw from: all, or (skip_long) those that fit a row whole.
+        self.drawn = np.flatnonzero(self.lengths <= block_size + 1) if skip_long else np.arange(len(self.lengths))
+        if not len(self.drawn):
+            raise DataError(f"every conversation of {data.tokens.path} is longer than block_size + 1 = {block_size + 1} "
+                            f"tokens: raise train.block_size or set train.long_conversations truncate")
 
     def _row(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         size = self.block_size + 1
         tokens, mask = np.full(size, self.pad_id, dtype=np.int64), np.zeros(size, dtype=bool)
         filled = 0
         while True:
-            i = int(rng.integers(len(self.lengths)))
+            i = int(self.drawn[rng.integers(len(self.drawn))])
             n = min(int(self.lengths[i]), size)
             if filled and filled + n > size:
                 return tokens, mask

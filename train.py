@@ -473,7 +473,7 @@ def trained_context(cfg: Config, model: Llama, resume_from: Path | None, pretrai
 
 
 def batch_samplers(dataset_dir: Path, train_tokens: data.TokenFile, val_tokens: data.TokenFile,
-                   tc: TrainConfig) -> tuple[data.BatchSampler, data.BatchSampler] | tuple[
+                   tc: TrainConfig, runtime: Runtime) -> tuple[data.BatchSampler, data.BatchSampler] | tuple[
                        data.ConversationSampler, data.ConversationSampler]:
     """Random windows of the token stream; for a conversation dataset, whole conversations packed
     into rows, the loss on the assistant's tokens only."""
@@ -481,8 +481,15 @@ def batch_samplers(dataset_dir: Path, train_tokens: data.TokenFile, val_tokens: 
         return (data.BatchSampler(train_tokens, tc.block_size, tc.micro_batch_size, tc.seed),
                 data.BatchSampler(val_tokens, tc.block_size, tc.micro_batch_size, tc.seed))
     pad = Tokenizer.load(dataset_dir).eos_id
-    return tuple(data.ConversationSampler(data.open_conversations(dataset_dir, split), tc.block_size,
-                                          tc.micro_batch_size, tc.seed, pad) for split in ("train", "val"))
+    samplers = tuple(data.ConversationSampler(data.open_conversations(dataset_dir, split), tc.block_size,
+                                              tc.micro_batch_size, tc.seed, pad, tc.long_conversations == "skip")
+                     for split in ("train", "val"))
+    for split, sampler in zip(("train", "val"), samplers):
+        if sampler.too_long:
+            action = "never drawn" if tc.long_conversations == "skip" else "cut to their start"
+            runtime.log(f"{split}: {sampler.too_long} of {len(sampler.lengths)} conversations are longer than block_size + 1 = "
+                  f"{tc.block_size + 1} tokens: {action} (train.long_conversations)")
+    return samplers
 
 
 def accumulation_steps(tc: TrainConfig, world: int) -> int:
@@ -517,7 +524,7 @@ def start_run(cfg: Config) -> Run:
     optimizers = configure_optimizers(model, tc, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
     run = Run(cfg, runtime, out_dir, dataset_dir, model, model, optimizers, scaler,
-              *batch_samplers(dataset_dir, train_tokens, val_tokens, tc), accum,
+              *batch_samplers(dataset_dir, train_tokens, val_tokens, tc, runtime), accum,
               trained_context(cfg, model, resume_from, pretrained), carried_files(dataset_dir, resume_from, pretrained),
               adapters=adapters, replaced=replaced, tasks=tasks)
     if resume_from is not None:

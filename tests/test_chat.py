@@ -172,6 +172,10 @@ def test_packed_rows_hold_whole_conversations_and_train_on_the_assistant_only(tm
             assert targets == (expected[1:] + [-100] * len(row))[:len(row)]
             packed += count > 1
     assert packed  # some row held more than one conversation
+    skipping = data.ConversationSampler(split, 100, 8, seed=7, pad_id=1, skip_long=True)
+    assert skipping.too_long == 3 and (split.lengths()[skipping.drawn] <= 101).all()
+    x, _ = skipping.get(0, 0)
+    assert all(any(row[:e - b] == stream[b:e] for b, e in spans if e - b <= 101) for row in x.tolist())
 
     # train.py trains on it: --init_from a model of this tokenizer, the loss on the assistant's tokens.
     torch.manual_seed(0)
@@ -185,6 +189,7 @@ def test_packed_rows_hold_whole_conversations_and_train_on_the_assistant_only(tm
                              "--train.warmup_steps", "1", "--train.eval_interval", "4", "--train.eval_iters", "1"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert "conversations are longer than block_size + 1 = 65 tokens: cut to their start" in result.stdout
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in records if r["kind"] == "train")
 
