@@ -1,15 +1,18 @@
-"""Serve a checkpoint: a web demo in the browser and an OpenAI-compatible completions API.
+"""Serve a checkpoint: a web demo in the browser and an OpenAI-compatible completions and chat API.
 
     pip install -r requirements-app.txt
     python app.py --checkpoint out/shakespeare_char_cpu        # demo at http://127.0.0.1:7860/
     python app.py --checkpoint out/run --port 8000 --max_tokens 256 --compile
     python app.py --help                                       # every option ([sample] and [serve])
 
-The API answers `GET /v1/models` and `POST /v1/completions` (prompt string or list, max_tokens,
-temperature, top_p, n, stop, seed, stream as server-sent events), so the `openai` client works:
+The API answers `GET /v1/models`, `POST /v1/completions` (prompt string or list, max_tokens,
+temperature, top_p, n, stop, seed, stream as server-sent events) and, for a checkpoint whose
+tokenizer has a chat template, `POST /v1/chat/completions` (messages instead of a prompt), so the
+`openai` client works:
 
     client = openai.OpenAI(base_url="http://127.0.0.1:7860/v1", api_key="unused")
     client.completions.create(model="shakespeare_char_cpu", prompt="ROMEO:", max_tokens=64)
+    client.chat.completions.create(model="smol-chat", messages=[{"role": "user", "content": "Hi!"}])
 
 top_k, min_p and repetition_penalty go through the client's `extra_body`. One thread owns the
 model and decodes one request at a time (the KV cache lives on the model), so concurrent requests
@@ -34,6 +37,7 @@ from typing import Any, Literal
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline server
 
+from chat import ChatError, ChatFormat
 from config import SampleConfig, ServeConfig, UserError, bounds_of, expand_short_flags, parse_cli, script
 from generate import (compile_decode_step, detokenize, generate, generate_text, load_for_sampling, start_prompt,
                       visible_text, with_generation_defaults)
@@ -91,6 +95,16 @@ class Job:
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
+def chat_format(folder: Path | None) -> ChatFormat | None:
+    """The checkpoint's tokenizer with its chat template, or None when it has no template."""
+    if folder is None or not (folder / "tokenizer.json").is_file():
+        return None
+    try:
+        return ChatFormat.load(folder)
+    except ChatError:
+        return None
+
+
 def poster(loop: asyncio.AbstractEventLoop, updates: asyncio.Queue) -> Callable[[Update | BaseException | None], None]:
     """How the decoding thread hands a request its updates: onto the request's event loop. A loop
     that has closed (the request is over: it raised, or its client left) takes nothing, and must
@@ -110,6 +124,9 @@ class Engine:
         loaded = load_for_sampling(sample)
         self.loaded, self.model, self.tokenizer, self.eos = loaded, loaded.model, loaded.tokenizer, loaded.eos
         self.name = serve.model_name or Path(sample.checkpoint).name
+        self.chat = chat_format(loaded.folder)
+        if self.chat is not None and sample.eos_ids() is None:  # replies end at the template's end of turn
+            self.eos = sorted({*self.eos, *self.chat.turn_end_ids()})
         self.context = loaded.context  # what the model was trained on: decoding slides past it
         # A prompt must also leave room in the context for at least one new token.
         self.max_prompt_tokens = min(serve.max_prompt_tokens or self.context, self.context)
@@ -121,6 +138,20 @@ class Engine:
         self.render = functools.partial(detokenize, self.tokenizer)
         self.jobs: queue.Queue[Job] = queue.Queue()
         threading.Thread(target=self._work, name="decoder", daemon=True).start()
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """A conversation's ids, up to the assistant's turn to speak; bad ones raise RequestError."""
+        if self.chat is None:
+            raise RequestError(f"{self.name} has no chat template: use /v1/completions, or serve a checkpoint whose "
+                               f"tokenizer has one", "messages")
+        try:
+            ids = self.chat.encode(messages, add_generation_prompt=True)
+        except ChatError as e:
+            raise RequestError(str(e), "messages") from None
+        if len(ids) > self.max_prompt_tokens:
+            raise RequestError(f"the conversation has {len(ids)} tokens, more than the {self.max_prompt_tokens} this "
+                               f"server accepts: shorten it", "messages")
+        return ids
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """A prompt's ids, starting as training documents did; bad prompts raise RequestError."""
@@ -192,14 +223,14 @@ API_KNOBS = {"max_tokens": "max_new_tokens", "temperature": "temperature", "top_
              "seed": "seed", "top_k": "top_k", "min_p": "min_p", "repetition_penalty": "repetition_penalty"}
 
 
-class CompletionRequest(pydantic.BaseModel):
-    """POST /v1/completions. Strict: a field of the wrong type or an unknown field is an error,
-    not something to guess at. OpenAI fields we do not implement are accepted only at their
-    neutral value; top_k, min_p and repetition_penalty extend the API as vLLM does."""
+class SamplingRequest(pydantic.BaseModel):
+    """The fields /v1/completions and /v1/chat/completions share. Strict: a field of the wrong type
+    or an unknown field is an error, not something to guess at. OpenAI fields we do not implement
+    are accepted only at their neutral value; top_k, min_p and repetition_penalty extend the API
+    as vLLM does."""
     model_config = pydantic.ConfigDict(extra="forbid", strict=True)
 
     model: str
-    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int = knob(16, "max_new_tokens")
     temperature: float = knob(1.0, "temperature")
     top_p: float = knob(1.0, "top_p")
@@ -212,26 +243,47 @@ class CompletionRequest(pydantic.BaseModel):
     top_k: int = knob(0, "top_k")
     min_p: float = knob(0.0, "min_p")
     repetition_penalty: float = knob(1.0, "repetition_penalty")
-    echo: Literal[False] = False
-    logprobs: None = None
-    best_of: Literal[1] | None = None
-    suffix: None = None
     frequency_penalty: Literal[0] = 0
     presence_penalty: Literal[0] = 0
-
-    def prompts(self) -> list[str | list[int]]:
-        """The prompt as a list of prompts: a string or a token-id list is one prompt."""
-        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
-            return [self.prompt]
-        if not self.prompt:
-            raise RequestError("prompt is an empty list: send a string, token ids, or a list of either", "prompt")
-        return list(self.prompt)
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         if len(stops) > 4 or not all(stops):
             raise RequestError("stop takes up to 4 non-empty strings", "stop")
         return stops
+
+
+class CompletionRequest(SamplingRequest):
+    """POST /v1/completions."""
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: Literal[False] = False
+    logprobs: None = None
+    best_of: Literal[1] | None = None
+    suffix: None = None
+
+    def prompt_ids(self, engine: Engine) -> list[list[int]]:
+        """Each prompt's ids: a string or a token-id list is one prompt."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [engine.encode(self.prompt)]
+        if not self.prompt:
+            raise RequestError("prompt is an empty list: send a string, token ids, or a list of either", "prompt")
+        return [engine.encode(p) for p in self.prompt]
+
+
+class Message(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid", strict=True)
+    role: Literal["system", "user", "assistant"]
+    content: str
+    name: str | None = None
+
+
+class ChatRequest(SamplingRequest):
+    """POST /v1/chat/completions: the conversation so far; the reply is the assistant's next turn."""
+    messages: list[Message] = pydantic.Field(min_length=1)
+    logprobs: Literal[False] | None = None
+
+    def prompt_ids(self, engine: Engine) -> list[list[int]]:
+        return [engine.encode_chat([{"role": m.role, "content": m.content} for m in self.messages])]
 
 
 UNSUPPORTED = {"echo": "false", "logprobs": "null", "best_of": "1", "suffix": "null", "frequency_penalty": "0",
@@ -245,8 +297,8 @@ def describe_validation_error(error: pydantic.ValidationError) -> RequestError:
     field = loc[0] if loc else None
     where = ".".join(loc) or "the request body"
     if first["type"] == "extra_forbidden":
-        return RequestError(f"unknown field {where!r}: this server implements the OpenAI completions fields plus "
-                            f"top_k, min_p and repetition_penalty", field)
+        return RequestError(f"unknown field {where!r}: this server implements the OpenAI completions and chat "
+                            f"fields plus top_k, min_p and repetition_penalty", field)
     if first["type"] == "missing":
         return RequestError(f"{where} is required", field)
     if field in UNSUPPORTED:
@@ -255,10 +307,10 @@ def describe_validation_error(error: pydantic.ValidationError) -> RequestError:
                         field)
 
 
-def parse_request(body: bytes, engine: Engine,
-                  serve: ServeConfig) -> tuple[CompletionRequest, list[list[int]], SampleConfig, list[str]]:
-    """Validate a completions request: (request, prompt ids, sampling config, stop strings).
-    Raises RequestError."""
+def parse_request(body: bytes, engine: Engine, serve: ServeConfig, kind: type[SamplingRequest] = CompletionRequest
+                  ) -> tuple[SamplingRequest, list[list[int]], SampleConfig, list[str]]:
+    """Validate a completions (or, with kind=ChatRequest, chat) request: (request, prompt ids,
+    sampling config, stop strings). Raises RequestError."""
     try:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -266,7 +318,7 @@ def parse_request(body: bytes, engine: Engine,
     if not isinstance(data, dict):
         raise RequestError("the request body must be a JSON object")
     try:
-        request = CompletionRequest.model_validate(data)
+        request = kind.model_validate(data)
     except pydantic.ValidationError as e:
         raise describe_validation_error(e) from None
     if request.model != engine.name:
@@ -275,11 +327,10 @@ def parse_request(body: bytes, engine: Engine,
     if request.max_tokens > serve.max_tokens:
         raise RequestError(f"max_tokens={request.max_tokens} is more than this server's limit of {serve.max_tokens}",
                            "max_tokens")
-    prompts = request.prompts()
-    if len(prompts) * request.n > serve.max_batch:
-        raise RequestError(f"{len(prompts)} prompt(s) x n={request.n} is more than this server's limit of "
+    ids = request.prompt_ids(engine)
+    if len(ids) * request.n > serve.max_batch:
+        raise RequestError(f"{len(ids)} prompt(s) x n={request.n} is more than this server's limit of "
                            f"{serve.max_batch} completions per request", "n")
-    ids = [engine.encode(p) for p in prompts]
     stops = request.stop_strings()
     if stops and engine.tokenizer is None:
         raise RequestError(f"{engine.name} has no tokenizer, so it cannot watch for stop strings", "stop")
@@ -298,8 +349,8 @@ OPENAI_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
 def completion_body(request_id: str, created: int, model: str, choices: list[dict[str, Any]],
-                    usage: dict[str, int] | None = None) -> dict[str, Any]:
-    body = {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": choices}
+                    usage: dict[str, int] | None = None, kind: str = "text_completion") -> dict[str, Any]:
+    body = {"id": request_id, "object": kind, "created": created, "model": model, "choices": choices}
     if usage is not None:
         body["usage"] = usage
     return body
@@ -339,15 +390,40 @@ def build_api(engine: Engine, serve: ServeConfig) -> fastapi.FastAPI:
                    for i, r in enumerate(rows)]
         return completion_body(request_id, created, engine.name, choices, usage_of(prompts, rows))
 
+    @api.post("/v1/chat/completions")
+    async def chat_completions(raw: fastapi.Request) -> Any:
+        request, prompts, cfg, stops = parse_request(await raw.body(), engine, serve, ChatRequest)
+        request_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+        updates = engine.stream(prompts, cfg, stops, live=request.stream)
+        if request.stream:
+            include_usage = request.stream_options is not None and request.stream_options.include_usage
+            return StreamingResponse(sse_events(updates, request_id, created, engine.name, prompts, include_usage,
+                                                chat=True), media_type="text/event-stream")
+        rows: list[RowText] = []
+        async for update in updates:
+            rows = update.rows
+        choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
+                    "finish_reason": OPENAI_FINISH[r.finish_reason]} for i, r in enumerate(rows)]
+        return completion_body(request_id, created, engine.name, choices, usage_of(prompts, rows), "chat.completion")
+
     return api
 
 
 async def sse_events(updates: AsyncIterator[Update], request_id: str, created: int, model: str,
-                     prompts: list[list[int]], include_usage: bool) -> AsyncIterator[str]:
+                     prompts: list[list[int]], include_usage: bool, chat: bool = False) -> AsyncIterator[str]:
     """Server-sent events: each chunk carries the new text of the choices that moved, a choice's
-    last chunk its finish_reason; then usage if asked for, then [DONE]."""
+    last chunk its finish_reason; then usage if asked for, then [DONE]. Chat chunks carry the text
+    as a `delta`, the first one with the assistant's role."""
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
     def event(body: dict[str, Any]) -> str:
         return f"data: {json.dumps(body)}\n\n"
+
+    def choice(i: int, text: str, finish_reason: str | None, first: bool) -> dict[str, Any]:
+        if not chat:
+            return {"text": text, "index": i, "logprobs": None, "finish_reason": finish_reason}
+        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
     sent: dict[int, int] = {}  # characters sent so far, per choice
     closed: set[int] = set()  # choices whose finish_reason has been sent
@@ -358,15 +434,15 @@ async def sse_events(updates: AsyncIterator[Update], request_id: str, created: i
             for i, row in enumerate(rows):
                 if i in closed or (len(row.text) == sent.get(i, 0) and not row.finish_reason):
                     continue
-                choices.append({"text": row.text[sent.get(i, 0):], "index": i, "logprobs": None,
-                                "finish_reason": OPENAI_FINISH.get(row.finish_reason)})
+                choices.append(choice(i, row.text[sent.get(i, 0):], OPENAI_FINISH.get(row.finish_reason),
+                                      i not in sent))
                 sent[i] = len(row.text)
                 if row.finish_reason:
                     closed.add(i)
             if choices:
-                yield event(completion_body(request_id, created, model, choices))
+                yield event(completion_body(request_id, created, model, choices, kind=kind))
         if include_usage:
-            yield event(completion_body(request_id, created, model, [], usage_of(prompts, rows)))
+            yield event(completion_body(request_id, created, model, [], usage_of(prompts, rows), kind))
     except Exception as e:  # headers are gone already: the error travels as an event
         yield event({"error": {"message": f"generation failed: {e}", "type": "server_error", "param": None,
                                "code": None}})

@@ -166,3 +166,10 @@ class ChatFormat:
         encoding = self.tokenizer.backend.encode(text, add_special_tokens=False)
         mask = [int(any(start < stop and begin < end for begin, stop in spans)) for start, end in encoding.offsets]
         return encoding.ids, mask
+
+    def turn_end_ids(self) -> list[int]:
+        """The special tokens the template closes an assistant turn with (<|eot_id|>, <|im_end|>, ...):
+        decoding a reply stops at them."""
+        ids, mask = self.encode_with_mask([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+        specials = {i for i, token in self.tokenizer.backend.get_added_tokens_decoder().items() if token.special}
+        return sorted({i for i, m in zip(ids, mask) if m and i in specials})

@@ -204,3 +204,66 @@ def test_conversation_corpus_errors_are_one_line(tmp_path):
     with pytest.raises(UserError, match=r"chat.jsonl:4: message 0 has role 'narrator'"):
         prepare(DataConfig(dataset="chat", data_dir=str(tmp_path / "data"), input=str(corpus), tokenizer=str(folder),
                            workers=1))
+
+
+@pytest.fixture(scope="module")
+def chat_server(tmp_path_factory):
+    """app.py on a random Llama whose tokenizer has a ChatML template."""
+    from test_app import start_server
+    folder = chat_folder(tmp_path_factory.mktemp("chat") / "smol-chat", CHATML)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    process, url = start_server(folder, "--eos", "auto", "--max_prompt_tokens", "0")
+    yield folder, url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def reply(folder: Path, messages: list, max_new_tokens: int) -> tuple[str, int]:
+    """What generate.py's decoding makes of the conversation (greedy), stopping at the end of
+    turn: (reply, prompt tokens)."""
+    from config import SampleConfig
+    from generate import detokenize, generate, generate_text, load_for_sampling
+    cfg = SampleConfig(checkpoint=str(folder), temperature=0.0, max_new_tokens=max_new_tokens)
+    loaded = load_for_sampling(cfg)
+    chat = ChatFormat.load(folder)
+    ids = chat.encode(messages, add_generation_prompt=True)
+    steps = generate(loaded.model, [ids], cfg, [*loaded.eos, *chat.turn_end_ids()], context=loaded.context)
+    for _, texts in generate_text(steps, lambda out: detokenize(loaded.tokenizer, out)):
+        pass
+    return texts[0], len(ids)
+
+
+def test_chat_completions_answer_the_openai_client_turn_after_turn(chat_server):
+    openai = pytest.importorskip("openai")
+    folder, url = chat_server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    messages = CONVERSATIONS[0][:2]
+    for turn in range(2):
+        done = client.chat.completions.create(model=folder.name, messages=messages, max_tokens=10, temperature=0)
+        expected, prompt_tokens = reply(folder, messages, 10)
+        message = done.choices[0].message
+        assert (done.object, message.role, message.content) == ("chat.completion", "assistant", expected)
+        assert done.usage.prompt_tokens == prompt_tokens and done.choices[0].finish_reason in ("stop", "length")
+        messages = messages + [{"role": "assistant", "content": message.content}, {"role": "user", "content": "And?"}]
+    chunks = list(client.chat.completions.create(model=folder.name, messages=messages, max_tokens=10, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == reply(folder, messages, 10)[0]
+    with pytest.raises(openai.BadRequestError, match="messages.0.role"):
+        client.chat.completions.create(model=folder.name, messages=[{"role": "robot", "content": "hi"}])
+
+
+def test_chat_completions_need_a_chat_template(tmp_path):
+    from test_app import TEXT, save_checkpoint
+    import app
+    from config import SampleConfig, ServeConfig
+    from tokenizer import Tokenizer
+    folder = save_checkpoint(tmp_path / "char", Tokenizer.train_char(TEXT))
+    engine = app.Engine(SampleConfig(checkpoint=str(folder)), ServeConfig())
+    body = json.dumps({"model": engine.name, "messages": [{"role": "user", "content": "First"}]}).encode()
+    with pytest.raises(app.RequestError, match="has no chat template: use /v1/completions") as error:
+        app.parse_request(body, engine, ServeConfig(), app.ChatRequest)
+    assert error.value.param == "messages"
