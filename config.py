@@ -176,6 +176,8 @@ class DataConfig:
     tokenizer: str = _field("char", "char or bpe (trained on the corpus; named datasets fix which), or a Hugging Face "
                                     "tokenizer folder (tokenizer.json [+ tokenizer_config.json]) to use as it is")
     vocab_size: int = _field(4096, "BPE vocabulary size (ignored for char)", gt=0)
+    chat: bool = _field(False, "BPE: also learn chat turn markers and carry a Llama 3-style chat template, for "
+                               "conversation data (from-scratch chat models)")
     bpe_train_bytes: int = _field(100_000_000, "BPE merges are learned from at most this many bytes of the corpus", gt=0)
     val_fraction: float = _field(0.1, "share of the corpus held out for validation", gt=0, lt=1)
     workers: int = _field(2, "tokenizer processes", gt=0)

@@ -328,9 +328,13 @@ def make_tokenizer(cfg: DataConfig, kind: str, files: list[Path], several: bool,
         for doc in documents(files):
             chars.update(doc)
         tokenizer = Tokenizer.train_char("".join(chars))
+    elif is_chat(files):  # merges learned from what the train split's messages say
+        contents = (m["content"] for i, c in enumerate(conversations(files)) if not in_val(i, cfg.val_fraction)
+                    for m in c)
+        tokenizer = Tokenizer.train_bpe(contents, cfg.vocab_size, cfg.bpe_train_bytes, chat=True)
     else:
         train_stream = split_texts(files, "train", cfg.val_fraction, several)
-        tokenizer = Tokenizer.train_bpe(train_stream, cfg.vocab_size, cfg.bpe_train_bytes)
+        tokenizer = Tokenizer.train_bpe(train_stream, cfg.vocab_size, cfg.bpe_train_bytes, chat=cfg.chat)
     tokenizer.save(out)
     return tokenizer
 
@@ -369,9 +373,9 @@ def prepare(cfg: DataConfig) -> dict:
         raise ConfigError(f"data.dataset={cfg.dataset!r} is not a named dataset ({', '.join(DATASETS)}): "
                           f"pass --data.input with your own files")
     chat = is_chat(files)
-    if chat and pretrained_tokenizer(cfg.tokenizer) is None:
+    if chat and pretrained_tokenizer(cfg.tokenizer) is None and not (kind == "bpe" and cfg.chat):
         raise ConfigError(f"{files[0]} holds conversations, which need a tokenizer with a chat template: pass "
-                          f"--data.tokenizer FOLDER (a Hugging Face tokenizer folder that has one)")
+                          f"--data.tokenizer bpe --data.chat true (ours), or --data.tokenizer FOLDER (one that has one)")
     several = chat or is_multi_document(files)
     tmp = out.with_name(out.name + ".tmp")  # the dataset appears whole, or not at all
     shutil.rmtree(tmp, ignore_errors=True)

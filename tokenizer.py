@@ -28,6 +28,12 @@ from config import UserError, load_json
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 # The files that make up a tokenizer folder; data folders and checkpoints carry byte-identical copies.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# With --data.chat our BPE also learns Llama 3's turn markers and carries a chat template in their
+# format: each message is a header naming its role, a blank line, the content, then end of turn.
+CHAT_SPECIALS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>"
+                 "\n\n{{ message['content'] }}<|eot_id|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 # Names other tokenizers give their boundary tokens, for folders whose tokenizer_config.json names none.
 BOS_NAMES, EOS_NAMES = (BOS, "<s>", "<|bos|>", "<bos>"), (EOS, "</s>", "<|endoftext|>", "<|eos|>", "<eos>")
 # Llama 3's pre-tokenizer split (the same rule as GPT-4's cl100k), which llama.cpp implements:
@@ -45,8 +51,8 @@ class Tokenizer:
     puts before a text, and a content hash."""
 
     def __init__(self, backend: HFTokenizer, kind: Literal["bpe", "char", "pretrained"],
-                 bos_token: str | None = None, eos_token: str | None = None):
-        self.backend, self.kind = backend, kind
+                 bos_token: str | None = None, eos_token: str | None = None, chat_template: str | None = None):
+        self.backend, self.kind, self.chat_template = backend, kind, chat_template
         self.eos_id = self._first_id([eos_token] if eos_token else EOS_NAMES)
         bos = self._first_id([bos_token] if bos_token else BOS_NAMES)
         self.bos_id = self.eos_id if bos is None else bos  # char level: one boundary token for both ends
@@ -76,9 +82,11 @@ class Tokenizer:
     # --- training ------------------------------------------------------------------------------
 
     @classmethod
-    def train_bpe(cls, texts: Iterable[str], vocab_size: int, max_bytes: int = 100_000_000) -> "Tokenizer":
-        """Learn byte-level BPE merges from at most `max_bytes` of `texts` (memory stays bounded)."""
-        specials = [BOS, EOS, PAD]
+    def train_bpe(cls, texts: Iterable[str], vocab_size: int, max_bytes: int = 100_000_000,
+                  chat: bool = False) -> "Tokenizer":
+        """Learn byte-level BPE merges from at most `max_bytes` of `texts` (memory stays bounded);
+        with `chat`, also the turn markers of CHAT_TEMPLATE, which it then carries."""
+        specials = [BOS, EOS, PAD, *(CHAT_SPECIALS if chat else ())]
         if vocab_size < 256 + len(specials):
             raise TokenizerError(f"BPE vocab_size={vocab_size} is below the 256-byte alphabet plus "
                                  f"{len(specials)} special tokens: use at least {256 + len(specials)}")
@@ -94,7 +102,7 @@ class Tokenizer:
         # Like Llama's tokenizers, every document starts with BOS (the trainer gave it id 0).
         backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
                                                                special_tokens=[(BOS, 0)])
-        return cls(backend, "bpe")
+        return cls(backend, "bpe", chat_template=CHAT_TEMPLATE if chat else None)
 
     @classmethod
     def train_char(cls, text: str) -> "Tokenizer":
@@ -168,6 +176,8 @@ class Tokenizer:
                   "nanollama_kind": self.kind}
         if self.backend.token_to_id(PAD) is not None:
             config["pad_token"] = PAD
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
         (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
     @classmethod

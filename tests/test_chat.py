@@ -267,3 +267,22 @@ def test_chat_completions_need_a_chat_template(tmp_path):
     with pytest.raises(app.RequestError, match="has no chat template: use /v1/completions") as error:
         app.parse_request(body, engine, ServeConfig(), app.ChatRequest)
     assert error.value.param == "messages"
+
+
+def test_our_bpe_learns_a_chat_format_for_chat_models_made_here(tmp_path):
+    corpus = write_conversations(tmp_path / "chat.jsonl", CONVERSATIONS * 4)
+    with pytest.raises(UserError, match="--data.tokenizer bpe --data.chat true"):
+        prepare(DataConfig(dataset="chat", data_dir=str(tmp_path / "data"), input=str(corpus), tokenizer="bpe"))
+    prepare(DataConfig(dataset="chat", data_dir=str(tmp_path / "data"), input=str(corpus), tokenizer="bpe", chat=True,
+                       vocab_size=300, workers=1, val_fraction=0.25))
+    folder = tmp_path / "data" / "chat"
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    train = [c for i, c in enumerate(CONVERSATIONS * 4) if int((i + 1) * 0.25) == int(i * 0.25)]
+    expected = [list(auto.apply_chat_template(c, tokenize=True, return_dict=True)["input_ids"]) for c in train]
+    split = data.open_conversations(folder, "train")
+    assert split.tokens.tokens.tolist() == [t for e in expected for t in e]
+    assert all(e.count(auto.bos_token_id) == 1 for e in expected)  # the template's BOS, not doubled
+    chat = ChatFormat.load(folder)
+    assert chat.turn_end_ids() == [auto.convert_tokens_to_ids("<|eot_id|>")]
+    masked = chat.tokenizer.decode([t for t, m in zip(split.tokens.tokens.tolist(), split.mask.tolist()) if m])
+    assert masked == "".join(m["content"] + "<|eot_id|>" for c in train for m in c if m["role"] == "assistant")
