@@ -292,6 +292,9 @@ class SampleConfig:
     draft: str | None = _field(None, "a smaller checkpoint with the same tokenizer that drafts tokens for the model "
                                      "to verify (speculative decoding: the output still follows the model)")
     draft_tokens: int = _field(4, "tokens the draft proposes per round (speculative decoding)", ge=1, le=64)
+    chat: bool = _field(False, "chat interactively (needs a tokenizer with a chat template): /reset starts over, "
+                               "/exit (or Ctrl-D) leaves; the conversation stays in the KV cache between turns")
+    system: str | None = _field(None, "--chat: the system prompt")
     quantize: Literal["none", "int8"] = _field(
         "none", "int8 = weight-only int8 with one scale per output channel (a quarter of fp32's weight bytes); "
                 "pays off compiled (--compile), where the conversion fuses into the matmuls")

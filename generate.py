@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
+from chat import ChatFormat
 from config import ConfigError, EvalConfig, SampleConfig, expand_short_flags, load_json, parse_cli, script
 from model import Llama
 from tokenizer import Tokenizer
@@ -659,6 +660,103 @@ def load_draft(cfg: SampleConfig, loaded: Loaded) -> Llama:
     return draft
 
 
+# ---------------------------------------------------------------------------------------------
+# Chat
+
+
+class ChatSession:
+    """A conversation kept in the KV cache between turns. Each turn renders the whole conversation
+    with the chat template and feeds the model only what the cache does not already hold (the new
+    message and the reply's header), so the time to the first token does not grow with the history.
+    When the conversation would not leave room for a reply, its oldest turns go (the system prompt
+    stays) and the cache is read again from where the text first differs."""
+
+    def __init__(self, loaded: Loaded, chat: ChatFormat, cfg: SampleConfig, system: str | None = None):
+        self.model, self.chat, self.cfg, self.system = loaded.model, chat, cfg, system
+        self.context = loaded.context
+        self.eos = {*loaded.eos, *chat.turn_end_ids()}
+        self.room = min(cfg.max_new_tokens, self.context // 2)  # kept free for the reply
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system else []
+        self.cached: list[int] = []  # the ids whose keys and values the cache holds, from slot 0
+        self.model.setup_cache(1, max_seq_len=self.context)
+
+    def _fit(self) -> tuple[list[int], int]:
+        """The conversation's ids up to the reply, and how many turns had to go to leave room."""
+        dropped = 0
+        while True:
+            ids = self.chat.encode(self.messages, add_generation_prompt=True)
+            first = 1 if self.system else 0
+            if len(ids) + self.room <= self.context or len(self.messages) - first <= 1:
+                return ids, dropped
+            del self.messages[first:first + 2]  # the oldest exchange: a user message and its reply
+            dropped += 1
+
+    def reply(self, text: str) -> Iterator[str]:
+        """The assistant's answer to `text`, in pieces as they decode. Ends at the end of turn, after
+        max_new_tokens, or when the context is full."""
+        self.messages.append({"role": "user", "content": text})
+        ids, dropped = self._fit()
+        if dropped:
+            yield f"[the context is full: dropped the oldest {dropped} exchange(s)]\n"
+        if len(ids) >= self.context:
+            self.messages.pop()
+            yield f"[this message alone fills the {self.context}-token context: shorten it]"
+            return
+        same = next((i for i, (a, b) in enumerate(zip(self.cached, ids)) if a != b), min(len(self.cached), len(ids)))
+        same = min(same, len(ids) - 1)  # at least one token is fed, for the logits
+        device = self.model.embed_tokens.weight.device
+        seen = torch.zeros(1, self.model.cfg.vocab_size, dtype=torch.bool, device=device)
+        generator = torch.Generator(device).manual_seed(row_seed(self.cfg.seed, ids, 0))
+        out: list[int] = []
+        shown = ""
+        with torch.inference_mode():
+            logits = self.model(torch.tensor([ids[same:]], device=device), start_pos=same, last_only=True)[0][:, -1]
+            self.cached = list(ids)
+            for _ in range(self.cfg.max_new_tokens):
+                token = int(sample_next(logits, seen, self.cfg, [generator])[0])
+                if token in self.eos or len(self.cached) >= self.context:
+                    break
+                seen[0, token] = True
+                out.append(token)
+                decoded = self.chat.tokenizer.decode(out)
+                if not decoded.endswith("\ufffd"):  # not in the middle of a character's bytes
+                    yield decoded[len(shown):]
+                    shown = decoded
+                logits = self.model(torch.tensor([[token]], device=device), start_pos=len(self.cached),
+                                    last_only=True)[0][:, -1]
+                self.cached.append(token)
+        if (decoded := self.chat.tokenizer.decode(out)) != shown:
+            yield decoded[len(shown):]
+        self.messages.append({"role": "assistant", "content": decoded})
+
+
+def chat_repl(cfg: SampleConfig, read: Callable[[], str] = input) -> None:
+    """generate.py --chat: read a message, stream the reply, until /exit or the end of input."""
+    loaded = load_for_sampling(cfg)
+    if loaded.folder is None or loaded.tokenizer is None:
+        raise ConfigError(f"{cfg.checkpoint} has no tokenizer, so it cannot chat: use a checkpoint folder whose "
+                          f"tokenizer has a chat template")
+    session = ChatSession(loaded, ChatFormat.load(loaded.folder), cfg, cfg.system)
+    print("chat: /reset starts over, /exit leaves", file=sys.stderr)
+    while True:
+        try:
+            text = read()
+        except EOFError:
+            return
+        if text.strip() == "/exit":
+            return
+        if text.strip() == "/reset":
+            session.reset()
+            print("[a new conversation]", flush=True)
+            continue
+        for piece in session.reply(text):
+            print(piece, end="", flush=True)
+        print(flush=True)
+
+
 @script
 def main(argv: list[str]) -> None:
     cfg = parse_cli(expand_short_flags(argv, ("sample",)), prog="generate.py", sections=("sample",))
@@ -666,6 +764,9 @@ def main(argv: list[str]) -> None:
 
 
 def run(cfg: SampleConfig) -> None:
+    if cfg.chat:
+        chat_repl(cfg)
+        return
     loaded = load_for_sampling(cfg)
     model, tokenizer, context = loaded.model, loaded.tokenizer, loaded.context
     stops = cfg.stop_strings()

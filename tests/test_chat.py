@@ -286,3 +286,50 @@ def test_our_bpe_learns_a_chat_format_for_chat_models_made_here(tmp_path):
     assert chat.turn_end_ids() == [auto.convert_tokens_to_ids("<|eot_id|>")]
     masked = chat.tokenizer.decode([t for t, m in zip(split.tokens.tokens.tolist(), split.mask.tolist()) if m])
     assert masked == "".join(m["content"] + "<|eot_id|>" for c in train for m in c if m["role"] == "assistant")
+
+
+def test_chat_repl_keeps_the_conversation_in_the_cache(chat_server):
+    """generate.py --chat answers as a fresh decode of the whole conversation would, turn after
+    turn, while each turn feeds the model only the tokens the cache lacks."""
+    folder, _ = chat_server
+    system = "You answer in one line."
+    result = subprocess.run([sys.executable, "generate.py", "--checkpoint", str(folder), "--chat", "--system", system,
+                             "--temperature", "0", "--max_new_tokens", "8"], cwd=ROOT, capture_output=True, text=True,
+                            input="Who wrote Hamlet?\nAnd Faust?\n/reset\nHi there\n/exit\n")
+    assert result.returncode == 0, result.stderr
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Who wrote Hamlet?"}]
+    first = reply(folder, messages, 8)[0]
+    second = reply(folder, messages + [{"role": "assistant", "content": first},
+                                       {"role": "user", "content": "And Faust?"}], 8)[0]
+    third = reply(folder, [messages[0], {"role": "user", "content": "Hi there"}], 8)[0]
+    assert result.stdout == f"{first}\n{second}\n[a new conversation]\n{third}\n"
+
+    from config import SampleConfig
+    from generate import ChatSession, load_for_sampling
+    loaded = load_for_sampling(SampleConfig(checkpoint=str(folder), temperature=0.0, max_new_tokens=8))
+    session = ChatSession(loaded, ChatFormat.load(folder), SampleConfig(temperature=0.0, max_new_tokens=8), system)
+    fed = []
+    forward = loaded.model.forward
+    loaded.model.forward = lambda tokens, *a, **kw: fed.append(tokens.shape[1]) or forward(tokens, *a, **kw)
+    "".join(session.reply("Who wrote Hamlet?"))
+    first_prompt = len(session.chat.encode(session.messages[:2], add_generation_prompt=True))
+    fed.clear()
+    "".join(session.reply("And Faust?"))
+    whole = len(session.chat.encode(session.messages[:-1], add_generation_prompt=True))
+    # Re-read: at most the first reply (its text may tokenize differently once re-rendered), the new
+    # message and the reply's header; never the system prompt and first question again.
+    assert fed[0] <= whole - first_prompt and all(n == 1 for n in fed[1:])
+
+
+def test_a_full_context_drops_the_oldest_turns_and_keeps_the_system_prompt(chat_server):
+    import dataclasses
+
+    from config import SampleConfig
+    from generate import ChatSession, load_for_sampling
+    folder, _ = chat_server
+    loaded = dataclasses.replace(load_for_sampling(SampleConfig(checkpoint=str(folder))), context=96)
+    session = ChatSession(loaded, ChatFormat.load(folder), SampleConfig(temperature=0.0, max_new_tokens=8), "Be brief.")
+    notes = ["".join(session.reply(f"Question number {i}: what comes next?")) for i in range(6)]
+    assert any("the context is full: dropped the oldest" in n for n in notes)
+    assert session.messages[0] == {"role": "system", "content": "Be brief."} and len(session.cached) <= 96
+    assert "fills the 96-token context" in "".join(session.reply("word " * 120))
