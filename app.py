@@ -463,7 +463,8 @@ def slider_range(sample_key: str, step: float, top: float | None = None) -> tupl
 
 
 def build_demo(engine: Engine, serve: ServeConfig) -> Any:
-    """A Gradio page: prompt, sampling controls, streamed output and speed; None without Gradio."""
+    """A Gradio page: sampling controls, then a tab to continue a prompt (streamed output and speed)
+    and, when the tokenizer has a chat template, a chat tab; None without Gradio."""
     try:
         import gradio as gr
     except ImportError:
@@ -476,12 +477,7 @@ def build_demo(engine: Engine, serve: ServeConfig) -> Any:
                   max_new_tokens: float, seed: float) -> AsyncIterator[tuple[str, str]]:
         try:
             ids = engine.encode(prompt if engine.tokenizer is not None else [int(t) for t in prompt.split()])
-            # A slider's value is min + k * step in binary floating point (1.0 can arrive as
-            # 1.0000000000000002, which would switch the repetition penalty on): round to the steps.
-            cfg = dataclasses.replace(d, temperature=round(temperature, 4), top_k=int(top_k), top_p=round(top_p, 4),
-                                      repetition_penalty=round(repetition_penalty, 4),
-                                      max_new_tokens=int(max_new_tokens), num_samples=1, seed=int(seed))
-            cfg.validate()
+            cfg = sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed)
         except (UserError, ValueError) as e:
             raise gr.Error(str(e)) from None
         async for update in engine.stream([ids], cfg, [], live=True):
@@ -489,11 +485,40 @@ def build_demo(engine: Engine, serve: ServeConfig) -> Any:
             speed = f"{row.n_tokens} tokens in {update.elapsed_s:.2f} s · {row.n_tokens / update.elapsed_s:,.1f} tokens/s"
             yield prompt + row.text, speed + (f" · finished ({row.finish_reason})" if row.finish_reason else "")
 
+    def chat_messages(system: str, history: list[dict[str, Any]], message: str) -> list[dict[str, str]]:
+        """The conversation as the template reads it; the chatbot may hold a message's text as parts."""
+        def text(content: Any) -> str:
+            return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+        earlier = [{"role": m["role"], "content": text(m["content"])} for m in history]
+        return [{"role": "system", "content": system}] * bool(system) + earlier + [{"role": "user", "content": message}]
+
+    async def chat_turn(message: str, history: list[dict[str, Any]], system: str, temperature: float, top_k: float,
+                        top_p: float, repetition_penalty: float, max_new_tokens: float,
+                        seed: float) -> AsyncIterator[tuple[list[dict[str, str]], str]]:
+        try:
+            messages = chat_messages(system, history, message)
+            ids = engine.encode_chat(messages)
+            cfg = sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed)
+        except (UserError, ValueError) as e:
+            raise gr.Error(str(e)) from None
+        shown = [m for m in messages if m["role"] != "system"] + [{"role": "assistant", "content": ""}]
+        async for update in engine.stream([ids], cfg, [], live=True):
+            shown[-1]["content"] = update.rows[0].text
+            yield shown, ""
+
+    def sampling(temperature: float, top_k: float, top_p: float, repetition_penalty: float, max_new_tokens: float,
+                 seed: float) -> SampleConfig:
+        # A slider's value is min + k * step in binary floating point (1.0 can arrive as
+        # 1.0000000000000002, which would switch the repetition penalty on): round to the steps.
+        cfg = dataclasses.replace(d, temperature=round(temperature, 4), top_k=int(top_k), top_p=round(top_p, 4),
+                                  repetition_penalty=round(repetition_penalty, 4),
+                                  max_new_tokens=int(max_new_tokens), num_samples=1, seed=int(seed))
+        cfg.validate()
+        return cfg
+
     with gr.Blocks(title=f"nanollama · {engine.name}") as demo:
         gr.Markdown(f"## nanollama · {engine.name}\n{n_params:,} parameters · {kind} tokenizer · "
                     f"context {engine.context} tokens", elem_id="model-info")
-        prompt = gr.Textbox(label="Prompt" if engine.tokenizer is not None else "Prompt (token ids)",
-                            lines=3, elem_id="prompt")
         with gr.Row():
             temperature = gr.Slider(*slider_range("temperature", 0.05), value=d.temperature, step=0.05,
                                     label="Temperature (0 = greedy)", elem_id="temperature")
@@ -508,11 +533,25 @@ def build_demo(engine: Engine, serve: ServeConfig) -> Any:
                                        elem_id="max_new_tokens")
             low, high = slider_range("seed", 1)
             seed = gr.Number(value=d.seed, precision=0, minimum=low, maximum=high, label="Seed", elem_id="seed")
-        button = gr.Button("Generate", variant="primary", elem_id="generate")
-        output = gr.Textbox(label="Output", lines=12, interactive=False, elem_id="output")
-        speed = gr.Markdown(elem_id="speed")
-        button.click(run, [prompt, temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed],
-                     [output, speed])
+        knobs = [temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed]
+        with gr.Tabs():
+            with gr.Tab("Complete"):
+                prompt = gr.Textbox(label="Prompt" if engine.tokenizer is not None else "Prompt (token ids)",
+                                    lines=3, elem_id="prompt")
+                button = gr.Button("Generate", variant="primary", elem_id="generate")
+                output = gr.Textbox(label="Output", lines=12, interactive=False, elem_id="output")
+                speed = gr.Markdown(elem_id="speed")
+                button.click(run, [prompt, *knobs], [output, speed])
+            if engine.chat is not None:  # the tokenizer has a chat template
+                with gr.Tab("Chat"):
+                    chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=360, render_markdown=False)
+                    system = gr.Textbox(label="System prompt", elem_id="system")
+                    message = gr.Textbox(label="Message", elem_id="message")
+                    with gr.Row():
+                        send = gr.Button("Send", variant="primary", elem_id="send")
+                        clear = gr.Button("New conversation", elem_id="clear")
+                    send.click(chat_turn, [message, chatbot, system, *knobs], [chatbot, message])
+                    clear.click(lambda: ([], ""), None, [chatbot, message])
     return demo
 
 

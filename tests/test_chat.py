@@ -3,6 +3,7 @@ assistant-token mask, on a Llama-3-style and a ChatML-style template built here.
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import data
 from chat import ChatError, ChatFormat, check_messages
 from config import DataConfig, UserError
 from prepare_data import prepare
+from test_app import ARTIFACTS, browser  # noqa: F401 (browser is a fixture)
 from test_open_models import DOCS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -206,15 +208,23 @@ def test_conversation_corpus_errors_are_one_line(tmp_path):
                            workers=1))
 
 
+def chat_server_folder(tmp_path_factory) -> Path:
+    """A random Llama whose tokenizer has a ChatML template (made once per test session)."""
+    folder = tmp_path_factory.getbasetemp() / "chat-model" / "smol-chat"
+    if not (folder / "config.json").is_file():
+        chat_folder(folder, CHATML)
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+        transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def chat_server(tmp_path_factory):
-    """app.py on a random Llama whose tokenizer has a ChatML template."""
+    """app.py on chat_server_folder's model."""
     from test_app import start_server
-    folder = chat_folder(tmp_path_factory.mktemp("chat") / "smol-chat", CHATML)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    folder = chat_server_folder(tmp_path_factory)
     process, url = start_server(folder, "--eos", "auto", "--max_prompt_tokens", "0")
     yield folder, url
     process.terminate()
@@ -333,3 +343,33 @@ def test_a_full_context_drops_the_oldest_turns_and_keeps_the_system_prompt(chat_
     assert any("the context is full: dropped the oldest" in n for n in notes)
     assert session.messages[0] == {"role": "system", "content": "Be brief."} and len(session.cached) <= 96
     assert "fills the 96-token context" in "".join(session.reply("word " * 120))
+
+
+def test_the_chat_tab_holds_a_two_turn_conversation_in_a_browser(browser, tmp_path_factory):
+    from test_app import start_server
+    folder = tmp_path_factory.mktemp("demo") / "smol-chat"
+    shutil.copytree(chat_server_folder(tmp_path_factory), folder)
+    process, url = start_server(folder, "--eos", "auto", "--max_prompt_tokens", "0", "--temperature", "0",
+                                "--max_new_tokens", "12")
+    try:
+        page = browser.new_page(viewport={"width": 1100, "height": 1000})
+        page.goto(url)
+        page.get_by_role("tab", name="Chat").click()
+        messages = []
+        for turn, text in enumerate(("Who wrote Hamlet?", "And Faust?")):
+            page.locator("#message textarea").fill(text)
+            page.locator("#send").click()
+            messages.append({"role": "user", "content": text})
+            expected = reply(folder, messages, 12)[0]
+            page.wait_for_function("() => !document.querySelector('#message textarea').value", timeout=60_000)
+            bot = page.locator('#chatbot [data-testid="bot"]')
+            page.wait_for_function("n => document.querySelectorAll('#chatbot [data-testid=bot]').length == n",
+                                   arg=turn + 1, timeout=60_000)
+            page.wait_for_timeout(500)
+            assert " ".join(bot.last.inner_text().split()) == " ".join(expected.split())
+            messages.append({"role": "assistant", "content": expected})
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "app_chat.png"), full_page=True)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
