@@ -48,7 +48,7 @@ BATCH_CHARS = 1 << 20  # documents are tokenized in batches of about a megabyte
 class NamedDataset:
     url: str
     sha256: str | None  # None: no published checksum; the user must pass --data.sha256
-    tokenizer: str
+    tokenizer: str  # char, bpe, or conversations (made from the text; a tokenizer folder with a chat template reads them)
 
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -56,6 +56,8 @@ SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 DATASETS = {
     "shakespeare_char": NamedDataset(SHAKESPEARE_URL, SHAKESPEARE_SHA256, "char"),
     "shakespeare": NamedDataset(SHAKESPEARE_URL, SHAKESPEARE_SHA256, "bpe"),
+    # Tiny Shakespeare as "continue the verse" conversations, for the chat walk-through (README).
+    "shakespeare_lines": NamedDataset(SHAKESPEARE_URL, SHAKESPEARE_SHA256, "conversations"),
     "tinystories": NamedDataset(
         "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt",
         None, "bpe"),
@@ -218,6 +220,23 @@ def is_chat(files: list[Path]) -> bool:
     return isinstance(record, dict) and "messages" in record
 
 
+VERSE_SYSTEM = "Continue the verse: answer with the line that follows."
+
+
+def write_verse_conversations(text_file: Path, out: Path) -> Path:
+    """Tiny Shakespeare as conversations: within each speech (blocks between blank lines, the first
+    line naming the speaker), every line asks for the one after it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w") as f:
+        for speech in text_file.read_text().split("\n\n"):
+            lines = speech.strip("\n").splitlines()[1:]
+            for line, following in zip(lines, lines[1:]):
+                f.write(json.dumps({"messages": [{"role": "system", "content": VERSE_SYSTEM},
+                                                 {"role": "user", "content": line},
+                                                 {"role": "assistant", "content": following}]}) + "\n")
+    return out
+
+
 def conversations(files: list[Path]) -> Iterator[list[dict[str, str]]]:
     """Each conversation of .jsonl files of {"messages": [{"role", "content"}, ...]} rows, checked."""
     for file in files:
@@ -369,6 +388,8 @@ def prepare(cfg: DataConfig) -> dict:
         source = cfg.source or named.url
         files = [fetch(source, Path(cfg.data_dir) / "downloads", cfg.sha256 or named.sha256)]
         kind = named.tokenizer
+        if kind == "conversations":
+            files = [write_verse_conversations(files[0], Path(cfg.data_dir) / "downloads" / f"{cfg.dataset}.jsonl")]
     else:
         raise ConfigError(f"data.dataset={cfg.dataset!r} is not a named dataset ({', '.join(DATASETS)}): "
                           f"pass --data.input with your own files")

@@ -373,3 +373,31 @@ def test_the_chat_tab_holds_a_two_turn_conversation_in_a_browser(browser, tmp_pa
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_the_chat_walk_through_runs_on_tiny_settings(tmp_path):
+    """README's chat walk-through on Tiny Shakespeare (../shared), shortened: a chat BPE, a base
+    model, "continue the verse" conversations, supervised fine-tuning, then generate.py --chat."""
+    source = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+    if not source.is_file():
+        pytest.skip("../shared/data/tinyshakespeare.txt is not there")
+    data_dir, quick = str(tmp_path / "data"), ["--train.max_steps", "20", "--train.warmup_steps", "2",
+                                               "--train.eval_interval", "10", "--train.eval_iters", "2"]
+
+    def run(*argv: str, stdin: str | None = None) -> str:
+        result = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, input=stdin)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    run("prepare_data.py", "--data.dataset", "shakespeare", "--data.source", str(source), "--data.chat", "true",
+        "--data.vocab_size", "1024", "--data.data_dir", data_dir)
+    run("train.py", "configs/shakespeare_chat_cpu.toml", "--data.data_dir", data_dir, "--train.out_dir",
+        str(tmp_path / "base"), *quick)
+    run("prepare_data.py", "--data.dataset", "shakespeare_lines", "--data.source", str(source), "--data.tokenizer",
+        str(tmp_path / "data" / "shakespeare"), "--data.data_dir", data_dir)
+    run("train.py", "configs/shakespeare_lines_sft.toml", "--data.data_dir", data_dir, "--train.init_from",
+        str(tmp_path / "base"), "--train.out_dir", str(tmp_path / "sft"), *quick)
+    out = run("generate.py", "--checkpoint", str(tmp_path / "sft"), "--chat", "--max_new_tokens", "16", "--seed", "1",
+              stdin="To be, or not to be, that is the question:\n/exit\n")
+    assert out.strip()  # one reply, ended by the turn marker or the token limit
