@@ -489,8 +489,9 @@ def build_demo(engine: Engine, serve: ServeConfig) -> Any:
         """The conversation as the template reads it; the chatbot may hold a message's text as parts."""
         def text(content: Any) -> str:
             return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+        opening = [{"role": "system", "content": system}] if system else []
         earlier = [{"role": m["role"], "content": text(m["content"])} for m in history]
-        return [{"role": "system", "content": system}] * bool(system) + earlier + [{"role": "user", "content": message}]
+        return opening + earlier + [{"role": "user", "content": message}]
 
     async def chat_turn(message: str, history: list[dict[str, Any]], system: str, temperature: float, top_k: float,
                         top_p: float, repetition_penalty: float, max_new_tokens: float,

@@ -705,6 +705,7 @@ class ChatSession:
             self.messages.pop()
             yield f"[this message alone fills the {self.context}-token context: shorten it]"
             return
+        # The cache is valid up to the first position where it and the new rendering differ.
         same = next((i for i, (a, b) in enumerate(zip(self.cached, ids)) if a != b), min(len(self.cached), len(ids)))
         same = min(same, len(ids) - 1)  # at least one token is fed, for the logits
         device = self.model.embed_tokens.weight.device

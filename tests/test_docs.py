@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -457,3 +458,23 @@ def test_decoding_limit_as_quoted():
     norms = sum(p.numel() for p in model.parameters() if p.dim() == 1)
     step_bytes = 2 * (matmuls + norms + model.cfg.dim)
     assert round(step_bytes / 1e9, 2) == 2.07 and round(3.04e12 / step_bytes, -1) == 1470
+
+
+# --- chat.md ------------------------------------------------------------------------------------
+
+
+def test_chat_rendering_as_shown():
+    """The page's rendered conversation is what our chat BPE's template makes of it, and the mask
+    covers the reply and its end-of-turn marker."""
+    from chat import ChatFormat
+    from tokenizer import CHAT_TEMPLATE
+    page = (Path(__file__).parent.parent / "docs" / "chat.md").read_text()
+    shown = re.search(r"```text\n(.*?)```", page, flags=re.S).group(1).rstrip("\n")
+    tokenizer = Tokenizer.train_bpe(["Be brief. Hi! Hello."], 300, chat=True)
+    chat = ChatFormat(tokenizer, CHAT_TEMPLATE)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"},
+                {"role": "assistant", "content": "Hello."}]
+    assert chat.render(messages) == shown
+    ids, mask = chat.encode_with_mask(messages)
+    assert tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "Hello.<|eot_id|>"
+    assert chat.encode(messages).count(tokenizer.bos_id) == 1
