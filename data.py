@@ -222,9 +222,15 @@ class ConversationSampler:
 
     def _windows(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step, index])
-        rows = [self._row(rng) for _ in range(self.batch_size)]
-        tokens = np.stack([t for t, _ in rows])
-        targets = np.where(np.stack([m for _, m in rows]), tokens, -100)
+        for _ in range(100):  # a batch needs a target: cut conversations may lose every assistant token
+            rows = [self._row(rng) for _ in range(self.batch_size)]
+            tokens = np.stack([t for t, _ in rows])
+            targets = np.where(np.stack([m for _, m in rows]), tokens, -100)
+            if (targets[:, 1:] != -100).any():
+                break
+        else:
+            raise DataError(f"{self.data.tokens.path}: batches of block_size + 1 = {self.block_size + 1} tokens hold no "
+                            f"assistant token: raise train.block_size or set train.long_conversations skip")
         if (top := tokens.max()) >= self.data.tokens.vocab_size:
             raise DataError(f"{self.data.tokens.path} holds token id {top} but its header declares a vocab of "
                             f"{self.data.tokens.vocab_size} ids: the file is corrupt; re-run prepare_data.py")

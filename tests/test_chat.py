@@ -174,6 +174,8 @@ def test_packed_rows_hold_whole_conversations_and_train_on_the_assistant_only(tm
             assert targets == (expected[1:] + [-100] * len(row))[:len(row)]
             packed += count > 1
     assert packed  # some row held more than one conversation
+    with pytest.raises(UserError, match="hold no assistant token: raise train.block_size"):
+        data.ConversationSampler(split, 8, 4, seed=7, pad_id=1).get(0, 0)  # rows end before any reply begins
     skipping = data.ConversationSampler(split, 100, 8, seed=7, pad_id=1, skip_long=True)
     assert skipping.too_long == 3 and (split.lengths()[skipping.drawn] <= 101).all()
     x, _ = skipping.get(0, 0)
