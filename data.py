@@ -119,8 +119,10 @@ def check_compatible(train: TokenFile, val: TokenFile, model_vocab_size: int, bl
         raise DataError(f"{train.path} was tokenized with another tokenizer than {folder}'s (sha256 "
                         f"{train.tokenizer_hash[:12]} vs {digest[:12]}): {fix}")
     if train.vocab_size > model_vocab_size:
+        fix = (f"prepare the data with the model's own tokenizer ({model_tokenizer[1]})" if model_tokenizer
+               else f"set --model.vocab_size {train.vocab_size} (or more)")
         raise DataError(f"the data's vocab of {train.vocab_size} ids does not fit model.vocab_size="
-                        f"{model_vocab_size}: set --model.vocab_size {train.vocab_size} (or more)")
+                        f"{model_vocab_size}: {fix}")
     for split in () if padded else (train, val):
         if len(split) < block_size + 1:
             raise DataError(f"{split.path} holds {len(split):,} tokens, fewer than block_size + 1 = "

@@ -267,6 +267,10 @@ def test_data_and_model_vocab_must_fit(pretrained, tmp_path):
     prepare(DataConfig(dataset="docs", data_dir=str(tmp_path / "data"), input=str(corpus(tmp_path)),
                        tokenizer=str(pretrained), workers=1, val_fraction=0.25))
     train = data.read_tokens(tmp_path / "data" / "docs" / "train.bin")
-    with pytest.raises(data.DataError, match="does not fit model.vocab_size=100"):
+    with pytest.raises(data.DataError, match="does not fit model.vocab_size=100: set --model.vocab_size 320"):
         data.check_compatible(train, train, model_vocab_size=100, block_size=8)
+    with pytest.raises(data.DataError, match="does not fit model.vocab_size=100: prepare the data with the model's "
+                                             "own tokenizer \\(base\\)"):
+        data.check_compatible(train, train, model_vocab_size=100, block_size=8,
+                              model_tokenizer=(train.tokenizer_hash, "base", "unused"))
     assert np.asarray(train.tokens).max() < train.vocab_size
