@@ -487,8 +487,8 @@ def batch_samplers(dataset_dir: Path, train_tokens: data.TokenFile, val_tokens: 
     for split, sampler in zip(("train", "val"), samplers):
         if sampler.too_long:
             action = "never drawn" if tc.long_conversations == "skip" else "cut to their start"
-            runtime.log(f"{split}: {sampler.too_long} of {len(sampler.lengths)} conversations are longer than block_size + 1 = "
-                  f"{tc.block_size + 1} tokens: {action} (train.long_conversations)")
+            runtime.log(f"{split}: {sampler.too_long} of {len(sampler.lengths)} conversations are longer than "
+                        f"block_size + 1 = {tc.block_size + 1} tokens: {action} (train.long_conversations)")
     return samplers
 
 
