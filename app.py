@@ -37,10 +37,10 @@ from typing import Any, Literal
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from an offline server
 
-from chat import ChatError, ChatFormat
+from chat import ChatError, ChatFormat, chat_template
 from config import SampleConfig, ServeConfig, UserError, bounds_of, expand_short_flags, parse_cli, script
-from generate import (compile_decode_step, detokenize, generate, generate_text, load_for_sampling, start_prompt,
-                      visible_text, with_generation_defaults)
+from generate import (Loaded, compile_decode_step, detokenize, generate, generate_text, load_for_sampling,
+                      start_prompt, visible_text, with_generation_defaults)
 
 try:
     import fastapi
@@ -95,12 +95,12 @@ class Job:
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
-def chat_format(folder: Path | None) -> ChatFormat | None:
+def chat_format(loaded: Loaded) -> ChatFormat | None:
     """The checkpoint's tokenizer with its chat template, or None when it has no template."""
-    if folder is None or not (folder / "tokenizer.json").is_file():
+    if loaded.tokenizer is None:
         return None
     try:
-        return ChatFormat.load(folder)
+        return ChatFormat(loaded.tokenizer, chat_template(loaded.folder))
     except ChatError:
         return None
 
@@ -124,7 +124,7 @@ class Engine:
         loaded = load_for_sampling(sample)
         self.loaded, self.model, self.tokenizer, self.eos = loaded, loaded.model, loaded.tokenizer, loaded.eos
         self.name = serve.model_name or Path(sample.checkpoint).name
-        self.chat = chat_format(loaded.folder)
+        self.chat = chat_format(loaded)
         if self.chat is not None and sample.eos_ids() is None:  # replies end at the template's end of turn
             self.eos = sorted({*self.eos, *self.chat.turn_end_ids()})
         self.context = loaded.context  # what the model was trained on: decoding slides past it
@@ -148,10 +148,7 @@ class Engine:
             ids = self.chat.encode(messages, add_generation_prompt=True)
         except ChatError as e:
             raise RequestError(str(e), "messages") from None
-        if len(ids) > self.max_prompt_tokens:
-            raise RequestError(f"the conversation has {len(ids)} tokens, more than the {self.max_prompt_tokens} this "
-                               f"server accepts: shorten it", "messages")
-        return ids
+        return self.within_limit(ids, "conversation", "messages")
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """A prompt's ids, starting as training documents did; bad prompts raise RequestError."""
@@ -162,9 +159,12 @@ class Engine:
                                self.name)
         except UserError as e:
             raise RequestError(str(e), "prompt") from None
+        return self.within_limit(ids, "prompt", "prompt")
+
+    def within_limit(self, ids: list[int], what: str, field: str) -> list[int]:
         if len(ids) > self.max_prompt_tokens:
-            raise RequestError(f"the prompt has {len(ids)} tokens, more than the {self.max_prompt_tokens} this server "
-                               f"accepts: shorten it", "prompt")
+            raise RequestError(f"the {what} has {len(ids)} tokens, more than the {self.max_prompt_tokens} this server "
+                               f"accepts: shorten it", field)
         return ids
 
     async def stream(self, prompts: list[list[int]], cfg: SampleConfig, stops: list[str],

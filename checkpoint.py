@@ -92,7 +92,10 @@ def save(out_dir: str | Path, step: int, model: Llama, training_state: dict[str,
     shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a save that was killed
     tmp.mkdir(parents=True)
     try:
-        (write_weights or (lambda folder: save_hf(model, folder, trained_context)))(tmp)
+        if write_weights is None:
+            save_hf(model, tmp, trained_context)
+        else:
+            write_weights(tmp)
         torch.save(training_state, tmp / STATE_FILE)
         (tmp / "config.toml").write_text(config_toml)
         for file, contents in (extra_files or {}).items():
@@ -205,15 +208,20 @@ def save_hf(model: Llama, path: str | Path, trained_context: int | None = None) 
     (sampling never goes past it; transformers keeps the key as an attribute and ignores it)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    config = hf_config_dict(model.cfg, model.embed_tokens.weight.dtype)
-    if trained_context is not None:
-        config[TRAINED_CONTEXT] = trained_context
-    (path / "config.json").write_text(json.dumps(config, indent=2))
+    write_config(model, path, trained_context)
     # Tied weights are one tensor: safetensors refuses aliases, and HF re-ties on load.
     state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous()
              for k, v in model.standard_state_dict().items()
              if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
     safetensors.torch.save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def write_config(model: Llama, folder: Path, trained_context: int | None = None) -> None:
+    """config.json for `model`, recording `trained_context` when given."""
+    config = hf_config_dict(model.cfg, model.embed_tokens.weight.dtype)
+    if trained_context is not None:
+        config[TRAINED_CONTEXT] = trained_context
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
 
 
 def trained_context(folder: str | Path) -> int | None:
@@ -380,11 +388,7 @@ def save_lora(adapters: Any, folder: Path, base: Path, trained_context: int | No
     config = adapters.peft_config["default"]
     config.base_model_name_or_path = str(base.resolve())
     config.save_pretrained(str(folder))
-    model = adapters.get_base_model()
-    config = hf_config_dict(model.cfg, model.embed_tokens.weight.dtype)
-    if trained_context is not None:
-        config[TRAINED_CONTEXT] = trained_context
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    write_config(adapters.get_base_model(), folder, trained_context)
 
 
 def read_lora(adapters: Any, folder: Path) -> None:

@@ -53,12 +53,6 @@ class Scorer:
         """The text's tokens alone, no special tokens."""
         return self.tokenizer.encode(text)
 
-    def encode_document(self, text: str) -> list[int]:
-        """The text as its tokenizer poses a document: with the BOS (or whatever else) its
-        post-processor adds, as AutoTokenizer(text) gives it, and none when it adds none."""
-        self.tokenizer.encode(text)  # refuses characters a char-level vocabulary lacks
-        return self.tokenizer.backend.encode(text, add_special_tokens=True).ids
-
 
 def load_scorer(cfg: EvalConfig) -> Scorer:
     if cfg.checkpoint is None:
@@ -103,7 +97,7 @@ def score_text(scorer: Scorer, text: str, stride: int, batch_size: int) -> dict[
 
 def document(scorer: Scorer, text: str) -> tuple[list[int], int]:
     """(the text's ids as its tokenizer poses a document, the bytes of text its scored tokens hold)."""
-    ids = scorer.encode_document(text)
+    ids = scorer.tokenizer.encode_document(text)
     # The first token is never scored: a BOS holds no text, a text token's bytes leave the count.
     unscored = len(scorer.tokenizer.decode(ids[:1], skip_special=True).encode())
     return ids, len(text.encode()) - unscored

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
-from chat import ChatFormat
+from chat import ChatFormat, chat_template
 from config import ConfigError, EvalConfig, SampleConfig, expand_short_flags, load_json, parse_cli, script
 from model import Llama
 from tokenizer import Tokenizer
@@ -520,9 +520,8 @@ def special_token_ids(folder: Path | None, tokenizer: Tokenizer | None) -> tuple
     return prefix, start, [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
 
-# Sampling settings a generation_config.json may hold, as SampleConfig names them.
-GENERATION_DEFAULTS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
-                       "repetition_penalty": "repetition_penalty"}
+# Sampling settings a generation_config.json may hold (SampleConfig names them alike).
+GENERATION_DEFAULTS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 
 def generation_defaults(checkpoint_path: str | None) -> dict[str, typing.Any]:
@@ -538,8 +537,8 @@ def generation_defaults(checkpoint_path: str | None) -> dict[str, typing.Any]:
     found = load_json(file)
     if found.get("do_sample") is False:
         return {"temperature": 0.0}
-    return {ours: found[theirs] for theirs, ours in GENERATION_DEFAULTS.items()
-            if isinstance(found.get(theirs), (int, float)) and not isinstance(found[theirs], bool)}
+    return {key: found[key] for key in GENERATION_DEFAULTS
+            if isinstance(found.get(key), (int, float)) and not isinstance(found[key], bool)}
 
 
 def with_generation_defaults(cfg: SampleConfig, explicit: set[str]) -> tuple[SampleConfig, set[str]]:
@@ -740,7 +739,7 @@ def chat_repl(cfg: SampleConfig, read: Callable[[], str] = input) -> None:
     if loaded.folder is None or loaded.tokenizer is None:
         raise ConfigError(f"{cfg.checkpoint} has no tokenizer, so it cannot chat: use a checkpoint folder whose "
                           f"tokenizer has a chat template")
-    session = ChatSession(loaded, ChatFormat.load(loaded.folder), cfg, cfg.system)
+    session = ChatSession(loaded, ChatFormat(loaded.tokenizer, chat_template(loaded.folder)), cfg, cfg.system)
     print("chat: /reset starts over, /exit leaves", file=sys.stderr)
     while True:
         try:

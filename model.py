@@ -271,12 +271,14 @@ class Llama(nn.Module):
         if unexpected := sorted(set(state) - expected - {"lm_head.weight"}):
             raise ConfigError(f"{source} has weights this architecture lacks, e.g. {unexpected[0]}: "
                               f"it is not a plain Llama model")
-        for name in sorted(expected):
+        weights = {}
+        for name in sorted(expected):  # one source tensor alive at a time, besides the model's own
             tensor = state[name]
             if tensor.shape != shapes[name]:
                 raise ConfigError(f"{source}: {name} has shape {tuple(tensor.shape)} but the config implies "
                                   f"{tuple(shapes[name])}: the config and the weights disagree")
-            model.load_state_dict({name: tensor.to(dtype)}, strict=False, assign=True)
+            weights[name] = tensor.to(dtype)
+        model.load_state_dict(weights, strict=False, assign=True)
         if cfg.tie_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         model.rope_cos, model.rope_sin = rope_cos_sin(cfg)  # buffers built on the meta device

@@ -257,17 +257,18 @@ def write_conversations(files: list[Path], tokenizer: Tokenizer, folder: Path,
     """Each split's conversations rendered with the tokenizer's chat template: <split>.bin, the
     assistant mask <split>_mask.bin and the conversations' starts <split>_starts.npy. Returns
     (tokens, characters of content, conversation counts) per split. Fine-tuning sets are small:
-    a split is assembled in memory."""
+    the splits are assembled in memory, in one pass over the files."""
     chat = ChatFormat(tokenizer, chat_template(folder))
-    counts, chars, stats = {}, {}, {"conversations": {}, "assistant_tokens": {}}
-    for split in ("train", "val"):
-        ids, masks = [], []
-        for i, messages in enumerate(tqdm(conversations(files), desc=split, unit="conversation")):
-            if in_val(i, val_fraction) == (split == "val"):
-                conversation, mask = chat.encode_with_mask(messages)
-                ids.append(np.array(conversation, dtype=np.int64))
-                masks.append(np.array(mask, dtype=np.int64))
-                chars[split] = chars.get(split, 0) + sum(len(m["content"]) for m in messages)
+    splits = {split: ([], []) for split in ("train", "val")}  # per split: ids and masks, per conversation
+    chars = {"train": 0, "val": 0}
+    for i, messages in enumerate(tqdm(conversations(files), desc="conversations", unit="conversation")):
+        split = "val" if in_val(i, val_fraction) else "train"
+        conversation, mask = chat.encode_with_mask(messages)
+        splits[split][0].append(np.array(conversation, dtype=np.int64))
+        splits[split][1].append(np.array(mask, dtype=np.int64))
+        chars[split] += sum(len(m["content"]) for m in messages)
+    counts, stats = {}, {"conversations": {}, "assistant_tokens": {}}
+    for split, (ids, masks) in splits.items():
         if not ids:
             raise data.DataError(f"the {split} split has no conversation: give at least {math.ceil(1 / val_fraction)} "
                                  f"conversations or change --data.val_fraction")
@@ -334,10 +335,11 @@ def pretrained_tokenizer(name: str) -> Path | None:
     return folder
 
 
-def make_tokenizer(cfg: DataConfig, kind: str, files: list[Path], several: bool, out: Path) -> Tokenizer:
-    """The dataset's tokenizer, written into `out`: trained on the corpus, or a pretrained
-    folder's files copied byte for byte (so its hash, and a model's, compare exactly)."""
-    if (folder := pretrained_tokenizer(cfg.tokenizer)) is not None:
+def make_tokenizer(cfg: DataConfig, kind: str, files: list[Path], several: bool, out: Path,
+                   folder: Path | None) -> Tokenizer:
+    """The dataset's tokenizer, written into `out`: trained on the corpus, or the pretrained
+    `folder`'s files copied byte for byte (so its hash, and a model's, compare exactly)."""
+    if folder is not None:
         out.mkdir(parents=True)
         for file in Tokenizer.files(folder):
             shutil.copyfile(file, out / file.name)
@@ -380,7 +382,7 @@ def encode_splits(cfg: DataConfig, files: list[Path], several: bool, tokenizer: 
 def prepare(cfg: DataConfig) -> dict:
     start = time.perf_counter()
     out = Path(cfg.data_dir) / cfg.dataset
-    pretrained_tokenizer(cfg.tokenizer)  # a bad folder is refused before any download
+    folder = pretrained_tokenizer(cfg.tokenizer)  # a bad folder is refused before any download
     if cfg.input is not None:
         files, kind, source = input_files(cfg.input), cfg.tokenizer, cfg.input
     elif cfg.dataset in DATASETS:
@@ -394,13 +396,13 @@ def prepare(cfg: DataConfig) -> dict:
         raise ConfigError(f"data.dataset={cfg.dataset!r} is not a named dataset ({', '.join(DATASETS)}): "
                           f"pass --data.input with your own files")
     chat = is_chat(files)
-    if chat and pretrained_tokenizer(cfg.tokenizer) is None and not (kind == "bpe" and cfg.chat):
+    if chat and folder is None and not (kind == "bpe" and cfg.chat):
         raise ConfigError(f"{files[0]} holds conversations, which need a tokenizer with a chat template: pass "
                           f"--data.tokenizer bpe --data.chat true (ours), or --data.tokenizer FOLDER (one that has one)")
     several = chat or is_multi_document(files)
     tmp = out.with_name(out.name + ".tmp")  # the dataset appears whole, or not at all
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = make_tokenizer(cfg, kind, files, several, tmp)
+    tokenizer = make_tokenizer(cfg, kind, files, several, tmp, folder)
     kind = tokenizer.kind
     counts, chars_seen, chat_stats = {}, {}, {}
     if chat:

@@ -134,18 +134,20 @@ class Tokenizer:
                 self._check_chars(text)
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
-    def encode_prompt(self, text: str) -> list[int]:
-        """A text as the start of a document: the post-processor's prefix (BOS or nothing), then
-        its tokens; AutoTokenizer(text)["input_ids"] for tokenizers that add nothing after a text."""
-        return self.prefix + self.encode(text)
+    def encode_document(self, text: str) -> list[int]:
+        """What the post-processor makes of a text: AutoTokenizer(text)["input_ids"] exactly, BOS
+        (or whatever else it adds) included, none where it adds none."""
+        return self.encode_documents([text], eos=False)[0]
 
-    def encode_documents(self, texts: list[str]) -> list[list[int]]:
-        """Whole documents as training data holds them: what the post-processor makes of each
-        text (AutoTokenizer(text)["input_ids"] exactly), then EOS unless that already ends it."""
+    def encode_documents(self, texts: list[str], eos: bool = True) -> list[list[int]]:
+        """Whole documents as training data holds them: each one's encode_document ids, then (with
+        `eos`) EOS unless the post-processor already ends it with one."""
         if self.kind == "char":
             for text in texts:
                 self._check_chars(text)
         docs = [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=True)]
+        if not eos:
+            return docs
         return [ids if ids[-1:] == [self.eos_id] else ids + [self.eos_id] for ids in docs]
 
     def start_ids(self) -> list[int]:

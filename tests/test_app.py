@@ -25,7 +25,7 @@ import torch
 import app
 import checkpoint
 from config import ConfigError, ModelConfig, SampleConfig, ServeConfig, bounds_of
-from generate import detokenize, generate, generate_text, load_for_sampling
+from generate import detokenize, generate, generate_text, load_for_sampling, start_prompt
 from model import Llama
 from tokenizer import Tokenizer
 
@@ -92,7 +92,7 @@ def reference(checkpoint: Path, prompt: str, **sample) -> str:
     """What generate.py's own decoding makes of the prompt: the server must produce the same."""
     cfg = SampleConfig(checkpoint=str(checkpoint), eos="none", **sample)
     loaded = load_for_sampling(cfg)
-    steps = generate(loaded.model, [loaded.tokenizer.encode_prompt(prompt)], cfg, loaded.eos,
+    steps = generate(loaded.model, [start_prompt(loaded.tokenizer.encode(prompt), loaded, "the reference")], cfg, loaded.eos,
                      context=loaded.context)
     for rows, texts in generate_text(steps, lambda ids: detokenize(loaded.tokenizer, ids)):
         pass

@@ -19,7 +19,7 @@ from chat import ChatError, ChatFormat, check_messages
 from config import DataConfig, UserError
 from prepare_data import prepare
 from test_app import ARTIFACTS, browser  # noqa: F401 (browser is a fixture)
-from test_open_models import DOCS
+from test_open_models import DOCS, run_train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -126,6 +126,11 @@ def test_bad_conversations_and_templates_are_one_line(tmp_path):
     (folder / "chat_template.jinja").write_text("{% for m in messages %}")
     with pytest.raises(ChatError, match="does not parse"):
         ChatFormat.load(folder)
+    # A template whose beginning depends on the whole conversation hides where replies start.
+    (folder / "chat_template.jinja").write_text("{{ messages | length }}{% for m in messages %}{{ m['content'] }}"
+                                                "{% endfor %}")
+    with pytest.raises(ChatError, match="mark them with \\{% generation %\\} blocks"):
+        ChatFormat.load(folder).encode_with_mask(CONVERSATIONS[0])
 
 
 def write_conversations(path: Path, conversations: list) -> Path:
@@ -186,12 +191,10 @@ def test_packed_rows_hold_whole_conversations_and_train_on_the_assistant_only(tm
     config = transformers.LlamaConfig(vocab_size=400, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    result = subprocess.run([sys.executable, "train.py", "--init_from", str(folder), "--data.data_dir",
-                             str(tmp_path / "data"), "--data.dataset", "chat", "--train.out_dir", str(tmp_path / "run"),
-                             "--train.device", "cpu", "--train.compile", "false", "--train.block_size", "64",
-                             "--train.micro_batch_size", "4", "--train.batch_tokens", "256", "--train.max_steps", "4",
-                             "--train.warmup_steps", "1", "--train.eval_interval", "4", "--train.eval_iters", "1"],
-                            cwd=ROOT, capture_output=True, text=True)
+    result = run_train("--init_from", str(folder), "--data.data_dir", str(tmp_path / "data"), "--data.dataset", "chat",
+                       "--train.out_dir", str(tmp_path / "run"), "--train.block_size", "64", "--train.batch_tokens",
+                       "256", "--train.max_steps", "4", "--train.warmup_steps", "1", "--train.eval_interval", "4",
+                       "--train.eval_iters", "1")
     assert result.returncode == 0, result.stderr
     assert "conversations are longer than block_size + 1 = 65 tokens: cut to their start" in result.stdout
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -203,6 +206,9 @@ def test_conversation_corpus_errors_are_one_line(tmp_path):
     with pytest.raises(UserError, match="holds conversations, which need a tokenizer with a chat template"):
         prepare(DataConfig(dataset="chat", data_dir=str(tmp_path / "data"), input=str(corpus), tokenizer="bpe"))
     folder = chat_folder(tmp_path / "tok", CHATML)
+    with pytest.raises(UserError, match="the val split has no conversation: give at least 10 conversations"):
+        prepare(DataConfig(dataset="chat", data_dir=str(tmp_path / "data"), input=str(corpus), tokenizer=str(folder),
+                           workers=1, val_fraction=0.1))
     with corpus.open("a") as f:
         f.write(json.dumps({"messages": [{"role": "narrator", "content": "x"}]}) + "\n")
     with pytest.raises(UserError, match=r"chat.jsonl:4: message 0 has role 'narrator'"):

@@ -85,7 +85,7 @@ def test_a_tokenizer_that_adds_bos_gets_every_token_scored(folder, tmp_path):
                                                                      special_tokens=[(bos, tokenizer.bos_id)])
     tokenizer.backend.save(str(tmp_path / "bos" / "tokenizer.json"))
     scorer = load_scorer(EvalConfig(checkpoint=str(tmp_path / "bos")))
-    ids = scorer.encode_document(TEXT)
+    ids = scorer.tokenizer.encode_document(TEXT)
     assert ids == transformers.AutoTokenizer.from_pretrained(tmp_path / "bos")(TEXT)["input_ids"]
     assert ids[0] == tokenizer.bos_id
     ours = score_text(scorer, TEXT, 0, 4)

@@ -16,6 +16,7 @@ import checkpoint
 from config import ConfigError, DataConfig
 from prepare_data import prepare
 from test_open_models import corpus, make_pretrained
+from test_open_models import run_train as fine_tune
 
 peft = pytest.importorskip("peft")
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,13 +59,16 @@ def test_adapters_save_in_peft_format_and_merge_exactly(pretrained, tmp_path):
         hf = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(pretrained), folder)
         assert (hf.eval()(tokens).logits - adapted).abs().max().item() <= 1e-5
 
+    moved = json.loads((folder / "adapter_config.json").read_text()) | {"base_model_name_or_path": str(tmp_path / "gone")}
+    (folder / "adapter_config.json").write_text(json.dumps(moved))
+    with pytest.raises(ConfigError, match="holds LoRA adapters for the base model .*gone, which is not here"):
+        checkpoint.load_lora(folder)
+
 
 def run_train(*extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", "--train.device", "cpu", "--train.compile", "false",
-                           "--train.micro_batch_size", "4", "--train.block_size", "32", "--train.batch_tokens", "128",
-                           "--train.warmup_steps", "2", "--train.lr", "1e-2", "--train.eval_interval", "4",
-                           "--train.eval_iters", "1", "--train.ckpt_interval", "4", "--train.max_steps", "8", *extra],
-                          cwd=ROOT, capture_output=True, text=True)
+    """test_open_models's short CPU run: 8 steps, a checkpoint and an evaluation every 4."""
+    return fine_tune("--train.lr", "1e-2", "--train.eval_interval", "4", "--train.eval_iters", "1",
+                     "--train.ckpt_interval", "4", "--train.max_steps", "8", *extra)
 
 
 def test_lora_fine_tune_resumes_exactly_samples_and_converts(pretrained, tmp_path):

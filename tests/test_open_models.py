@@ -132,7 +132,7 @@ def test_our_own_tokenizers_follow_the_same_policy(tmp_path):
         tokenizer.save(tmp_path / kind)
         auto = transformers.AutoTokenizer.from_pretrained(tmp_path / kind)
         assert tokenizer.encode_documents([DOCS[0]]) == [auto(DOCS[0])["input_ids"] + [tokenizer.eos_id]]
-        assert tokenizer.encode_prompt("Once") == auto("Once")["input_ids"]
+        assert tokenizer.encode_document("Once") == tokenizer.prefix + tokenizer.encode("Once") == auto("Once")["input_ids"]
         assert tokenizer.prefix == ([tokenizer.bos_id] if kind == "bpe" else [])
         assert tokenizer.start_ids() == [tokenizer.bos_id]
 
@@ -183,7 +183,7 @@ def test_fine_tune_a_pretrained_folder_and_hand_it_back_to_transformers(pretrain
     assert row["text"] == auto.decode(row["token_ids"])
 
 
-def test_sampling_takes_eos_ids_and_defaults_from_generation_config(pretrained, capsys):
+def test_sampling_takes_eos_ids_and_defaults_from_generation_config(pretrained, capsys, tmp_path):
     loaded = generate.load_for_sampling(SampleConfig(checkpoint=str(pretrained)))
     assert loaded.eos == [1, 2] and loaded.prefix == [0]
     cfg, chosen = generate.with_generation_defaults(SampleConfig(checkpoint=str(pretrained)), set())
@@ -192,6 +192,11 @@ def test_sampling_takes_eos_ids_and_defaults_from_generation_config(pretrained, 
     cfg, chosen = generate.with_generation_defaults(SampleConfig(checkpoint=str(pretrained), temperature=0.2),
                                                     {"sample.temperature"})
     assert (cfg.temperature, cfg.top_p) == (0.2, 0.9)
+    greedy = tmp_path / "greedy"
+    greedy.mkdir()
+    (greedy / "config.json").write_bytes((pretrained / "config.json").read_bytes())
+    (greedy / "generation_config.json").write_text(json.dumps({**GENERATION, "do_sample": False}))
+    assert generate.generation_defaults(str(greedy)) == {"temperature": 0.0}  # as transformers' generate decodes
 
     # The server: a request that leaves temperature out gets the checkpoint's, one that sets it keeps it.
     sample, chosen = generate.with_generation_defaults(SampleConfig(checkpoint=str(pretrained)), set())
@@ -230,6 +235,8 @@ def test_init_from_keeps_an_explicit_context_and_refuses_what_is_no_llama(pretra
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     result = run_train("--train.init_from", str(gpt2), "--train.out_dir", str(tmp_path / "run2"), *common)
     assert result.returncode == 2 and "model_type='gpt2'; only 'llama' is supported" in result.stderr
+    result = run_train("--train.init_from", str(tmp_path / "nowhere"), "--train.out_dir", str(tmp_path / "run3"), *common)
+    assert result.returncode == 2 and "is not a folder: give a Hugging Face Llama folder" in result.stderr
 
 
 def test_bf16_sharded_weights_load_as_fp32_one_tensor_at_a_time(tmp_path, monkeypatch):
