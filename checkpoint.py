@@ -23,11 +23,13 @@ Hugging Face, rotate halves (x_i, x_{i+head_dim/2}), so q and k rows are permute
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import struct
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -86,37 +88,109 @@ def save(out_dir: str | Path, step: int, model: Llama, training_state: dict[str,
     """Write checkpoint `ckpt-<step>` atomically, point `latest` at it, and return its path.
     `extra_files` (name: contents) are written beside the weights, e.g. CARRIED_FILES;
     `write_weights(folder)` replaces the full model's weights (LoRA runs save their adapters)."""
+    with writing(out_dir, step) as folder:
+        write_contents(folder, training_state, config_toml, extra_files,
+                       write_weights or (lambda f: save_hf(model, f, trained_context)))
+    return Path(out_dir) / f"ckpt-{step:06d}"
+
+
+def write_contents(folder: Path, training_state: dict[str, Any], config_toml: str,
+                   extra_files: dict[str, bytes] | None, write_weights: Callable[[Path], None]) -> None:
+    """Everything a checkpoint folder holds besides the sharded optimizer state."""
+    write_weights(folder)
+    torch.save(training_state, folder / STATE_FILE)
+    (folder / "config.toml").write_text(config_toml)
+    for file, contents in (extra_files or {}).items():
+        (folder / file).write_bytes(contents)
+
+
+@contextlib.contextmanager
+def writing(out_dir: str | Path, step: int, main: bool = True,
+            barrier: Callable[[], None] = lambda: None) -> Iterator[Path]:
+    """The folder to write checkpoint `ckpt-<step>` into, made whole on exit: every file hashed
+    into the COMPLETE marker and fsynced, the folder renamed into place, `latest` moved. Under
+    torchrun every process enters (each may write its shard of the state); only the `main` one
+    prepares and finishes the folder, and `barrier` keeps the others from running ahead of it."""
     out_dir = Path(out_dir)
     name = f"ckpt-{step:06d}"
     final, tmp = out_dir / name, out_dir / f"{name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a save that was killed
-    tmp.mkdir(parents=True)
     try:
-        if write_weights is None:
-            save_hf(model, tmp, trained_context)
-        else:
-            write_weights(tmp)
-        torch.save(training_state, tmp / STATE_FILE)
-        (tmp / "config.toml").write_text(config_toml)
-        for file, contents in (extra_files or {}).items():
-            (tmp / file).write_bytes(contents)
-        hashes = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-        (tmp / MARKER).write_text(json.dumps({"step": step, "sha256": hashes}, indent=1))
-        for p in tmp.iterdir():
-            _fsync(p)
-        _fsync(tmp)
-        if final.exists():  # a checkpoint of this step from a run that was resumed before it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync(out_dir)
-        write_pointer(out_dir, "latest", name)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a save that was killed
+            tmp.mkdir(parents=True)
+        barrier()
+        yield tmp
+        barrier()
+        if main:
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            hashes = {str(p.relative_to(tmp)): _sha256(p) for p in files}
+            (tmp / MARKER).write_text(json.dumps({"step": step, "sha256": hashes}, indent=1))
+            for p in [*files, tmp / MARKER, *(d for d in tmp.rglob("*") if d.is_dir())]:
+                _fsync(p)
+            _fsync(tmp)
+            if final.exists():  # a checkpoint of this step from a run that was resumed before it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync(out_dir)
+            write_pointer(out_dir, "latest", name)
+        barrier()
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         previous = read_pointer(out_dir, "latest")
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"saving {final} failed ({e.strerror or e}); {kept}: free disk space and "
                               f"resume with --resume") from None
-    return final
+
+
+# The optimizer state is saved with torch.distributed.checkpoint (DCP): each process writes its own
+# shard, keyed by parameter name, and any number of processes (one without torchrun too) can read
+# it back, each taking the part its own parameters need. So a run resumes on another world size,
+# and under fsdp or ddp whichever saved it.
+OPTIMIZER_DIR = "optimizer"
+
+
+@contextlib.contextmanager
+def one_process_expected(alone: bool) -> Iterator[None]:
+    """DCP warns on every call without a process group that it assumes one process, as asked."""
+    with warnings.catch_warnings():
+        if alone:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_optimizer(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], folder: Path,
+                   distributed: bool) -> None:
+    """Every process's share of the optimizer state into folder/optimizer/ (a collective call)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    state = get_optimizer_state_dict(model, optimizers)
+    with one_process_expected(not distributed):
+        dcp.save({"optimizer": state}, checkpoint_id=folder / OPTIMIZER_DIR, no_dist=not distributed)
+
+
+def load_optimizer(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer], folder: Path,
+                   distributed: bool) -> None:
+    """The optimizer state save_optimizer wrote, resharded for this run's processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    state = {"optimizer": get_optimizer_state_dict(model, optimizers)}
+    with one_process_expected(not distributed):
+        dcp.load(state, checkpoint_id=folder / OPTIMIZER_DIR, no_dist=not distributed)
+    set_optimizer_state_dict(model, optimizers, state["optimizer"])
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """An FSDP model's whole weights, gathered on the CPU of the main process (a collective call;
+    the other processes get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Whole weights into an FSDP model: each process keeps its own shard of them."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
 
 
 def verify(path: str | Path) -> dict[str, Any]:
@@ -202,16 +276,18 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32, max_seq_len: i
     return Llama.from_state_dict(cfg, SafetensorsWeights(path), dtype, source=str(path))
 
 
-def save_hf(model: Llama, path: str | Path, trained_context: int | None = None) -> None:
+def save_hf(model: Llama, path: str | Path, trained_context: int | None = None,
+            weights: Mapping[str, torch.Tensor] | None = None) -> None:
     """Write a folder that transformers.LlamaForCausalLM.from_pretrained loads as is. With
     `trained_context`, config.json also records the longest window the model was trained on
-    (sampling never goes past it; transformers keeps the key as an attribute and ignores it)."""
+    (sampling never goes past it; transformers keeps the key as an attribute and ignores it).
+    `weights` replaces the model's own state dict (an FSDP model's, gathered whole)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     write_config(model, path, trained_context)
     # Tied weights are one tensor: safetensors refuses aliases, and HF re-ties on load.
     state = {("" if k == "lm_head.weight" else "model.") + k: v.detach().contiguous()
-             for k, v in model.standard_state_dict().items()
+             for k, v in (weights if weights is not None else model.standard_state_dict()).items()
              if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
     safetensors.torch.save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 

@@ -171,7 +171,8 @@ class DataConfig:
     dataset: str = _field("shakespeare_char", "dataset name; its files live in data_dir/<dataset>/")
     data_dir: str = _field("data", "folder that holds prepared datasets")
     source: str | None = _field(None, "local path or URL of a named dataset's raw file (none = its official download)")
-    input: str | None = _field(None, "your own corpus: a .txt/.jsonl file, a folder of them, or a glob")
+    input: str | None = _field(None, "your own corpus: a .txt, .jsonl(.gz/.zst) or .parquet file, a folder of them, a "
+                                     "glob, or hf:NAME[:CONFIG] for a Hugging Face dataset (streamed)")
     sha256: str | None = _field(None, "expected sha256 of the downloaded or --data.source file (none = the dataset's own)")
     tokenizer: str = _field("char", "char or bpe (trained on the corpus; named datasets fix which), or a Hugging Face "
                                     "tokenizer folder (tokenizer.json [+ tokenizer_config.json]) to use as it is")
@@ -181,9 +182,29 @@ class DataConfig:
     bpe_train_bytes: int = _field(100_000_000, "BPE merges are learned from at most this many bytes of the corpus", gt=0)
     val_fraction: float = _field(0.1, "share of the corpus held out for validation", gt=0, lt=1)
     workers: int = _field(2, "tokenizer processes", gt=0)
+    text_field: str = _field("text", "the field of .jsonl, .parquet and Hugging Face rows that holds a document's text")
+    shard_documents: int = _field(0, "0: one train.bin and val.bin; N: shards of N documents each (train_000000.bin, "
+                                     "val_000000.bin, ...), for corpora larger than memory, resumable", ge=0)
+    shard_range: str | None = _field(None, "START:END: prepare only shards START to END-1 (several machines, one "
+                                           "shared folder; none = all)")
 
     def validate(self) -> None:
         check_fields(self, "data")
+        if self.shard_range is not None:
+            self.shard_span()
+
+    def shard_span(self) -> tuple[int, int | None]:
+        """The shards this run prepares, as (first, end): end is None for all the rest of the corpus."""
+        if self.shard_range is None:
+            return 0, None
+        start, colon, end = self.shard_range.partition(":")
+        if not (colon and start.isdigit() and end.isdigit() and int(start) <= int(end)):
+            raise ConfigError(f"data.shard_range={self.shard_range!r} is not START:END with 0 <= START <= END "
+                              f"(shards START to END-1): write e.g. 0:50")
+        if not self.shard_documents:
+            raise ConfigError(f"data.shard_range={self.shard_range} needs shards: set --data.shard_documents N "
+                              f"(documents per shard) too")
+        return int(start), int(end)
 
 
 @dataclass
@@ -225,6 +246,12 @@ class TrainConfig:
     max_nonfinite_skips: int = _field(5, "stop after this many consecutive non-finite steps", gt=0)
     peak_tflops: float | None = _field(None, "peak TFLOP/s for MFU (none = a table for known GPUs, a measured matmul on CPU)", gt=0)
     init_from: str | None = _field(None, "Hugging Face Llama folder (or one of our checkpoints) to fine-tune from")
+    parallel: Literal["ddp", "fsdp"] = _field(
+        "ddp", "under torchrun: ddp (each process holds the whole model and optimizer) or fsdp (FSDP2: parameters, "
+               "gradients and optimizer state sharded over the processes, for models too large for one device)")
+    activation_checkpointing: bool = _field(
+        False, "keep only each block's input and recompute the rest in the backward pass: much less activation "
+               "memory for about a third more compute")
     long_conversations: Literal["truncate", "skip"] = _field(
         "truncate", "conversation data: a conversation longer than block_size + 1 tokens is cut to its start, or "
                     "never drawn (the count is printed at start)")
@@ -256,6 +283,15 @@ class TrainConfig:
         if self.lora_rank and self.optimizer == "muon":
             raise ConfigError("train.lora_rank with train.optimizer=muon: LoRA's rank-r matrices are no hidden "
                               "projections for Muon to orthogonalize; use adamw")
+        if self.parallel == "fsdp" and self.optimizer == "muon":
+            raise ConfigError("train.parallel=fsdp with train.optimizer=muon: Muon orthogonalizes whole matrices, "
+                              "which FSDP splits across processes; use adamw, or parallel=ddp")
+        if self.parallel == "fsdp" and self.lora_rank:
+            raise ConfigError("train.parallel=fsdp with train.lora_rank: LoRA trains too few weights to need "
+                              "sharding; use parallel=ddp")
+        if self.parallel == "fsdp" and self.dtype == "float16":
+            raise ConfigError("train.parallel=fsdp with train.dtype=float16: fp16 needs loss scaling, which the "
+                              "sharded gradients do not get here; use bfloat16 or float32")
         if self.lora_rank and not self.lora_target_list():
             raise ConfigError("train.lora_targets is empty: name the projections to adapt, e.g. q_proj,v_proj")
 

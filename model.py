@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from config import ConfigError, ModelConfig, parse_cli, script
 
@@ -252,6 +253,7 @@ class Llama(nn.Module):
         cos, sin = rope_cos_sin(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.activation_checkpointing = False  # train.py turns it on (train.activation_checkpointing)
         self.reset_parameters()
 
     @classmethod
@@ -315,8 +317,12 @@ class Llama(nn.Module):
         else:
             cos, sin, mask = self.padded_rope_and_mask(tokens.shape[0], T, start_pos, pad)
         x = self.embed_tokens(tokens)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            x = layer(x, cos, sin, start_pos, mask)
+            if recompute:  # the backward pass runs the block again instead of keeping its activations
+                x = checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, start_pos, mask)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]

@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 import checkpoint
@@ -94,10 +95,16 @@ class Runtime:
     amp_dtype: torch.dtype
     rank: int = 0
     world: int = 1
+    distributed: bool = False  # in a torchrun process group (a one-process group too, under fsdp)
+    sharded: bool = False  # the model is sharded with FSDP2 (train.parallel = "fsdp" under torchrun)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
 
     def log(self, message: str) -> None:
         """Print on the main process only."""
@@ -111,6 +118,9 @@ class Runtime:
 def setup_runtime(cfg: TrainConfig) -> Runtime:
     """Pick device and precision (printed at start) and join the torchrun process group if any."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    # FSDP under `torchrun --nproc_per_node 1` still shards (over one process): the same code path,
+    # and its mixed-precision policy, as on many GPUs.
+    distributed = world > 1 or (cfg.parallel == "fsdp" and "RANK" in os.environ)
     use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
     if use_cuda and not torch.cuda.is_available():
         raise ConfigError(f"train.device={cfg.device} but no CUDA device is visible; use --train.device cpu")
@@ -126,7 +136,7 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-    if world > 1:
+    if distributed:
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     if cfg.dtype != "auto":
         amp_dtype = getattr(torch, cfg.dtype)
@@ -134,7 +144,11 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     else:
         amp_dtype = torch.float32  # CPU bf16 matmuls are emulated and ~30x slower
-    return Runtime(device=device, amp_dtype=amp_dtype, rank=rank, world=world)
+    if cfg.parallel == "fsdp" and amp_dtype == torch.float16:
+        raise ConfigError("train.parallel=fsdp needs bf16 or fp32, and this GPU does bf16 only by emulation: "
+                          "use parallel=ddp (fp16 with loss scaling) or --train.dtype float32")
+    return Runtime(device=device, amp_dtype=amp_dtype, rank=rank, world=world, distributed=distributed,
+                   sharded=distributed and cfg.parallel == "fsdp")
 
 
 def peak_flops(cfg: TrainConfig, runtime: Runtime) -> float:
@@ -515,12 +529,16 @@ def start_run(cfg: Config) -> Run:
                           padded=data.is_conversations(dataset_dir))
     model, adapters = build_model(cfg, pretrained)
     model.to(runtime.device)
+    model.activation_checkpointing = tc.activation_checkpointing
     tasks = training_eval(cfg.eval, model, Tokenizer.load(dataset_dir), tc.block_size)
     accum = accumulation_steps(tc, runtime.world)
     # Everything is checked: only now may a previous run make way.
     replaced = claim_out_dir(out_dir, overwrite) if runtime.is_main else None
-    if runtime.world > 1:
-        dist.barrier()
+    runtime.barrier()
+    if runtime.distributed:
+        check_shared_out_dir(out_dir, runtime)
+    if runtime.sharded:
+        shard_model(model, runtime)
     optimizers = configure_optimizers(model, tc, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
     run = Run(cfg, runtime, out_dir, dataset_dir, model, model, optimizers, scaler,
@@ -533,19 +551,38 @@ def start_run(cfg: Config) -> Run:
     return run
 
 
+def restore_optimizers(run: Run, ckpt: Path, state: dict[str, Any]) -> None:
+    """The optimizer state: sharded by parameter name in ckpt/optimizer/, whatever the world size
+    and parallel mode that saved it; or, from checkpoints written before it was, whole in the
+    training state."""
+    whole = state.get("optimizer")  # checkpoints from before: one state dict, or a list of them
+    whole = [whole] if isinstance(whole, dict) else whole
+    saved = state.get("optimizers") or ["AdamW", "Muon"][:len(whole)]
+    ours = [type(o).__name__ for o in run.optimizers]
+    if saved != ours:
+        raise ConfigError(f"cannot resume {ckpt}: it was trained with {' + '.join(saved)} and train.optimizer="
+                          f"{run.cfg.train.optimizer} needs {' + '.join(ours)}; keep the optimizer of the run")
+    if (ckpt / checkpoint.OPTIMIZER_DIR).is_dir():
+        checkpoint.load_optimizer(run.model, run.optimizers, ckpt, run.runtime.distributed)
+    elif run.runtime.sharded:
+        raise ConfigError(f"cannot resume {ckpt} under train.parallel=fsdp: it holds its optimizer state whole, as "
+                          f"checkpoints did before sharding; resume it once with parallel=ddp, whose next "
+                          f"checkpoint fsdp can resume")
+    else:
+        for optimizer, optimizer_state in zip(run.optimizers, whole):
+            optimizer.load_state_dict(optimizer_state)
+
+
 def restore(run: Run, ckpt: Path) -> None:
     """Weights, optimizer, loss scaler, every RNG and the loop's counters from a checkpoint."""
     state = checkpoint.load_training_state(ckpt)
     if run.adapters is not None:
         checkpoint.read_lora(run.adapters, ckpt)
+    elif run.runtime.sharded:
+        checkpoint.load_full_state_dict(run.model, checkpoint.load_hf(ckpt).state_dict())
     else:
         run.model.load_state_dict(checkpoint.load_hf(ckpt).state_dict())
-    saved = state["optimizer"] if isinstance(state["optimizer"], list) else [state["optimizer"]]
-    if len(saved) != len(run.optimizers):
-        raise ConfigError(f"cannot resume {ckpt}: it was trained with {len(saved)} optimizer(s) and train.optimizer="
-                          f"{run.cfg.train.optimizer} needs {len(run.optimizers)}; keep the optimizer of the run")
-    for optimizer, optimizer_state in zip(run.optimizers, saved):
-        optimizer.load_state_dict(optimizer_state)
+    restore_optimizers(run, ckpt, state)
     run.scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     run.step, run.best_val, run.wandb_id = state["step"], state["best_val_loss"], state["wandb_run_id"] or None
@@ -562,10 +599,43 @@ def restore(run: Run, ckpt: Path) -> None:
 
 
 def wrap_for_training(module: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
-    if runtime.world == 1:
+    """DDP around the module under torchrun; an FSDP model is already sharded in place."""
+    if runtime.world == 1 or runtime.sharded:
         return module
     return torch.nn.parallel.DistributedDataParallel(
         module, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
+
+
+def shard_model(model: Llama, runtime: Runtime) -> None:
+    """FSDP2: each block, then the rest (embedding, final norm, LM head), sharded over the
+    processes in place. A block's parameters are gathered just before it runs and freed after, so
+    one process holds 1/world of the weights, gradients and optimizer state plus one block whole.
+    On GPUs the gathered weights are bf16 while gradients are averaged in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(runtime.device.type, (runtime.world,))
+    precision = MixedPrecisionPolicy(param_dtype=runtime.amp_dtype, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=precision)
+    fully_shard(model, mesh=mesh, mp_policy=precision)
+
+
+def check_shared_out_dir(out_dir: Path, runtime: Runtime) -> None:
+    """Every process writes its shard of each checkpoint into out_dir, so on several machines it
+    must be one folder they all see: the main process leaves a token there for the others to read."""
+    token = [f"{platform.node()}-{os.getpid()}-{time.time_ns()}" if runtime.is_main else None]
+    dist.broadcast_object_list(token, src=0)
+    probe = out_dir / ".shared-check"
+    if runtime.is_main:
+        probe.write_text(token[0])
+    runtime.barrier()
+    seen = probe.read_text() if probe.is_file() else None
+    ok = on_all_processes(runtime, seen == token[0])
+    if runtime.is_main:
+        probe.unlink()
+    if not ok:
+        raise ConfigError(f"train.out_dir={out_dir} is not the same folder for every process: on several machines "
+                          f"put it on a filesystem they all mount (NFS, a shared disk)")
 
 
 def trainable_params(model: Llama) -> int:
@@ -585,8 +655,10 @@ def start_logging(run: Run) -> tuple[int, float]:
             "device": str(runtime.device), "amp_dtype": str(runtime.amp_dtype), "world_size": runtime.world,
             "params": model.num_params(), "trainable_params": trainable_params(model),
             "flops_per_token": flops_per_token, "peak_flops": peak}, indent=2))
+    parallel = f" ({tc.parallel})" if runtime.distributed else ""
+    recompute = " | activation checkpointing" if tc.activation_checkpointing else ""
     runtime.log(f"device {runtime.device} | amp {str(runtime.amp_dtype).removeprefix('torch.')} | "
-                f"compile {tc.compile} | world {runtime.world}")
+                f"compile {tc.compile} | world {runtime.world}{parallel}{recompute}")
     adamw = f"adamw lr {tc.lr:g} betas ({tc.beta1:g}, {tc.beta2:g}) decay {tc.weight_decay:g}"
     runtime.log(f"optimizer {adamw}" if tc.optimizer == "adamw" else
                 f"optimizer muon lr {tc.muon_lr:g} ({muon_schedule(tc).lr_schedule}) momentum {tc.muon_momentum:g} "
@@ -618,7 +690,10 @@ def accumulate_gradients(run: Run) -> torch.Tensor:
         x, y = run.train_batches.get(run.step, micro * runtime.world + runtime.rank)
         x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
         sync = micro == accum - 1 or runtime.world == 1
-        with (contextlib.nullcontext() if sync else run.step_model.no_sync()), runtime.autocast():
+        if runtime.sharded:  # FSDP keeps the micro-batches' gradients unsharded until the last one
+            run.model.set_requires_gradient_sync(sync)
+        no_sync = contextlib.nullcontext() if sync or runtime.sharded else run.step_model.no_sync()
+        with no_sync, runtime.autocast():
             _, loss = run.step_model(x, y)
             loss = loss / accum
         run.scaler.scale(loss).backward()
@@ -649,6 +724,8 @@ def train_step(run: Run) -> StepResult:
         run.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else
                                                float("inf"))
+    if isinstance(grad_norm, DTensor):  # FSDP: the norm over every process's shards
+        grad_norm = grad_norm.full_tensor()
     loss_value, grad_norm_value = loss.item(), grad_norm.item()
     # Under fp16 loss scaling an overflowing gradient is routine (the scaler skips and backs
     # off); anywhere else a non-finite value means the step would poison the weights.
@@ -689,15 +766,19 @@ def evaluate(run: Run) -> dict[str, float]:
             dist.all_reduce(total, op=dist.ReduceOp.AVG)
         losses[split] = total.item() / tc.eval_iters
     if run.tasks is not None:  # every process scores its share of the windows and examples
+        # ...except under FSDP, where every forward is a collective that all processes must
+        # make: each scores them all.
+        rank, world = (0, 1) if runtime.sharded else (runtime.rank, runtime.world)
         with runtime.autocast():
-            losses |= run.tasks.scores(runtime.rank, runtime.world, functools.partial(sum_over_processes, runtime))
+            losses |= run.tasks.scores(rank, world, functools.partial(sum_over_processes, runtime, world))
     run.step_model.train()
     return losses
 
 
-def sum_over_processes(runtime: Runtime, values: list[float]) -> list[float]:
-    """Each value summed over all processes (in float64, so counts and sums stay exact)."""
-    if runtime.world == 1:
+def sum_over_processes(runtime: Runtime, world: int, values: list[float]) -> list[float]:
+    """Each value summed over the `world` processes that share the work (in float64, so counts and
+    sums stay exact)."""
+    if world == 1:
         return values
     total = torch.tensor(values, dtype=torch.float64, device=runtime.device)
     dist.all_reduce(total)
@@ -705,28 +786,44 @@ def sum_over_processes(runtime: Runtime, values: list[float]) -> list[float]:
 
 
 def save_checkpoint(run: Run) -> Path:
-    state = {"step": run.step, "optimizer": [o.state_dict() for o in run.optimizers], "scaler": run.scaler.state_dict(),
-             "rng": rng_state(), "best_val_loss": run.best_val, "wandb_run_id": run.wandb_id or ""}
-    write_adapters = None
-    if run.adapters is not None:
-        base = checkpoint.resolve(Path(run.cfg.train.init_from))
-        def write_adapters(folder: Path) -> None:
+    """Every process writes its shard of the optimizer state; the main one writes the rest: the
+    weights whole (gathered first under FSDP), so every checkpoint is a plain model folder."""
+    runtime = run.runtime
+    state = {"step": run.step, "optimizers": [type(o).__name__ for o in run.optimizers],
+             "scaler": run.scaler.state_dict(), "rng": rng_state(), "best_val_loss": run.best_val,
+             "wandb_run_id": run.wandb_id or ""}
+    gathered = checkpoint.full_state_dict(run.model) if runtime.sharded else None  # all processes take part
+
+    def write_weights(folder: Path) -> None:
+        if run.adapters is not None:
+            base = checkpoint.resolve(Path(run.cfg.train.init_from))
             checkpoint.save_lora(run.adapters, folder, base, run.trained_context)
-    path = checkpoint.save(run.out_dir, run.step, run.model, state, to_toml(run.cfg), run.carried,
-                           run.trained_context, write_adapters)
-    checkpoint.prune(run.out_dir, run.cfg.train.keep_last)
-    if run.replaced is not None:  # the new run now stands on its own
-        shutil.rmtree(run.replaced)
-        run.replaced = None
-    return path
+        else:
+            checkpoint.save_hf(run.model, folder, run.trained_context, gathered)
+
+    with checkpoint.writing(run.out_dir, run.step, runtime.is_main, runtime.barrier) as folder:
+        checkpoint.save_optimizer(run.model, run.optimizers, folder, runtime.distributed)
+        if runtime.is_main:
+            checkpoint.write_contents(folder, state, to_toml(run.cfg), run.carried, write_weights)
+    if runtime.is_main:
+        checkpoint.prune(run.out_dir, run.cfg.train.keep_last)
+        if run.replaced is not None:  # the new run now stands on its own
+            shutil.rmtree(run.replaced)
+            run.replaced = None
+    return run.out_dir / f"ckpt-{run.step:06d}"
 
 
 def on_any_rank(run: Run, flag: bool) -> bool:
     """True on every process when `flag` is true on any: under torchrun all ranks must take the
     same branch (stop at the same step, run the same evaluation)."""
-    if run.runtime.world > 1:
-        value = torch.tensor(float(flag), device=run.runtime.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return not on_all_processes(run.runtime, not flag)
+
+
+def on_all_processes(runtime: Runtime, flag: bool) -> bool:
+    """True on every process when `flag` is true on all of them."""
+    if runtime.world > 1:
+        value = torch.tensor(float(flag), device=runtime.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
         flag = bool(value.item())
     return flag
 
@@ -785,8 +882,8 @@ def train_loop(run: Run) -> int:
             result = train_step(run)
             log_step(run, result, flops_per_token, peak, bar)
             if run.nonfinite_streak >= tc.max_nonfinite_skips:
+                ckpt = save_checkpoint(run)
                 if run.runtime.is_main:
-                    ckpt = save_checkpoint(run)
                     print(f"error: {run.nonfinite_streak} consecutive non-finite steps; no update was applied on "
                           f"them and the weights in {ckpt} are the last good state. Likely causes: learning rate "
                           f"too high (train.lr), fp16 overflow (use bf16 or float32), or bad data.", file=sys.stderr)
@@ -795,7 +892,7 @@ def train_loop(run: Run) -> int:
             eval_now = run.step % tc.eval_interval == 0 or run.step == tc.max_steps
             stopping = on_any_rank(run, stop.signal is not None)
             if stopping or eval_now or run.step % tc.ckpt_interval == 0:
-                ckpt = save_checkpoint(run) if run.runtime.is_main else None  # before an eval that may crash
+                ckpt = save_checkpoint(run)  # before an evaluation that may crash
                 if stopping:
                     run.runtime.log(f"\nstopped by signal {stop.signal} at step {run.step}; checkpoint saved, "
                                     f"continue with --resume")
@@ -805,7 +902,7 @@ def train_loop(run: Run) -> int:
                 log_eval(run, evaluate(run), ckpt, bar)
     if run.wandb_run is not None:
         run.wandb_run.finish()
-    if run.runtime.world > 1:  # leave together: a rank that exits while another still talks can abort
+    if run.runtime.distributed:  # leave together: a rank that exits while another still talks can abort
         dist.barrier()
         dist.destroy_process_group()
     return exit_code

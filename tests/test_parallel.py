@@ -1,0 +1,126 @@
+"""FSDP2 and multi-node torchrun on CPU/gloo: each equals one process with accumulation, and their
+checkpoints resume on another world size and mode. Pinned to CPU also where CUDA is visible: these
+tests are about the arithmetic and the checkpoints, not devices."""
+
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+from config import ConfigError, ModelConfig, TrainConfig
+from model import Block, Llama
+from test_train import ROOT, args, data_dir, run_cli, train_losses  # noqa: F401 (data_dir is a fixture)
+
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+COMMON = ["--train.max_steps", "10", "--train.eval_interval", "5", "--train.batch_tokens", "256",
+          "--train.device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def single(data_dir, tmp_path_factory) -> Path:  # noqa: F811
+    """One process, accumulation 2: the run every parallel layout must reproduce."""
+    out = tmp_path_factory.mktemp("single")
+    result = run_cli(*args(data_dir, out, *COMMON))
+    assert result.returncode == 0, result.stderr
+    assert "accumulation 2" in result.stdout
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def close(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) == 10 and max(abs(x - y) for x, y in zip(a, b)) <= 1e-5
+
+
+def test_fsdp_equals_one_process_and_resumes_on_one(data_dir, single, tmp_path):  # noqa: F811
+    out = tmp_path / "fsdp"
+    fsdp = run_cli(*args(data_dir, out, *COMMON, "--train.parallel", "fsdp"),
+                   launcher=(TORCHRUN, "--standalone", "--nproc_per_node", "2"))
+    assert fsdp.returncode == 0, fsdp.stderr
+    assert "world 2 (fsdp)" in fsdp.stdout and "accumulation 1" in fsdp.stdout
+    assert close(train_losses(out), train_losses(single))
+    # The main process gathered the shards into a plain model folder: the single run's weights.
+    ours, reference = checkpoint.load_model(out / "ckpt-000010")[0], checkpoint.load_model(single / "ckpt-000010")[0]
+    for (name, a), b in zip(ours.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0, msg=name)
+    assert (out / "ckpt-000005" / checkpoint.OPTIMIZER_DIR / ".metadata").is_file()
+    # Resumed without torchrun (no FSDP, one process): the optimizer shards are read back whole.
+    resumed = run_cli(*args(data_dir, out, *COMMON, "--resume", str(out / "ckpt-000005")))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and "accumulation 2" in resumed.stdout
+    assert close(train_losses(out), train_losses(single))
+
+
+def test_one_process_checkpoint_resumes_under_fsdp(data_dir, single, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    shutil.copytree(single, out)
+    resumed = run_cli(*args(data_dir, out, *COMMON, "--train.parallel", "fsdp", "--resume", str(out / "ckpt-000005")),
+                      launcher=(TORCHRUN, "--standalone", "--nproc_per_node", "2"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert close(train_losses(out), train_losses(single))
+
+
+def launch_nodes(out_dirs: list[Path], data: Path, *extra: str) -> list[subprocess.CompletedProcess]:
+    """Two "machines" of one process each, meeting through torchrun's c10d rendezvous on 127.0.0.1."""
+    endpoint = f"127.0.0.1:{free_port()}"
+    launcher = (TORCHRUN, "--nnodes", "2", "--nproc_per_node", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", endpoint, "--rdzv-id", "nanollama-test")
+    nodes = [run_cli(*args(data, out, *COMMON, *extra), wait=False, launcher=launcher) for out in out_dirs]
+    results = []
+    for node in nodes:
+        _, stderr = node.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(node.args, node.returncode, "", stderr))
+    return results
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_nodes_equal_one_process(data_dir, single, tmp_path, parallel):  # noqa: F811
+    out = tmp_path / "shared"
+    for node in launch_nodes([out, out], data_dir, "--train.parallel", parallel):
+        assert node.returncode == 0, node.stderr
+    assert close(train_losses(out), train_losses(single))
+
+
+def test_a_run_folder_the_nodes_do_not_share_is_refused(data_dir, tmp_path):  # noqa: F811
+    nodes = launch_nodes([tmp_path / "machine_a", tmp_path / "machine_b"], data_dir)
+    assert all(node.returncode != 0 for node in nodes)
+    assert any("is not the same folder for every process: on several machines put it on a filesystem they all "
+               "mount" in node.stderr for node in nodes)
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"optimizer": "muon"}, "train.parallel=fsdp with train.optimizer=muon"),
+    ({"init_from": "x", "lora_rank": 4}, "train.parallel=fsdp with train.lora_rank"),
+    ({"dtype": "float16"}, "train.parallel=fsdp with train.dtype=float16"),
+])
+def test_fsdp_refuses_what_it_cannot_shard(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig(parallel="fsdp", **settings).validate()
+
+
+def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_gradients(monkeypatch):
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16))
+    tokens = torch.randint(0, 50, (2, 17))
+    calls, forward = [], Block.forward
+    monkeypatch.setattr(Block, "forward", lambda self, *a: calls.append(1) or forward(self, *a))
+    grads, runs = [], []
+    for recompute in (False, True):
+        model.activation_checkpointing = recompute
+        model.zero_grad()
+        calls.clear()
+        model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        runs.append(len(calls))
+    assert runs == [2, 4]  # with checkpointing the backward pass runs the block a second time
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
