@@ -835,6 +835,8 @@ def log_step(run: Run, result: StepResult, flops_per_token: int, peak: float, ba
         record = {"kind": "train", "step": run.step, "loss": result.loss, "lr": result.lr,
                   "grad_norm": result.grad_norm, "step_s": result.seconds, "tokens_per_s": tokens_per_s, "mfu": mfu,
                   "skipped": not result.applied}
+        if run.runtime.device.type == "cuda":  # what one process has held on its GPU at most so far
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(run.runtime.device) / 2**30
         append_metric(run.metrics_path, record)
         if run.wandb_run is not None:
             run.wandb_run.log({k: v for k, v in record.items() if k not in ("kind", "step")}, step=run.step)

@@ -247,9 +247,11 @@ def test_training_scores_eval_data_and_tasks_at_each_evaluation(tmp_path):
     assert evals[-1]["text_loss"] == pytest.approx(scored["loss"], rel=1e-4)
 
 
-def test_training_eval_is_shared_out_across_torchrun_processes(tmp_path):
-    """Under torchrun each process scores every other window and example; the summed results are
-    the single process's (training itself: 2 processes equal 1 with accumulation 2)."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_training_eval_is_shared_out_across_torchrun_processes(tmp_path, parallel):
+    """Under torchrun each process scores every other window and example (under FSDP, where every
+    forward involves all processes, each scores them all); the results are the single process's
+    (training itself: 2 processes equal 1 with accumulation 2)."""
     import shutil
     import sys
 
@@ -267,8 +269,8 @@ def test_training_eval_is_shared_out_across_torchrun_processes(tmp_path):
     one = run_cli(*common, "--train.out_dir", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    two = run_cli(*common, "--train.out_dir", str(tmp_path / "two"), launcher=(torchrun, "--standalone",
-                                                                                "--nproc_per_node", "2"))
+    two = run_cli(*common, "--train.out_dir", str(tmp_path / "two"), "--train.parallel", parallel,
+                  launcher=(torchrun, "--standalone", "--nproc_per_node", "2"))
     assert two.returncode == 0, two.stderr
     records = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
                 if json.loads(line)["kind"] == "eval"][-1] for run in ("one", "two")]

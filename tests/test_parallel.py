@@ -6,13 +6,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
 
 import checkpoint
-from config import ConfigError, ModelConfig, TrainConfig
+from config import Config, ConfigError, ModelConfig, TrainConfig, build_config, load_toml
 from model import Block, Llama
 from test_train import ROOT, args, data_dir, run_cli, train_losses  # noqa: F401 (data_dir is a fixture)
 
@@ -124,3 +125,60 @@ def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_gradients
     assert runs == [2, 4]  # with checkpointing the backward pass runs the block a second time
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def recipe(name: str) -> Config:
+    return build_config(load_toml(ROOT / "configs" / f"{name}.toml"))
+
+
+def test_recipes_state_their_budget():
+    """The token budgets, batches and sizes the two recipes' comments promise."""
+    small, large = recipe("llama_124m_fineweb"), recipe("llama_1b_fsdp")
+    assert round(small.train.max_steps * small.train.batch_tokens / 1e9, 1) == 10.0
+    assert round(large.train.max_steps * large.train.batch_tokens / 1e9, 1) == 22.0
+    assert small.train.batch_tokens // (small.train.micro_batch_size * small.train.block_size * 8) == 2
+    assert large.train.batch_tokens // (large.train.micro_batch_size * large.train.block_size * 8) == 8
+    with torch.device("meta"):
+        assert round(Llama(small.model).num_params() / 1e6) == 124
+        assert round(Llama(large.model).num_params() / 1e9, 1) == 1.1
+    assert large.train.parallel == "fsdp" and large.train.activation_checkpointing
+    for cfg in (small, large):
+        assert cfg.data.vocab_size == cfg.model.vocab_size or cfg.data.tokenizer not in ("bpe", "char")
+
+
+@pytest.mark.parametrize("script", ["prepare_data.py", "train.py"])
+@pytest.mark.parametrize("name", ["llama_124m_fineweb", "llama_1b_fsdp"])
+def test_recipes_print_their_config(script, name):
+    result = subprocess.run([sys.executable, script, f"configs/{name}.toml", "--print-config"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert build_config(tomllib.loads(result.stdout)) == recipe(name)
+
+
+@pytest.mark.slow
+def test_124m_recipe_trains_at_full_size_on_stand_in_data(data_dir, tmp_path):  # noqa: F811
+    """Its model and optimizer as configured, on a tiny dataset, with short windows on CPU."""
+    result = run_cli("configs/llama_124m_fineweb.toml", "--data.data_dir", str(data_dir), "--data.dataset", "tiny",
+                     "--train.out_dir", str(tmp_path), "--train.compile", "false", "--train.device", "cpu",
+                     "--train.block_size", "64", "--train.micro_batch_size", "1", "--train.batch_tokens", "64",
+                     "--train.max_steps", "2", "--train.warmup_steps", "1", "--train.eval_interval", "2",
+                     "--train.eval_iters", "1", "--eval.task", "none")
+    assert result.returncode == 0, result.stderr
+    assert "params 123,5" in result.stdout or "params 123,6" in result.stdout
+    assert len(train_losses(tmp_path)) == 2 and (tmp_path / "ckpt-000002" / "model.safetensors").is_file()
+
+
+def test_1b_recipe_trains_sharded_on_two_processes(data_dir, tmp_path):  # noqa: F811
+    """Its training setup (FSDP, activation checkpointing, schedule, optimizer) on two processes, with
+    the model shrunk to a few blocks so that it runs on a CPU."""
+    small_model = ["--model.dim", "64", "--model.n_layers", "2", "--model.n_heads", "4", "--model.n_kv_heads", "2",
+                   "--model.hidden_dim", "128", "--model.vocab_size", "64", "--model.max_seq_len", "64"]
+    result = run_cli("configs/llama_1b_fsdp.toml", *small_model, "--data.data_dir", str(data_dir),
+                     "--data.dataset", "tiny", "--train.out_dir", str(tmp_path), "--train.compile", "false",
+                     "--train.device", "cpu", "--train.block_size", "32", "--train.micro_batch_size", "2",
+                     "--train.batch_tokens", "256", "--train.max_steps", "3", "--train.warmup_steps", "1",
+                     "--train.eval_interval", "3", "--train.eval_iters", "1",
+                     launcher=(TORCHRUN, "--standalone", "--nproc_per_node", "2"))
+    assert result.returncode == 0, result.stderr
+    assert "world 2 (fsdp) | activation checkpointing" in result.stdout and "accumulation 2" in result.stdout
+    assert len(train_losses(tmp_path)) == 3 and (tmp_path / "ckpt-000003" / checkpoint.OPTIMIZER_DIR).is_dir()
