@@ -4,8 +4,9 @@ and llama2.c's legacy .bin files. `load_model` opens any of them.
 Training checkpoints are Hugging Face model folders plus the training state:
 
     out_dir/
-      ckpt-000500/          config.json, model.safetensors, tokenizer files, training_state.pt,
-                            config.toml, COMPLETE (sha256 of every other file)
+      ckpt-000500/          config.json, model.safetensors, tokenizer files, optimizer/ (sharded,
+                            see save_optimizer), training_state.pt, config.toml, COMPLETE (sha256
+                            of every other file)
       latest                the name of the newest complete checkpoint
       best                  the name of the checkpoint with the lowest val loss
 

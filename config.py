@@ -251,7 +251,7 @@ class TrainConfig:
                "gradients and optimizer state sharded over the processes, for models too large for one device)")
     activation_checkpointing: bool = _field(
         False, "keep only each block's input and recompute the rest in the backward pass: much less activation "
-               "memory for about a third more compute")
+               "memory for about a quarter more compute")
     long_conversations: Literal["truncate", "skip"] = _field(
         "truncate", "conversation data: a conversation longer than block_size + 1 tokens is cut to its start, or "
                     "never drawn (the count is printed at start)")

@@ -8,6 +8,7 @@ readable versions the pages explain; tests/test_docs.py checks each of them agai
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -40,6 +41,8 @@ LLAMA3_8B = dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_head
                  max_seq_len=8192, rope_theta=500000.0)
 # The reference config of bench/: what the decoding-cost curves are drawn for.
 BENCH_CONFIG = dict(vocab_size=8192, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, hidden_dim=1024, max_seq_len=1024)
+# configs/llama_1b_fsdp.toml, whose memory the parallel page works through.
+RECIPE_1B = ROOT / "configs" / "llama_1b_fsdp.toml"
 # The AdamW schedule the LR page works through (the CPU preset's before it moved to Muon).
 CPU_SCHEDULE = dict(lr=3e-3, min_lr=3e-4, warmup_steps=100, max_steps=1800, decay_fraction=0.2)
 
@@ -96,6 +99,34 @@ def decode_step_flops(cfg: ModelConfig, context: int, cached: bool) -> int:
     """FLOPs to produce the token after `context` tokens: one new position with the KV cache,
     every position again without it."""
     return forward_flops(cfg, 1 if cached else context, context)
+
+
+def training_state_bytes(params: int) -> int:
+    """fp32 weights, their gradients and AdamW's two moments: 16 bytes a parameter."""
+    return 16 * params
+
+
+def block_activation_values(cfg: ModelConfig, recompute: bool, tokens: int = 64) -> float:
+    """Values autograd keeps per token for one block's backward pass (parameters not counted),
+    measured: the difference between a two-block and a one-block model of cfg's width."""
+    kept = []
+    for n_layers in (1, 2):
+        torch.manual_seed(0)
+        model = Llama(dataclasses.replace(cfg, n_layers=n_layers, vocab_size=64, max_seq_len=tokens))
+        model.activation_checkpointing = recompute
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in params:  # each storage once, views included
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randint(0, 64, (1, tokens + 1))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x[:, :-1], x[:, 1:])
+        kept.append(sum(storages.values()))
+    return (kept[1] - kept[0]) / tokens / 4  # fp32 values
 
 
 def next_byte_distribution(text: bytes, context: bytes) -> torch.Tensor:
@@ -479,12 +510,36 @@ def fig_loss_curve() -> None:
     save(fig, "loss_curve.png")
 
 
+def fig_parallel_memory() -> None:
+    from config import build_config, load_toml
+    cfg = build_config(load_toml(RECIPE_1B))
+    with torch.device("meta"):
+        model = Llama(cfg.model)
+    params, block = model.num_params(), sum(p.numel() for p in model.layers[0].parameters())
+    tokens = cfg.train.micro_batch_size * cfg.train.block_size
+    checkpointed = cfg.model.n_layers * tokens * cfg.model.dim * 2 / 1e9  # bf16 block inputs
+    gpus = [1, 2, 4, 8, 16, 32, 64]
+    ddp = [training_state_bytes(params) / 1e9] * len(gpus)
+    fsdp = [training_state_bytes(params) / n / 1e9 + 2 * block * 2 / 1e9 for n in gpus]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(gpus, ddp, "o-", label="DDP: weights, gradients, AdamW state (16 B/param) on every GPU")
+    ax.plot(gpus, fsdp, "o-", label="FSDP: 16 B/param / GPUs + two gathered bf16 blocks")
+    ax.axhline(checkpointed, color="gray", ls="--",
+               label=f"+ activations with checkpointing ({checkpointed:.2f} GB at micro-batch {tokens:,} tokens)")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(gpus, [str(n) for n in gpus])
+    ax.set_ylim(0, 26)  # room for the legend above the lines
+    describe(ax, "GPUs", "GB per GPU", "Training memory per GPU, TinyLlama-1.1B shape (configs/llama_1b_fsdp.toml)")
+    ax.legend(loc="upper right")
+    save(fig, "parallel_memory.png")
+
+
 def main() -> None:
     FIGURES.mkdir(exist_ok=True)
     start = time.perf_counter()
     for draw in (fig_rmsnorm, fig_rope, fig_masks, fig_kv_cache_memory, fig_decode_cost, fig_lr_schedules,
                  fig_precision, fig_online_softmax, fig_swiglu, fig_sampling, fig_bpe, fig_checkpoint_protocol,
-                 fig_muon, fig_decoding, fig_loss_curve):
+                 fig_muon, fig_decoding, fig_loss_curve, fig_parallel_memory):
         draw()
     print(f"done in {time.perf_counter() - start:.1f} s")
 

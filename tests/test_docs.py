@@ -478,3 +478,75 @@ def test_chat_rendering_as_shown():
     ids, mask = chat.encode_with_mask(messages)
     assert tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "Hello.<|eot_id|>"
     assert chat.encode(messages).count(tokenizer.bos_id) == 1
+
+
+# --- parallel.md --------------------------------------------------------------------------------
+
+
+def recipe_1b():
+    from config import build_config, load_toml
+    return build_config(load_toml(figures.RECIPE_1B))
+
+
+def test_training_state_is_16_bytes_a_parameter():
+    """fp32 weight + gradient + AdamW's two moments, as the training loop holds them after a step."""
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=50, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16))
+    optimizer = torch.optim.AdamW(model.parameters())
+    tokens = torch.randint(0, 50, (2, 17))
+    model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+    optimizer.step()
+    held = [p for p in model.parameters()] + [p.grad for p in model.parameters()] + [
+        t for state in optimizer.state.values() for t in state.values() if t.dim() > 0]
+    params = model.num_params()
+    assert sum(t.numel() * t.element_size() for t in held) == figures.training_state_bytes(params) == 16 * params
+
+
+def test_parallel_worked_example():
+    cfg = recipe_1b()
+    with torch.device("meta"):
+        model = Llama(cfg.model)
+    params, block = model.num_params(), sum(p.numel() for p in model.layers[0].parameters())
+    assert (params, block) == (1_100_048_384, 44_044_288)
+    assert round(16 * params / 1e9, 2) == 17.60 and round(16 * params / 8 / 1e9, 2) == 2.20
+    assert round(2 * block / 1e6, 1) == 88.1 and round(4 * block / 1e6) == 176
+    tokens = cfg.train.micro_batch_size * cfg.train.block_size
+    assert tokens == 32_768 and cfg.model.n_layers == 22
+    assert round(22 * tokens * 39_458 * 2 / 1e9, 1) == 56.9 and round(22 * tokens * 2048 * 2 / 1e9, 2) == 2.95
+
+
+def test_checkpointing_keeps_block_inputs_only():
+    """39,458 values a token per block of the 1B width (19.3 x dim) without checkpointing, the same
+    at two sequence lengths; exactly the block's input (dim values) with it."""
+    cfg = recipe_1b().model
+    assert figures.block_activation_values(cfg, recompute=False) == 39_458
+    assert figures.block_activation_values(cfg, recompute=False, tokens=128) == 39_458
+    assert round(39_458 / cfg.dim, 1) == 19.3
+    assert figures.block_activation_values(cfg, recompute=True) == cfg.dim
+
+
+def test_checkpointing_costs_the_blocks_forward_up_to_the_down_projection():
+    """Checkpointed training FLOPs = plain ones + each block's forward except its down projection
+    (whose output the backward does not need: the recomputation stops before it). For the 1B block:
+    7.5 FLOPs per block weight per token instead of 6."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32)
+    model = Llama(cfg)
+    tokens = torch.randint(0, 64, (1, 33))
+
+    def training_flops(recompute: bool) -> int:
+        model.activation_checkpointing = recompute
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(tokens[:, :-1], tokens[:, 1:])[1].backward()
+        return counter.get_total_flops()
+
+    block_forward = counted_flops(lambda: [layer(torch.zeros(1, 32, cfg.dim), model.rope_cos[:32],
+                                                 model.rope_sin[:32], 0) for layer in model.layers])
+    down_projections = cfg.n_layers * 2 * 32 * cfg.ffn_dim * cfg.dim
+    assert training_flops(True) - training_flops(False) == block_forward - down_projections
+    big = recipe_1b().model
+    weights = 4 * big.dim * big.dim - 2 * big.dim * (big.n_heads - big.n_kv_heads) * big.head_dim + 3 * big.dim * big.ffn_dim
+    before_down = weights - big.dim * big.ffn_dim
+    assert weights == 44_040_192 and round(before_down / weights, 3) == 0.738
+    assert round(6 + 2 * before_down / weights, 1) == 7.5 and round((6 + 2 * before_down / weights) / 6, 2) == 1.25
