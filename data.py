@@ -15,6 +15,7 @@ same format, one 0/1 per token: 1 where the token is the assistant's) and `<spli
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import typing
@@ -43,26 +44,49 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def write_tokens(path: str | Path, chunks: Iterable[np.ndarray], vocab_size: int, tokenizer_hash: str) -> int:
-    """Stream token arrays into `path` through a temporary file renamed at the end; returns the count.
+class TokenWriter:
+    """A token file written piece by piece into `<path>.tmp`, renamed to `path` by close(): an
+    interrupted write never leaves a .bin that looks whole (a failed one removes its .tmp)."""
 
-    An interrupted write leaves only the `.tmp` file, never a `.bin` that looks whole.
-    """
-    path, dtype = Path(path), token_dtype(vocab_size)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    digest = bytes.fromhex(tokenizer_hash)
-    count = 0
-    with tmp.open("wb") as f:
-        f.write(HEADER.pack(MAGIC, VERSION, dtype.itemsize, 0, vocab_size, digest))
+    def __init__(self, path: str | Path, vocab_size: int, tokenizer_hash: str):
+        self.path, self.vocab_size, self.dtype = Path(path), vocab_size, token_dtype(vocab_size)
+        self.digest, self.count = bytes.fromhex(tokenizer_hash), 0
+        self.tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        self.file = self.tmp.open("wb")
+        self.file.write(self._header())
+
+    def _header(self) -> bytes:
+        return HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.count, self.vocab_size, self.digest)
+
+    def write(self, tokens: np.ndarray) -> None:
+        self.file.write(np.asarray(tokens, dtype=self.dtype).tobytes())
+        self.count += len(tokens)
+
+    def close(self) -> int:
+        """Finish the file (its header's count, fsync, rename); returns the token count."""
+        self.file.seek(0)
+        self.file.write(self._header())
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.count
+
+    def abandon(self) -> None:
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def write_tokens(path: str | Path, chunks: Iterable[np.ndarray], vocab_size: int, tokenizer_hash: str) -> int:
+    """Stream token arrays into `path` (see TokenWriter); returns the count."""
+    writer = TokenWriter(path, vocab_size, tokenizer_hash)
+    try:
         for chunk in chunks:
-            f.write(np.asarray(chunk, dtype=dtype).tobytes())
-            count += len(chunk)
-        f.seek(0)
-        f.write(HEADER.pack(MAGIC, VERSION, dtype.itemsize, count, vocab_size, digest))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return count
+            writer.write(chunk)
+    except BaseException:
+        writer.abandon()
+        raise
+    return writer.close()
 
 
 @dataclass
@@ -74,6 +98,24 @@ class TokenFile:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @property
+    def files(self) -> list[TokenFile]:
+        """The token files of the split: this one (what a sampler iterates, as for TokenShards)."""
+        return [self]
+
+
+@dataclass
+class TokenShards:
+    """A split prepared in shards (prepare_data.py --data.shard_documents): its token files in the
+    order meta.json's index lists them, each memory-mapped, so a corpus of any size costs no memory."""
+    path: Path  # <folder>/<split>_*.bin: what messages name
+    files: list[TokenFile]
+    vocab_size: int
+    tokenizer_hash: str
+
+    def __len__(self) -> int:
+        return sum(len(f) for f in self.files)
 
 
 def read_tokens(path: str | Path) -> TokenFile:
@@ -99,15 +141,53 @@ def read_tokens(path: str | Path) -> TokenFile:
     return TokenFile(path, tokens, vocab_size, digest.hex())
 
 
-def open_split(dataset_dir: str | Path, split: str) -> TokenFile:
+def open_split(dataset_dir: str | Path, split: str) -> TokenFile | TokenShards:
+    """A split of a prepared dataset: its <split>.bin, or its shards when meta.json indexes some."""
     dataset_dir = Path(dataset_dir)
     if not dataset_dir.is_dir():
         raise DataError(f"data folder {dataset_dir} does not exist: create it with python prepare_data.py "
                         f"--data.dataset {dataset_dir.name} --data.data_dir {dataset_dir.parent}")
-    return read_tokens(dataset_dir / f"{split}.bin")
+    meta_file = dataset_dir / "meta.json"
+    meta = read_meta(meta_file) if meta_file.is_file() else {}
+    if "shards" not in meta:
+        return read_tokens(dataset_dir / f"{split}.bin")
+    return read_shards(dataset_dir, split, meta)
 
 
-def check_compatible(train: TokenFile, val: TokenFile, model_vocab_size: int, block_size: int,
+def read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path} is not a JSON object: re-run prepare_data.py")
+    return meta
+
+
+def read_shards(dataset_dir: Path, split: str, meta: dict) -> TokenShards:
+    """Every shard meta.json's index lists for `split`, checked: present, whole, as long as the
+    index says and made by the dataset's tokenizer. A shard that fails is named, with the fix."""
+    redo = "delete it and run the same prepare_data.py command again (it rewrites only missing shards)"
+    files = []
+    for entry in meta["shards"][split]:
+        path = dataset_dir / entry["file"]
+        if not path.is_file():
+            raise DataError(f"{path}, a shard meta.json lists, is missing: run the same prepare_data.py command "
+                            f"again (it rewrites only missing shards)")
+        shard = read_tokens(path)
+        if len(shard) != entry["tokens"]:
+            raise DataError(f"{path} holds {len(shard):,} tokens but meta.json's index says {entry['tokens']:,}: "
+                            f"it comes from another preparation; {redo}")
+        if shard.tokenizer_hash != meta["tokenizer_sha256"]:
+            raise DataError(f"{path} was tokenized with another tokenizer than the dataset's (sha256 "
+                            f"{shard.tokenizer_hash[:12]} vs {meta['tokenizer_sha256'][:12]} in meta.json); {redo}")
+        files.append(shard)
+    if not files:
+        raise DataError(f"{dataset_dir}/meta.json lists no {split} shard: re-run prepare_data.py")
+    return TokenShards(dataset_dir / f"{split}_*.bin", files, files[0].vocab_size, files[0].tokenizer_hash)
+
+
+def check_compatible(train: TokenFile | TokenShards, val: TokenFile | TokenShards, model_vocab_size: int, block_size: int,
                      model_tokenizer: tuple[str, str, str] | None = None, padded: bool = False) -> None:
     """Refuse data the model cannot train on, naming the mismatch. `model_tokenizer` is the
     (sha256, folder, fix) of the tokenizer the model comes with, when it has one; `padded` data
@@ -124,8 +204,10 @@ def check_compatible(train: TokenFile, val: TokenFile, model_vocab_size: int, bl
         raise DataError(f"the data's vocab of {train.vocab_size} ids does not fit model.vocab_size="
                         f"{model_vocab_size}: {fix}")
     for split in () if padded else (train, val):
-        if len(split) < block_size + 1:
-            raise DataError(f"{split.path} holds {len(split):,} tokens, fewer than block_size + 1 = "
+        longest = max(len(f) for f in split.files)  # a window never crosses from one shard into the next
+        if longest < block_size + 1:
+            what = "holds" if isinstance(split, TokenFile) else "has no shard of block_size + 1 tokens; the longest holds"
+            raise DataError(f"{split.path} {what} {longest:,} tokens, fewer than block_size + 1 = "
                             f"{block_size + 1}: lower train.block_size or use more data")
 
 
@@ -135,17 +217,27 @@ class BatchSampler:
     The windows of a batch depend only on (seed, step, index): a resumed run draws exactly the
     batches the uninterrupted one would have, and `index` = micro_step * world_size + rank makes
     every process's micro-batch the one a single process would draw at that accumulation slot.
+    A sharded split draws each window's start uniformly over the starts of every shard; a window
+    never crosses into the next shard. With one file this is exactly the draw of an unsharded split.
     """
 
-    def __init__(self, data: TokenFile, block_size: int, batch_size: int, seed: int):
+    def __init__(self, data: TokenFile | TokenShards, block_size: int, batch_size: int, seed: int):
         self.data, self.block_size, self.batch_size, self.seed = data, block_size, batch_size, seed
+        # Window starts are numbered across the files: file k owns the numbers from ends[k] - starts[k]
+        # to ends[k] - 1 (a file shorter than a window owns none).
+        self.starts = np.array([max(len(f) - block_size, 0) for f in data.files], dtype=np.int64)
+        self.ends = np.cumsum(self.starts)
 
     def _windows(self, step: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, step, index])
-        starts = rng.integers(0, len(self.data) - self.block_size, size=self.batch_size)
-        windows = np.stack([self.data.tokens[s:s + self.block_size + 1] for s in starts]).astype(np.int64)
+        numbers = rng.integers(0, int(self.ends[-1]), size=self.batch_size)
+        files = np.searchsorted(self.ends, numbers, side="right")
+        offsets = numbers - (self.ends[files] - self.starts[files])
+        windows = np.stack([self.data.files[k].tokens[s:s + self.block_size + 1]
+                            for k, s in zip(files, offsets)]).astype(np.int64)
         if (top := windows.max()) >= self.data.vocab_size:  # a corrupt file: the embedding would fail in torch
-            raise DataError(f"{self.data.path} holds token id {top} but its header declares a vocab of "
+            path = self.data.files[files[np.argmax(windows.max(axis=1))]].path
+            raise DataError(f"{path} holds token id {top} but its header declares a vocab of "
                             f"{self.data.vocab_size} ids: the file is corrupt; re-run prepare_data.py")
         import torch  # here, not at the top: prepare_data's worker processes import this module, and
         # torch would add ~220 MiB to each of them

@@ -323,7 +323,7 @@ def dataset_ids(folder: str | Path, scorer: Scorer) -> list[int]:
         raise UserError(f"{val.path} was tokenized with another tokenizer than the checkpoint's (sha256 "
                         f"{val.tokenizer_hash[:12]} vs {scorer.tokenizer.hash[:12]}): score a text file instead, "
                         f"or the dataset the checkpoint was trained on")
-    return val.tokens.tolist()
+    return [t for f in val.files for t in f.tokens.tolist()]  # the shards in order, as one text
 
 
 @dataclasses.dataclass

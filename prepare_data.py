@@ -5,31 +5,39 @@
     python prepare_data.py --data.dataset mybooks --data.input 'books/*.txt' --data.tokenizer bpe
     python prepare_data.py --data.dataset shakespeare_smol --data.input ../shared/data/tinyshakespeare.txt \
         --data.tokenizer path/to/SmolLM2-135M          # a pretrained model's tokenizer folder, as it is
+    python prepare_data.py --data.dataset web --data.input 'web/*.parquet' --data.tokenizer bpe \
+        --data.shard_documents 50000 [--data.shard_range 0:40]    # shards, resumable, over several machines
 
 Named datasets are downloaded once into data/downloads/ and checked against their sha256. Your own
-corpus (`--data.input`) can be .txt files (one document each, or several separated by lines of
-`<|endoftext|>`) and .jsonl files (one document per line, in a "text" field). Each document is
-tokenized as its tokenizer's post-processor poses it (with BOS for Llama-style tokenizers, as
-AutoTokenizer gives it) and followed by EOS. The split is deterministic: with several documents
-every 1/val_fraction-th document goes to val; a single document keeps its tail for val (each part
-then starts as a document does and has no EOS, as the text goes on beyond it).
+corpus (`--data.input`) is .txt, .jsonl(.gz/.zst) or .parquet files, or a Hugging Face dataset
+(corpus.py reads them all as a stream of documents). Each document is tokenized as its tokenizer's
+post-processor poses it (with BOS for Llama-style tokenizers, as AutoTokenizer gives it) and
+followed by EOS. The split is deterministic: with several documents every 1/val_fraction-th
+document goes to val; a single document keeps its tail for val (each part then starts as a
+document does and has no EOS, as the text goes on beyond it).
+
+Worker processes tokenize (one thread each) while this process reads the corpus and writes the
+token files, so that neither waits for the other. With data.shard_documents N, document i goes to
+shard i // N: which documents a shard holds is known before anything is tokenized, so a rerun and
+several machines agree on it without reading each other's output.
 """
 
 from __future__ import annotations
 
-import glob
-import itertools
+import collections
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
 import multiprocessing.pool
+import os
 import shutil
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +46,10 @@ from tqdm import tqdm
 import data
 from chat import ChatFormat, chat_template, check_messages
 from config import ConfigError, DataConfig, parse_cli, script
+from corpus import (DOC_SEPARATOR, Corpus, documents, lone_document, lone_pieces, open_corpus,  # noqa: F401
+                    text_lines)
 from tokenizer import Tokenizer
 
-DOC_SEPARATOR = "<|endoftext|>"
 BATCH_CHARS = 1 << 20  # documents are tokenized in batches of about a megabyte
 
 
@@ -124,95 +133,16 @@ def download(url: str, path: Path) -> None:
     tmp.rename(path)
 
 
-def input_files(pattern: str) -> list[Path]:
-    path = Path(pattern)
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl"))
-    else:
-        files = sorted(Path(p) for p in glob.glob(pattern, recursive=True))
-    if not files:
-        raise data.DataError(f"--data.input {pattern} matches no .txt or .jsonl file")
-    return files
-
-
-def documents(files: list[Path]) -> Iterator[str]:
-    """Each document of the corpus, streamed: memory holds one document at a time."""
-    for file in files:
-        lines = text_lines(file)
-        if file.suffix == ".jsonl":
-            for number, line in lines:
-                if line.strip():
-                    yield jsonl_text(file, number, line)
-            continue
-        parts: list[str] = []
-        for _, line in lines:
-            if line.strip() == DOC_SEPARATOR:
-                if parts:
-                    yield "".join(parts).strip("\n")
-                parts = []
-            else:
-                parts.append(line)
-        if parts:
-            yield "".join(parts) if not any(DOC_SEPARATOR in p for p in parts) else "".join(parts).strip("\n")
-
-
-def text_lines(file: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line) of a UTF-8 text file; anything else is refused naming the line."""
-    number = 0
-    with file.open(encoding="utf-8", newline="") as f:
-        try:
-            for number, line in enumerate(f, 1):
-                yield number, line
-        except UnicodeDecodeError:
-            raise data.DataError(f"{file} is not UTF-8 text (an undecodable byte after line {number}): give "
-                                 f".txt or .jsonl files of UTF-8 text") from None
-
-
-def jsonl_text(file: Path, number: int, line: str) -> str:
-    """The "text" field of one .jsonl line."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise data.DataError(f"{file}:{number} is not valid JSON ({e.msg}): each line must be an object like "
-                             f'{{"text": "..."}}') from None
-    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-        raise data.DataError(f"{file}:{number} has no string field 'text': each line must be an object like "
-                             f'{{"text": "..."}}')
-    return record["text"]
-
-
-def is_multi_document(files: list[Path]) -> bool:
-    docs = documents(files)
-    first = next(docs, None)
-    second = next(docs, None)
-    if first is None or (not first and second is None):
-        raise data.DataError("the corpus is empty: give a file with some text")
-    return second is not None
-
-
-def split_texts(files: list[Path], split: str, val_fraction: float, several: bool) -> Iterator[str]:
-    """The texts of one split, streamed. Several documents: every 1/val_fraction-th one is val.
-    One document: its tail is val, as nanoGPT splits Tiny Shakespeare (that document is read whole)."""
-    if not several:
-        text = next(documents(files))
-        cut = int(len(text) * (1 - val_fraction))
-        yield text[:cut] if split == "train" else text[cut:]
-        return
-    for i, doc in enumerate(documents(files)):
-        if in_val(i, val_fraction) == (split == "val"):
-            yield doc
-
-
 def in_val(i: int, val_fraction: float) -> bool:
     """Whether document i goes to val: every 1/val_fraction-th one does."""
     return int((i + 1) * val_fraction) > int(i * val_fraction)
 
 
-def is_chat(files: list[Path]) -> bool:
+def is_chat(source: Corpus) -> bool:
     """Whether the corpus is conversations: its first .jsonl row holds "messages"."""
-    if files[0].suffix != ".jsonl":
+    if not source.files or source.files[0].suffix != ".jsonl":
         return False
-    first = next((line for _, line in text_lines(files[0]) if line.strip()), "")
+    first = next((line for _, line in text_lines(source.files[0]) if line.strip()), "")
     try:
         record = json.loads(first)
     except json.JSONDecodeError:
@@ -280,44 +210,134 @@ def write_conversations(files: list[Path], tokenizer: Tokenizer, folder: Path,
     return counts, chars, stats
 
 
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class Batch:
+    """About a megabyte of one split's text, for one worker to tokenize."""
+    split: str
+    shard: int | None  # None: the dataset is not sharded
+    texts: list[str]
+    whole_documents: bool  # False: lines of a single document, tokenized without BOS or EOS
+
+
 _worker_tokenizer: Tokenizer | None = None
 
 
 def _init_worker(folder: str) -> None:
+    # One thread per worker: `tokenizers` would otherwise spread every encode_batch over all cores,
+    # so that --data.workers N used more than N and a second worker only fought the first for them.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
     global _worker_tokenizer
     _worker_tokenizer = Tokenizer.load(folder)
 
 
-def _encode(batch: tuple[list[str], bool]) -> np.ndarray:  # runs in a worker process
-    texts, whole_documents = batch
+def _encode(batch: Batch) -> np.ndarray:  # runs in a worker process
     tokenizer = _worker_tokenizer
-    ids = tokenizer.encode_documents(texts) if whole_documents else tokenizer.encode_batch(texts)
-    return np.fromiter((t for doc in ids for t in doc), dtype=np.int64)
+    ids = tokenizer.encode_documents(batch.texts) if batch.whole_documents else tokenizer.encode_batch(batch.texts)
+    return np.fromiter(itertools.chain.from_iterable(ids), dtype=data.token_dtype(tokenizer.vocab_size),
+                       count=sum(map(len, ids)))
 
 
-def batches(texts: Iterator[str], whole_documents: bool) -> Iterator[list[str]]:
-    """About a megabyte of text per batch; a single long document is cut at line ends."""
-    batch, size = [], 0
-    for text in texts:
-        for piece in [text] if whole_documents else text.splitlines(keepends=True):
-            batch.append(piece)
-            size += len(piece)
-            if size >= BATCH_CHARS:
-                yield batch if whole_documents else ["".join(batch)]
-                batch, size = [], 0
-    if batch:
-        yield batch if whole_documents else ["".join(batch)]
+def document_batches(numbered: Iterator[tuple[int, str]], shard_documents: int,
+                     val_fraction: float) -> Iterator[Batch]:
+    """Documents (numbered across the corpus) gathered into batches per shard and split, in order:
+    every 1/val_fraction-th document goes to val, document i to shard i // shard_documents."""
+    pending: dict[str, list[str]] = {split: [] for split in SPLITS}
+    sizes = dict.fromkeys(SPLITS, 0)
+    shard = None
+    for i, text in numbered:
+        if shard_documents and i // shard_documents != shard:
+            yield from (Batch(split, shard, texts, True) for split, texts in pending.items() if texts)
+            pending, sizes, shard = {split: [] for split in SPLITS}, dict.fromkeys(SPLITS, 0), i // shard_documents
+        split = "val" if in_val(i, val_fraction) else "train"
+        pending[split].append(text)
+        sizes[split] += len(text)
+        if sizes[split] >= BATCH_CHARS:
+            yield Batch(split, shard, pending[split], True)
+            pending[split], sizes[split] = [], 0
+    yield from (Batch(split, shard, texts, True) for split, texts in pending.items() if texts)
 
 
-def encode_stream(pool: multiprocessing.pool.Pool, workers: int, texts: Iterator[str],
-                  whole_documents: bool) -> Iterator[tuple[int, np.ndarray]]:
-    """(characters, token ids) per batch, in order. A few batches per worker are in flight at a
-    time (pool.imap would read the whole corpus ahead), so memory stays bounded."""
-    pending = batches(texts, whole_documents)
-    while window := list(itertools.islice(pending, 4 * workers)):
-        encoded = pool.map(_encode, [(batch, whole_documents) for batch in window])
-        for batch, ids in zip(window, encoded):
-            yield sum(len(t) for t in batch), ids
+def lone_batches(source: Corpus, begin: int, end: int, val_fraction: float) -> Iterator[Batch]:
+    """A single document's head (train) and tail (val), as nanoGPT splits Tiny Shakespeare, cut at
+    line ends into batches of about a megabyte."""
+    cut = begin + int((end - begin) * (1 - val_fraction))
+    for split, (first, last) in zip(SPLITS, ((begin, cut), (cut, end))):
+        lines, size = [], 0
+        for piece in lone_pieces(source, first, last):
+            for line in piece.splitlines(keepends=True):
+                lines.append(line)
+                size += len(line)
+                if size >= BATCH_CHARS:
+                    yield Batch(split, None, ["".join(lines)], False)
+                    lines, size = [], 0
+        if lines:
+            yield Batch(split, None, ["".join(lines)], False)
+
+
+def encode_stream(pool: multiprocessing.pool.Pool, workers: int,
+                  batches: Iterator[Batch]) -> Iterator[tuple[Batch, np.ndarray]]:
+    """Each batch with its token ids, in order. Four batches per worker stay in flight, so the
+    workers tokenize while this process reads and writes, and memory stays bounded (pool.imap
+    would read the whole corpus ahead)."""
+    pending: collections.deque[tuple[Batch, multiprocessing.pool.AsyncResult]] = collections.deque()
+    for batch in itertools.chain(batches, [None]):
+        if batch is not None:
+            pending.append((batch, pool.apply_async(_encode, (batch,))))
+        while pending and (batch is None or len(pending) >= 4 * workers):
+            done, result = pending.popleft()
+            yield done, result.get()
+
+
+def file_name(split: str, shard: int | None) -> str:
+    return f"{split}.bin" if shard is None else f"{split}_{shard:06d}.bin"
+
+
+@dataclass
+class Written:
+    """What write_splits wrote: per file name, its split, tokens and characters."""
+    files: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+
+    def total(self, split: str, what: int) -> int:
+        return sum(entry[what] for entry in self.files.values() if entry[0] == split)
+
+
+def write_splits(cfg: DataConfig, batches: Iterator[Batch], tokenizer: Tokenizer, folder: Path,
+                 prefix: list[int]) -> Written:
+    """Tokenize the batches in worker processes and write each shard's (or the dataset's) train
+    and val files, each starting with `prefix`. This process only reads and writes; a shard's
+    files are renamed into place when its last batch is written."""
+    written, writers, shard, chars = Written(), {}, None, {}
+
+    def finish() -> None:
+        for split, writer in writers.items():
+            written.files[writer.path.name] = (split, writer.close(), chars[split])
+
+    env = {"initializer": _init_worker, "initargs": (str(folder),)}
+    with multiprocessing.get_context("spawn").Pool(cfg.workers, **env) as pool, \
+            tqdm(unit="char", unit_scale=True, desc="tokenizing") as bar:
+        try:
+            for batch, ids in encode_stream(pool, cfg.workers, batches):
+                if not writers or batch.shard != shard:
+                    finish()
+                    shard, chars = batch.shard, dict.fromkeys(SPLITS, 0)
+                    writers = {split: data.TokenWriter(folder / file_name(split, shard), tokenizer.vocab_size,
+                                                       tokenizer.hash) for split in SPLITS}
+                    for writer in writers.values():
+                        writer.write(np.array(prefix, dtype=np.int64))
+                writers[batch.split].write(ids)
+                size = sum(map(len, batch.texts))
+                chars[batch.split] += size
+                bar.update(size)
+        except BaseException:
+            for writer in writers.values():
+                writer.abandon()
+            raise
+        finish()
+    return written
 
 
 def pretrained_tokenizer(name: str) -> Path | None:
@@ -335,7 +355,7 @@ def pretrained_tokenizer(name: str) -> Path | None:
     return folder
 
 
-def make_tokenizer(cfg: DataConfig, kind: str, files: list[Path], several: bool, out: Path,
+def make_tokenizer(cfg: DataConfig, kind: str, source: Corpus, lone: tuple[int, int] | None, out: Path,
                    folder: Path | None) -> Tokenizer:
     """The dataset's tokenizer, written into `out`: trained on the corpus, or the pretrained
     `folder`'s files copied byte for byte (so its hash, and a model's, compare exactly)."""
@@ -346,89 +366,220 @@ def make_tokenizer(cfg: DataConfig, kind: str, files: list[Path], several: bool,
         return Tokenizer.load(out)
     if kind == "char":
         chars: set[str] = set()
-        for doc in documents(files):
-            chars.update(doc)
+        for text in documents(source) if lone is None else lone_pieces(source, *lone):
+            chars.update(text)
         tokenizer = Tokenizer.train_char("".join(chars))
-    elif is_chat(files):  # merges learned from what the train split's messages say
-        contents = (m["content"] for i, c in enumerate(conversations(files)) if not in_val(i, cfg.val_fraction)
-                    for m in c)
+    elif is_chat(source):  # merges learned from what the train split's messages say
+        contents = (m["content"] for i, c in enumerate(conversations(list(source.files)))
+                    if not in_val(i, cfg.val_fraction) for m in c)
         tokenizer = Tokenizer.train_bpe(contents, cfg.vocab_size, cfg.bpe_train_bytes, chat=True)
     else:
-        train_stream = split_texts(files, "train", cfg.val_fraction, several)
-        tokenizer = Tokenizer.train_bpe(train_stream, cfg.vocab_size, cfg.bpe_train_bytes, chat=cfg.chat)
+        if lone is None:
+            train = (doc for i, doc in enumerate(documents(source)) if not in_val(i, cfg.val_fraction))
+        else:  # the head of the train part as one text, as the merges have always been learned from it
+            begin, end = lone
+            cut = begin + int((end - begin) * (1 - cfg.val_fraction))
+            head = lone_pieces(source, begin, min(cut, begin + cfg.bpe_train_bytes))
+            train = iter(["".join(head)])
+        tokenizer = Tokenizer.train_bpe(train, cfg.vocab_size, cfg.bpe_train_bytes, chat=cfg.chat)
     tokenizer.save(out)
     return tokenizer
 
 
-def encode_splits(cfg: DataConfig, files: list[Path], several: bool, tokenizer: Tokenizer, folder: Path,
-                  counts: dict[str, int], chars_seen: dict[str, int]) -> None:
-    """Each split's text tokenized by worker processes into <split>.bin, counting tokens and characters."""
-    with multiprocessing.get_context("spawn").Pool(cfg.workers, _init_worker, (str(folder),)) as pool:
-        for split in ("train", "val"):
-            chars_seen[split] = 0
-            with tqdm(unit="char", unit_scale=True, desc=split) as bar:
-                def chunks() -> Iterator[np.ndarray]:
-                    if not several:  # each part of a lone document starts as a document does
-                        yield np.array(tokenizer.prefix, dtype=np.int64)
-                    texts = split_texts(files, split, cfg.val_fraction, several)
-                    for n_chars, ids in encode_stream(pool, cfg.workers, texts, several):
-                        chars_seen[split] += n_chars
-                        bar.update(n_chars)
-                        yield ids
-                counts[split] = data.write_tokens(folder / f"{split}.bin", chunks(), tokenizer.vocab_size,
-                                                  tokenizer.hash)
-
-
-def prepare(cfg: DataConfig) -> dict:
-    start = time.perf_counter()
-    out = Path(cfg.data_dir) / cfg.dataset
-    folder = pretrained_tokenizer(cfg.tokenizer)  # a bad folder is refused before any download
+def resolve_source(cfg: DataConfig) -> tuple[Corpus, str, str]:
+    """The corpus, the tokenizer kind it takes and the source meta.json names."""
     if cfg.input is not None:
-        files, kind, source = input_files(cfg.input), cfg.tokenizer, cfg.input
-    elif cfg.dataset in DATASETS:
-        named = DATASETS[cfg.dataset]
-        source = cfg.source or named.url
-        files = [fetch(source, Path(cfg.data_dir) / "downloads", cfg.sha256 or named.sha256)]
-        kind = named.tokenizer
-        if kind == "conversations":
-            files = [write_verse_conversations(files[0], Path(cfg.data_dir) / "downloads" / f"{cfg.dataset}.jsonl")]
-    else:
+        return open_corpus(cfg.input, cfg.text_field), cfg.tokenizer, cfg.input
+    if cfg.dataset not in DATASETS:
         raise ConfigError(f"data.dataset={cfg.dataset!r} is not a named dataset ({', '.join(DATASETS)}): "
                           f"pass --data.input with your own files")
-    chat = is_chat(files)
+    named = DATASETS[cfg.dataset]
+    source = cfg.source or named.url
+    file = fetch(source, Path(cfg.data_dir) / "downloads", cfg.sha256 or named.sha256)
+    if named.tokenizer == "conversations":
+        file = write_verse_conversations(file, Path(cfg.data_dir) / "downloads" / f"{cfg.dataset}.jsonl")
+    return Corpus((file,), None, cfg.text_field), named.tokenizer, source
+
+
+def prepare(cfg: DataConfig) -> dict | None:
+    """Prepare the dataset; returns its meta.json, or None for a sharded run whose index must wait
+    for shards that other runs prepare."""
+    start = time.perf_counter()
+    folder = pretrained_tokenizer(cfg.tokenizer)  # a bad folder is refused before any download
+    source, kind, name = resolve_source(cfg)
+    chat = is_chat(source)
     if chat and folder is None and not (kind == "bpe" and cfg.chat):
-        raise ConfigError(f"{files[0]} holds conversations, which need a tokenizer with a chat template: pass "
+        raise ConfigError(f"{source.files[0]} holds conversations, which need a tokenizer with a chat template: pass "
                           f"--data.tokenizer bpe --data.chat true (ours), or --data.tokenizer FOLDER (one that has one)")
-    several = chat or is_multi_document(files)
+    if chat and cfg.shard_documents:
+        raise ConfigError("conversation corpora are prepared whole (fine-tuning sets are small): leave "
+                          "data.shard_documents at 0")
+    lone = None if chat else lone_document(source)
+    if cfg.shard_documents:
+        if lone is not None:
+            raise data.DataError(f"--data.input {name} is a single document, which cannot be cut into shards of "
+                            f"documents: separate its documents with {DOC_SEPARATOR} lines, or leave "
+                            f"data.shard_documents at 0")
+        return prepare_shards(cfg, source, kind, name, folder, start)
+    out = Path(cfg.data_dir) / cfg.dataset
     tmp = out.with_name(out.name + ".tmp")  # the dataset appears whole, or not at all
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer = make_tokenizer(cfg, kind, files, several, tmp, folder)
-    kind = tokenizer.kind
-    counts, chars_seen, chat_stats = {}, {}, {}
+    tokenizer = make_tokenizer(cfg, kind, source, lone, tmp, folder)
+    chat_stats = {}
     if chat:
-        counts, chars_seen, chat_stats = write_conversations(files, tokenizer, tmp, cfg.val_fraction)
+        tokens, chars, chat_stats = write_conversations(list(source.files), tokenizer, tmp, cfg.val_fraction)
     else:
-        encode_splits(cfg, files, several, tokenizer, tmp, counts, chars_seen)
-    seconds = time.perf_counter() - start
-    meta = {"dataset": cfg.dataset, "source": str(source),
-            "source_sha256": [sha256_of(f) for f in files] if len(files) > 1 else sha256_of(files[0]),
-            "tokenizer": kind, "vocab_size": tokenizer.vocab_size, "tokenizer_sha256": tokenizer.hash,
-            "tokenizer_source": cfg.tokenizer if kind == "pretrained" else None,
-            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "document_prefix": tokenizer.prefix,
-            "dtype": data.token_dtype(tokenizer.vocab_size).name, "documents_split": several,
-            "train_tokens": counts["train"], "val_tokens": counts["val"],
-            "train_chars": chars_seen["train"], "val_chars": chars_seen["val"], **chat_stats,
-            "seconds": round(seconds, 2)}
+        batches = (document_batches(enumerate(documents(source)), 0, cfg.val_fraction) if lone is None
+                   else lone_batches(source, *lone, cfg.val_fraction))
+        written = write_splits(cfg, batches, tokenizer, tmp, tokenizer.prefix if lone else [])
+        tokens, chars = ({split: written.total(split, what) for split in SPLITS} for what in (1, 2))
+    meta = {**describe(cfg, source, name, tokenizer), "documents_split": lone is None,
+            "train_tokens": tokens["train"], "val_tokens": tokens["val"],
+            "train_chars": chars["train"], "val_chars": chars["val"], **chat_stats,
+            "seconds": round(time.perf_counter() - start, 2)}
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     print(f"\n{out}/")
     for file in sorted(out.iterdir()):
         print(f"  {file.name:<22} {file.stat().st_size:>14,} bytes")
-    tokens = counts["train"] + counts["val"]
-    print(f"  {kind} tokenizer, {tokenizer.vocab_size:,} ids | train {counts['train']:,} tokens | "
-          f"val {counts['val']:,} tokens | {tokens / seconds:,.0f} tokens/s")
+    report(tokenizer, meta)
     return meta
+
+
+# --- shards ------------------------------------------------------------------------------------
+
+
+def prepare_shards(cfg: DataConfig, source: Corpus, kind: str, name: str, folder: Path | None,
+                   start: float) -> dict | None:
+    """Shards of data.shard_documents documents, written straight into the dataset folder, each
+    file renamed into place whole: a rerun skips the shards that exist, and several machines (each
+    with its --data.shard_range) fill one shared folder. meta.json, the index, is written once
+    every shard of the corpus exists."""
+    out = Path(cfg.data_dir) / cfg.dataset
+    if (out / "train.bin").exists():
+        raise data.DataError(f"{out} holds a dataset prepared without shards (train.bin): remove it, or prepare the "
+                        f"shards under another --data.dataset")
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = shared_tokenizer(cfg, kind, source, out, folder)
+    per_shard = cfg.shard_documents
+    first, end = cfg.shard_span()
+    if first == end:
+        print(f"{out}/tokenizer.json is ready; the range {cfg.shard_range} holds no shard to prepare")
+        return None
+    numbered = enumerate(documents(source, first * per_shard), first * per_shard)
+    if end is not None:  # one document more than the range holds says whether the corpus goes on
+        numbered = itertools.islice(numbered, (end - first) * per_shard + 1)
+    seen = Seen()
+    batches = document_batches(seen.documents(numbered, out, tokenizer, per_shard, end), per_shard,
+                               cfg.val_fraction)
+    write_splits(cfg, batches, tokenizer, out, [])
+    if not (seen.written or seen.skipped):
+        raise data.DataError(f"the corpus has no document {first * per_shard} (the first of shard {first}): give "
+                             f"--data.shard_range a range inside the corpus")
+    print(f"\n{out}/: shards {first} to {max(seen.written + seen.skipped)}: {len(seen.written)} written, "
+          f"{len(seen.skipped)} already there")
+    if seen.corpus_end is None:
+        print(f"  the corpus goes on past shard {end - 1}: the index (meta.json) is written by the run that reaches "
+              f"its end once every shard exists, or by the same command without --data.shard_range (it skips "
+              f"the shards that exist)")
+        return None
+    total = math.ceil(seen.corpus_end / per_shard)
+    missing = [shard for shard in range(total) if not shard_whole(out, shard, tokenizer)]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        print(f"  {len(missing)} of the corpus's {total} shards are missing ({shown}), so no index (meta.json) yet: "
+              f"once the other ranges are done, run the same command without --data.shard_range (it skips the "
+              f"shards that exist) to write it")
+        return None
+    index = {split: [{"file": file_name(split, shard),
+                      "tokens": len(data.read_tokens(out / file_name(split, shard)))} for shard in range(total)]
+             for split in SPLITS}
+    meta = {**describe(cfg, source, name, tokenizer), "documents_split": True,
+            "train_tokens": sum(e["tokens"] for e in index["train"]),
+            "val_tokens": sum(e["tokens"] for e in index["val"]),
+            "seconds": round(time.perf_counter() - start, 2),
+            "shards": {"documents": per_shard, "count": total, **index}}
+    tmp = out / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    tmp.replace(out / "meta.json")
+    report(tokenizer, meta)
+    return meta
+
+
+@dataclass
+class Seen:
+    """What a sharded run found while reading: the shards it writes and skips, and the number of
+    documents in the corpus once it reached the end (None when its range stops before)."""
+    written: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    corpus_end: int | None = None
+
+    def documents(self, numbered: Iterator[tuple[int, str]], out: Path, tokenizer: Tokenizer, per_shard: int,
+                  end: int | None) -> Iterator[tuple[int, str]]:
+        """The documents of the shards to write; those of shards that exist whole are read past."""
+        count, shard, writing = None, None, False
+        for i, text in numbered:
+            if i // per_shard != shard:
+                shard = i // per_shard
+                if shard == end:
+                    return  # the document after the range: the corpus goes on
+                writing = not shard_whole(out, shard, tokenizer)
+                (self.written if writing else self.skipped).append(shard)
+            if writing:
+                yield i, text
+            count = i + 1
+        self.corpus_end = count
+
+
+def shard_whole(out: Path, shard: int, tokenizer: Tokenizer) -> bool:
+    """Whether both files of a shard exist whole, made by this tokenizer (a run that stopped
+    leaves only .tmp files, which do not count)."""
+    for split in SPLITS:
+        try:
+            tokens = data.read_tokens(out / file_name(split, shard))
+        except data.DataError:
+            return False
+        if tokens.tokenizer_hash != tokenizer.hash:
+            return False
+    return True
+
+
+def shared_tokenizer(cfg: DataConfig, kind: str, source: Corpus, out: Path, folder: Path | None) -> Tokenizer:
+    """The tokenizer every run over this folder shares: the one already there, or else made as for
+    an unsharded dataset and moved in whole (tokenizer.json last, as the sign that it is complete)."""
+    if (out / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.load(out)
+        expected = Tokenizer.load(folder).hash if folder is not None else None
+        if tokenizer.kind != kind if folder is None else tokenizer.hash != expected:
+            raise data.DataError(f"{out} already holds another tokenizer ({tokenizer.kind}, sha256 {tokenizer.hash[:12]}) "
+                            f"than --data.tokenizer {cfg.tokenizer}: give the one it was prepared with, or another "
+                            f"--data.dataset")
+        return tokenizer
+    tmp = out / ".tokenizer.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = make_tokenizer(cfg, kind, source, None, tmp, folder)
+    for file in sorted(Tokenizer.files(tmp), key=lambda f: f.name == "tokenizer.json"):
+        file.replace(out / file.name)
+    tmp.rmdir()
+    return tokenizer
+
+
+def describe(cfg: DataConfig, source: Corpus, name: str, tokenizer: Tokenizer) -> dict:
+    """What meta.json says of the source and the tokenizer."""
+    files = [sha256_of(f) for f in source.files]
+    return {"dataset": cfg.dataset, "source": str(name),
+            "source_sha256": files[0] if len(files) == 1 else files or None,
+            "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "tokenizer_sha256": tokenizer.hash,
+            "tokenizer_source": cfg.tokenizer if tokenizer.kind == "pretrained" else None,
+            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "document_prefix": tokenizer.prefix,
+            "dtype": data.token_dtype(tokenizer.vocab_size).name}
+
+
+def report(tokenizer: Tokenizer, meta: dict) -> None:
+    tokens = meta["train_tokens"] + meta["val_tokens"]
+    print(f"  {tokenizer.kind} tokenizer, {tokenizer.vocab_size:,} ids | train {meta['train_tokens']:,} tokens | "
+          f"val {meta['val_tokens']:,} tokens | {tokens / meta['seconds']:,.0f} tokens/s")
 
 
 @script
