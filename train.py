@@ -136,8 +136,8 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-    if distributed:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if distributed:  # naming the GPU binds NCCL to it at once, instead of guessing from the rank
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     if cfg.dtype != "auto":
         amp_dtype = getattr(torch, cfg.dtype)
     elif use_cuda:  # bf16 only where the tensor cores do it natively; fp16 (with loss scaling) else
