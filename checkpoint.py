@@ -83,21 +83,11 @@ def read_pointer(out_dir: Path, name: str) -> str | None:
 CARRIED_FILES = (*TOKENIZER_FILES, "generation_config.json")
 
 
-def save(out_dir: str | Path, step: int, model: Llama, training_state: dict[str, Any], config_toml: str,
-         extra_files: dict[str, bytes] | None = None, trained_context: int | None = None,
-         write_weights: Callable[[Path], None] | None = None) -> Path:
-    """Write checkpoint `ckpt-<step>` atomically, point `latest` at it, and return its path.
-    `extra_files` (name: contents) are written beside the weights, e.g. CARRIED_FILES;
-    `write_weights(folder)` replaces the full model's weights (LoRA runs save their adapters)."""
-    with writing(out_dir, step) as folder:
-        write_contents(folder, training_state, config_toml, extra_files,
-                       write_weights or (lambda f: save_hf(model, f, trained_context)))
-    return Path(out_dir) / f"ckpt-{step:06d}"
-
-
 def write_contents(folder: Path, training_state: dict[str, Any], config_toml: str,
                    extra_files: dict[str, bytes] | None, write_weights: Callable[[Path], None]) -> None:
-    """Everything a checkpoint folder holds besides the sharded optimizer state."""
+    """Everything a checkpoint folder holds besides the sharded optimizer state: the weights
+    (`write_weights(folder)`: the full model, or a LoRA run's adapters), the training state, the
+    config, and `extra_files` (name: contents, e.g. CARRIED_FILES)."""
     write_weights(folder)
     torch.save(training_state, folder / STATE_FILE)
     (folder / "config.toml").write_text(config_toml)

@@ -78,7 +78,7 @@ def main() -> None:
         result = summarize(args.recipe, args.nproc, metrics, json.loads((work / "out" / "run_info.json").read_text()))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\n| recipe | processes | device | params | tokens/s | MFU | step | peak memory |")
+    print("\n| recipe | processes | device | params | tokens/s | MFU | step | peak memory |")
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     print(f"| {result['recipe']} | {result['processes']} | {result['device']} | {result['params'] / 1e6:,.1f}M | "
           f"{result['tokens_per_s']:,.0f} | {100 * result['mfu']:.1f}% | {result['step_s']:.3f} s | "

@@ -19,7 +19,10 @@ def small_model() -> Llama:
 
 
 def save(out_dir, step, model, **state):
-    return checkpoint.save(out_dir, step, model, {"step": step, "opt": {"m": torch.ones(3)}, **state}, "[model]\n")
+    with checkpoint.writing(out_dir, step) as folder:
+        checkpoint.write_contents(folder, {"step": step, "opt": {"m": torch.ones(3)}, **state}, "[model]\n", None,
+                                  lambda f: checkpoint.save_hf(model, f))
+    return out_dir / f"ckpt-{step:06d}"
 
 
 def test_save_writes_hf_folder_and_pointer(tmp_path):
