@@ -2,6 +2,8 @@
 checkpoints resume on another world size and mode. Pinned to CPU also where CUDA is visible: these
 tests are about the arithmetic and the checkpoints, not devices."""
 
+import hashlib
+import json
 import shutil
 import socket
 import subprocess
@@ -182,3 +184,35 @@ def test_1b_recipe_trains_sharded_on_two_processes(data_dir, tmp_path):  # noqa:
     assert result.returncode == 0, result.stderr
     assert "world 2 (fsdp) | activation checkpointing" in result.stdout and "accumulation 2" in result.stdout
     assert len(train_losses(tmp_path)) == 3 and (tmp_path / "ckpt-000003" / checkpoint.OPTIMIZER_DIR).is_dir()
+
+
+def as_written_before_sharding(ckpt: Path) -> None:
+    """Rewrite a checkpoint the way they were written before optimizer/ existed: the optimizer state
+    whole, in training_state.pt."""
+    import train
+    cfg = build_config(load_toml(ckpt / "config.toml"))
+    model = checkpoint.load_hf(ckpt)
+    optimizers = train.configure_optimizers(model, cfg.train, torch.device("cpu"))
+    checkpoint.load_optimizer(model, optimizers, ckpt, distributed=False)
+    state = checkpoint.load_training_state(ckpt)
+    del state["optimizers"]
+    state["optimizer"] = [o.state_dict() for o in optimizers]
+    torch.save(state, ckpt / checkpoint.STATE_FILE)
+    shutil.rmtree(ckpt / checkpoint.OPTIMIZER_DIR)
+    files = sorted(p for p in ckpt.iterdir() if p.is_file() and p.name != checkpoint.MARKER)
+    (ckpt / checkpoint.MARKER).write_text(json.dumps({"step": 5, "sha256": {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}}))
+
+
+def test_checkpoints_from_before_sharding_resume_and_fsdp_says_how(data_dir, single, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    shutil.copytree(single, out)
+    as_written_before_sharding(out / "ckpt-000005")
+    refused = run_cli(*args(data_dir, out, *COMMON, "--train.parallel", "fsdp", "--resume", str(out / "ckpt-000005")),
+                      launcher=(TORCHRUN, "--standalone", "--nproc_per_node", "2"))
+    assert refused.returncode != 0  # torchrun reports its processes' exit status 2 as a failure of its own
+    assert "error: cannot resume" in refused.stderr and "holds its optimizer state whole, as checkpoints did before sharding; resume it once with parallel=ddp" \
+        in refused.stderr
+    resumed = run_cli(*args(data_dir, out, *COMMON, "--resume", str(out / "ckpt-000005")))
+    assert resumed.returncode == 0, resumed.stderr
+    assert train_losses(out) == train_losses(single)  # bit for bit: the same state, read the old way
