@@ -92,8 +92,9 @@ def txt_parts(file: Path) -> Iterator[str | DocumentEnd]:
 
 
 def documents(corpus: Corpus, start: int = 0) -> Iterator[str]:
-    """Document `start` of the corpus and every one after it. A corpus of parquet files or a
-    Hugging Face dataset skips to `start` without reading what comes before; others read past it."""
+    """Document `start` of the corpus and every one after it. Parquet files skip whole files and
+    row groups by the counts in their metadata, unread; a Hugging Face dataset is asked to skip
+    (IterableDataset.skip); other files are read past."""
     if corpus.hf is not None:
         yield from hf_rows(corpus, start)
     elif all(f.suffix == ".parquet" for f in corpus.files):

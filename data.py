@@ -8,6 +8,10 @@ A `.bin` token file is a 64-byte header followed by the tokens:
 Reading maps the tokens with `np.memmap`, so a file of any size costs no memory, and checks the
 header and the file length before anything trains on it.
 
+A sharded dataset (prepare_data.py --data.shard_documents) holds `<split>_000000.bin`, ... in this
+format, and meta.json's "shards" index lists each with its token count: open_split checks every
+shard against it and returns a TokenShards, which BatchSampler draws from as from one file.
+
 A conversation dataset (prepare_data.py on chat .jsonl) adds, per split, `<split>_mask.bin` (the
 same format, one 0/1 per token: 1 where the token is the assistant's) and `<split>_starts.npy`
 (where each conversation begins), and trains through ConversationSampler.
@@ -187,8 +191,9 @@ def read_shards(dataset_dir: Path, split: str, meta: dict) -> TokenShards:
     return TokenShards(dataset_dir / f"{split}_*.bin", files, files[0].vocab_size, files[0].tokenizer_hash)
 
 
-def check_compatible(train: TokenFile | TokenShards, val: TokenFile | TokenShards, model_vocab_size: int, block_size: int,
-                     model_tokenizer: tuple[str, str, str] | None = None, padded: bool = False) -> None:
+def check_compatible(train: TokenFile | TokenShards, val: TokenFile | TokenShards, model_vocab_size: int,
+                     block_size: int, model_tokenizer: tuple[str, str, str] | None = None,
+                     padded: bool = False) -> None:
     """Refuse data the model cannot train on, naming the mismatch. `model_tokenizer` is the
     (sha256, folder, fix) of the tokenizer the model comes with, when it has one; `padded` data
     (conversations) fills its rows with padding, so it needs no block's worth of tokens."""
@@ -206,7 +211,8 @@ def check_compatible(train: TokenFile | TokenShards, val: TokenFile | TokenShard
     for split in () if padded else (train, val):
         longest = max(len(f) for f in split.files)  # a window never crosses from one shard into the next
         if longest < block_size + 1:
-            what = "holds" if isinstance(split, TokenFile) else "has no shard of block_size + 1 tokens; the longest holds"
+            what = ("holds" if isinstance(split, TokenFile)
+                    else "has no shard of block_size + 1 tokens; the longest holds")
             raise DataError(f"{split.path} {what} {longest:,} tokens, fewer than block_size + 1 = "
                             f"{block_size + 1}: lower train.block_size or use more data")
 

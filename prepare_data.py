@@ -39,6 +39,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
@@ -46,8 +47,7 @@ from tqdm import tqdm
 import data
 from chat import ChatFormat, chat_template, check_messages
 from config import ConfigError, DataConfig, parse_cli, script
-from corpus import (DOC_SEPARATOR, Corpus, documents, lone_document, lone_pieces, open_corpus,  # noqa: F401
-                    text_lines)
+from corpus import DOC_SEPARATOR, Corpus, documents, lone_document, lone_pieces, open_corpus, text_lines
 from tokenizer import Tokenizer
 
 BATCH_CHARS = 1 << 20  # documents are tokenized in batches of about a megabyte
@@ -296,13 +296,19 @@ def file_name(split: str, shard: int | None) -> str:
     return f"{split}.bin" if shard is None else f"{split}_{shard:06d}.bin"
 
 
+class WrittenFile(NamedTuple):
+    split: str
+    tokens: int
+    chars: int
+
+
 @dataclass
 class Written:
-    """What write_splits wrote: per file name, its split, tokens and characters."""
-    files: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    """What write_splits wrote, per file name."""
+    files: dict[str, WrittenFile] = field(default_factory=dict)
 
-    def total(self, split: str, what: int) -> int:
-        return sum(entry[what] for entry in self.files.values() if entry[0] == split)
+    def total(self, split: str, what: Literal["tokens", "chars"]) -> int:
+        return sum(getattr(f, what) for f in self.files.values() if f.split == split)
 
 
 def write_splits(cfg: DataConfig, batches: Iterator[Batch], tokenizer: Tokenizer, folder: Path,
@@ -314,10 +320,9 @@ def write_splits(cfg: DataConfig, batches: Iterator[Batch], tokenizer: Tokenizer
 
     def finish() -> None:
         for split, writer in writers.items():
-            written.files[writer.path.name] = (split, writer.close(), chars[split])
+            written.files[writer.path.name] = WrittenFile(split, writer.close(), chars[split])
 
-    env = {"initializer": _init_worker, "initargs": (str(folder),)}
-    with multiprocessing.get_context("spawn").Pool(cfg.workers, **env) as pool, \
+    with multiprocessing.get_context("spawn").Pool(cfg.workers, _init_worker, (str(folder),)) as pool, \
             tqdm(unit="char", unit_scale=True, desc="tokenizing") as bar:
         try:
             for batch, ids in encode_stream(pool, cfg.workers, batches):
@@ -418,8 +423,8 @@ def prepare(cfg: DataConfig) -> dict | None:
     if cfg.shard_documents:
         if lone is not None:
             raise data.DataError(f"--data.input {name} is a single document, which cannot be cut into shards of "
-                            f"documents: separate its documents with {DOC_SEPARATOR} lines, or leave "
-                            f"data.shard_documents at 0")
+                                 f"documents: separate its documents with {DOC_SEPARATOR} lines, or leave "
+                                 f"data.shard_documents at 0")
         return prepare_shards(cfg, source, kind, name, folder, start)
     out = Path(cfg.data_dir) / cfg.dataset
     tmp = out.with_name(out.name + ".tmp")  # the dataset appears whole, or not at all
@@ -432,7 +437,7 @@ def prepare(cfg: DataConfig) -> dict | None:
         batches = (document_batches(enumerate(documents(source)), 0, cfg.val_fraction) if lone is None
                    else lone_batches(source, *lone, cfg.val_fraction))
         written = write_splits(cfg, batches, tokenizer, tmp, tokenizer.prefix if lone else [])
-        tokens, chars = ({split: written.total(split, what) for split in SPLITS} for what in (1, 2))
+        tokens, chars = ({split: written.total(split, what) for split in SPLITS} for what in ("tokens", "chars"))
     meta = {**describe(cfg, source, name, tokenizer), "documents_split": lone is None,
             "train_tokens": tokens["train"], "val_tokens": tokens["val"],
             "train_chars": chars["train"], "val_chars": chars["val"], **chat_stats,
@@ -459,7 +464,7 @@ def prepare_shards(cfg: DataConfig, source: Corpus, kind: str, name: str, folder
     out = Path(cfg.data_dir) / cfg.dataset
     if (out / "train.bin").exists():
         raise data.DataError(f"{out} holds a dataset prepared without shards (train.bin): remove it, or prepare the "
-                        f"shards under another --data.dataset")
+                             f"shards under another --data.dataset")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = shared_tokenizer(cfg, kind, source, out, folder)
     per_shard = cfg.shard_documents
@@ -552,9 +557,9 @@ def shared_tokenizer(cfg: DataConfig, kind: str, source: Corpus, out: Path, fold
         tokenizer = Tokenizer.load(out)
         expected = Tokenizer.load(folder).hash if folder is not None else None
         if tokenizer.kind != kind if folder is None else tokenizer.hash != expected:
-            raise data.DataError(f"{out} already holds another tokenizer ({tokenizer.kind}, sha256 {tokenizer.hash[:12]}) "
-                            f"than --data.tokenizer {cfg.tokenizer}: give the one it was prepared with, or another "
-                            f"--data.dataset")
+            raise data.DataError(f"{out} already holds another tokenizer ({tokenizer.kind}, sha256 "
+                                 f"{tokenizer.hash[:12]}) than --data.tokenizer {cfg.tokenizer}: give the one it was "
+                                 f"prepared with, or another --data.dataset")
         return tokenizer
     tmp = out / ".tokenizer.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

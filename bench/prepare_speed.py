@@ -1,8 +1,8 @@
 """Data-preparation throughput and memory: prepare_data.py on a large synthetic corpus, 1 vs 2 workers.
 
-    python bench/prepare_speed.py [--size_mb 200] [--workers 1 2] [--tokenizer bpe] [--rounds 1]
-                                  [--source ../shared/data/tinyshakespeare.txt] [--workdir DIR] [--keep]
-                                  [--json out.json]
+    python bench/prepare_speed.py [--size_mb 200 [2000 ...]] [--workers 1 2] [--tokenizer bpe] [--rounds 1]
+                                  [--shard_documents N] [--source ../shared/data/tinyshakespeare.txt]
+                                  [--workdir DIR] [--keep] [--json out.json]
 
 The corpus: the non-empty lines of Tiny Shakespeare, shuffled with a fixed seed on every pass and
 repeated until --size_mb megabytes (10^6 bytes), cut into documents of DOC_LINES lines written to one
@@ -29,7 +29,13 @@ tree's peak even between samples. The run fails (exit 1) when the sampled tree p
 
 CPU use is user + system seconds of the whole tree (getrusage of waited-for children) over the wall
 time: how many of the machine's cores the run kept busy. Every worker count must write identical
-train.bin and val.bin files; the output says whether they did.
+token files (train.bin and val.bin, or every shard with --shard_documents); the output says whether
+they did.
+
+Several --size_mb values run every worker count on a corpus of each size (the same seed, so the
+smaller is a prefix of the larger's text in distribution, not in bytes) and report how much the
+peak RSS grew from the smallest to the largest corpus; the run fails (exit 1) when it grew by more
+than --max_rss_growth_mb (100 MiB by default): preparation's memory must not follow the corpus.
 """
 
 from __future__ import annotations
@@ -133,11 +139,14 @@ class TreeMemory:
             self.peak_sum_rss_kib, self.peak_processes = total, count
 
 
-def run_prepare(corpus: Path, data_dir: Path, dataset: str, workers: int, tokenizer: str, log: Path) -> dict:
+def run_prepare(corpus: Path, data_dir: Path, dataset: str, workers: int, tokenizer: str, shard_documents: int,
+                log: Path) -> dict:
     """One prepare_data.py run: its timings, memory, CPU use and meta.json."""
     cmd = [sys.executable, str(ROOT / "prepare_data.py"), "--data.input", str(corpus), "--data.dataset", dataset,
-           "--data.data_dir", str(data_dir), "--data.tokenizer", tokenizer, "--data.workers", str(workers)]
-    tokenizer_file = data_dir / f"{dataset}.tmp" / "tokenizer.json"
+           "--data.data_dir", str(data_dir), "--data.tokenizer", tokenizer, "--data.workers", str(workers),
+           "--data.shard_documents", str(shard_documents)]
+    # Shards are written straight into the dataset folder, an unsharded dataset into <dataset>.tmp/.
+    tokenizer_file = data_dir / (dataset if shard_documents else f"{dataset}.tmp") / "tokenizer.json"
     memory, done = TreeMemory(), threading.Event()
     tokenizer_saved: list[float] = []
 
@@ -164,14 +173,18 @@ def run_prepare(corpus: Path, data_dir: Path, dataset: str, workers: int, tokeni
         sys.exit(f"error: prepare_data.py exited with status {returncode}: {' | '.join(tail)} (log: {log})")
     out_dir = data_dir / dataset
     meta = json.loads((out_dir / "meta.json").read_text())
-    for split in ("train", "val"):  # the header's count must match meta.json and the file length
-        if len(read_tokens(out_dir / f"{split}.bin")) != meta[f"{split}_tokens"]:
-            sys.exit(f"error: {out_dir}/{split}.bin does not hold meta.json's {split}_tokens")
-    digest = hashlib.sha256(b"".join(bytes.fromhex(sha256_of(out_dir / f"{s}.bin")) for s in ("train", "val")))
+    files = []
+    for split in ("train", "val"):  # the headers' counts must match meta.json and the files' lengths
+        split_files = ([out_dir / e["file"] for e in meta["shards"][split]] if "shards" in meta
+                       else [out_dir / f"{split}.bin"])
+        if sum(len(read_tokens(f)) for f in split_files) != meta[f"{split}_tokens"]:
+            sys.exit(f"error: the {split} files of {out_dir} do not hold meta.json's {split}_tokens")
+        files += split_files
+    digest = hashlib.sha256(b"".join(bytes.fromhex(sha256_of(f)) for f in files))
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     return {"wall_s": end - start, "tokenize_s": end - tokenizer_saved[0] if tokenizer_saved else None,
-            "cpu_s": cpu, "tokens": meta["train_tokens"] + meta["val_tokens"],
-            "chars": meta["train_chars"] + meta["val_chars"], "meta": meta, "bins_sha256": digest.hexdigest(),
+            "cpu_s": cpu, "tokens": meta["train_tokens"] + meta["val_tokens"], "meta": meta,
+            "bins_sha256": digest.hexdigest(),
             "peak_tree_rss_bytes": memory.peak_sum_rss_kib * 1024, "processes_at_peak": memory.peak_processes,
             "parent_hwm_bytes": memory.hwm_kib.get(proc.pid, 0) * 1024,
             "max_process_hwm_bytes": max(memory.hwm_kib.values(), default=0) * 1024,
@@ -186,7 +199,7 @@ def summarize(workers: int, runs: list[dict]) -> dict:
     tokenize_s = statistics.median(tokenize) if len(tokenize) == len(runs) else None
     return {"workers": workers, "rounds": len(runs), "wall_s": round(wall, 2),
             "tokenize_s": None if tokenize_s is None else round(tokenize_s, 2),
-            "tokens": tokens, "chars": runs[0]["chars"], "tokens_per_s": round(tokens / wall),
+            "tokens": tokens, "tokens_per_s": round(tokens / wall),
             "tokenize_tokens_per_s": None if tokenize_s is None else round(tokens / tokenize_s),
             "cpu_cores_busy": round(statistics.median(r["cpu_s"] / r["wall_s"] for r in runs), 2),
             **{key: max(r[key] for r in runs) for key in ("peak_tree_rss_bytes", "parent_hwm_bytes",
@@ -200,7 +213,8 @@ def print_report(result: dict) -> None:
     print(f"\ncorpus: {corpus['bytes'] / 1e6:,.0f} MB, {corpus['documents']:,} documents of {DOC_LINES} shuffled "
           f"lines of {corpus['source']} (seed {corpus['seed']}, sha256 {corpus['sha256'][:12]})")
     merges = f", merges learned from {result['bpe_train_bytes'] / 1e6:,.0f} MB" if result["tokenizer"] == "bpe" else ""
-    print(f"prepare_data.py: {result['tokenizer']} tokenizer, {result['vocab_size']:,} ids{merges} | "
+    shards = f", shards of {result['shard_documents']:,} documents" if result["shard_documents"] else ""
+    print(f"prepare_data.py: {result['tokenizer']} tokenizer, {result['vocab_size']:,} ids{merges}{shards} | "
           f"{rows[0]['tokens']:,} tokens | {result['cpus']} CPU cores")
     base = rows[0]
 
@@ -222,30 +236,72 @@ def print_report(result: dict) -> None:
               f"{r['parent_hwm_bytes'] / MiB:,.0f} MiB, of the largest process "
               f"{r['max_process_hwm_bytes'] / MiB:,.0f} MiB; sum of every process's VmHWM "
               f"{r['sum_process_hwm_bytes'] / MiB:,.0f} MiB")
-    print(f"identical train.bin and val.bin for every worker count: {'yes' if result['identical_output'] else 'NO'}")
+    print(f"identical token files for every worker count: {'yes' if result['identical_output'] else 'NO'}")
     print(f"peak RSS under {result['max_rss_bytes'] / MiB:,.0f} MiB: {'yes' if result['rss_within_bound'] else 'NO'}")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size_mb", type=float, default=200, help="corpus size in MB (10^6 bytes)")
+    parser.add_argument("--size_mb", type=float, nargs="+", default=[200], help="corpus sizes in MB (10^6 bytes)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="data.workers values to compare")
     parser.add_argument("--tokenizer", choices=["bpe", "char"], default="bpe", help="data.tokenizer")
+    parser.add_argument("--shard_documents", type=int, default=0, help="data.shard_documents (0: no shards)")
     parser.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="text whose lines make the corpus")
     parser.add_argument("--seed", type=int, default=0, help="seed of the line shuffles")
     parser.add_argument("--rounds", type=int, default=1, help="runs per worker count (medians are reported)")
     parser.add_argument("--max_rss_mb", type=float, default=1024, help="fail when the tree's peak RSS exceeds "
                                                                       "this many MiB")
+    parser.add_argument("--max_rss_growth_mb", type=float, default=100, help="fail when the peak RSS on the "
+                        "largest corpus exceeds the one on the smallest by this many MiB")
     parser.add_argument("--workdir", type=Path, help="where the corpus and prepared data go (default: a new "
                                                      "temporary folder)")
     parser.add_argument("--keep", action="store_true", help="keep the corpus, prepared data and logs")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
-    if args.size_mb <= 0 or args.rounds < 1 or min(args.workers) < 1:
-        parser.error("--size_mb, --rounds and every --workers value must be positive")
+    if min(args.size_mb) <= 0 or args.rounds < 1 or min(args.workers) < 1 or args.shard_documents < 0:
+        parser.error("--size_mb, --rounds and every --workers value must be positive, --shard_documents not negative")
     if not args.source.is_file():
         parser.error(f"--source {args.source} does not exist: pass the Tiny Shakespeare text (or any UTF-8 text)")
     return args
+
+
+def measure(args: argparse.Namespace, size_mb: float, corpus: Path, data_dir: Path) -> dict:
+    """Every worker count on a corpus of `size_mb`: the result of one size."""
+    start = time.perf_counter()
+    documents = build_corpus(args.source, corpus, int(size_mb * 1e6), args.seed)
+    print(f"built {corpus} ({corpus.stat().st_size / 1e6:,.1f} MB, {documents:,} documents) in "
+          f"{time.perf_counter() - start:.1f}s", file=sys.stderr)
+    runs: dict[int, list[dict]] = {w: [] for w in args.workers}
+    for round_ in range(args.rounds):
+        # Alternate the order so that a machine getting busier or a warmer page cache does not
+        # always favour the same worker count.
+        for workers in args.workers if round_ % 2 == 0 else args.workers[::-1]:
+            dataset = f"synthetic_w{workers}"
+            run = run_prepare(corpus, data_dir, dataset, workers, args.tokenizer, args.shard_documents,
+                              corpus.parent / f"{dataset}.log")
+            runs[workers].append(run)
+            print(f"{size_mb:g} MB, round {round_ + 1}, workers {workers}: {run['wall_s']:.1f}s, "
+                  f"{run['peak_tree_rss_bytes'] / MiB:,.0f} MiB", file=sys.stderr)
+            if not args.keep:  # the token files of a 200 MB corpus are ~100 MB per run
+                shutil.rmtree(data_dir / dataset)
+    rows = [summarize(w, r) for w, r in runs.items()]
+    meta, defaults = runs[args.workers[0]][0]["meta"], DataConfig()
+    max_rss = int(args.max_rss_mb * MiB)
+    return {"corpus": {"source": str(args.source), "seed": args.seed, "bytes": corpus.stat().st_size,
+                       "documents": documents, "doc_lines": DOC_LINES, "sha256": meta["source_sha256"]},
+            "tokenizer": args.tokenizer, "vocab_size": meta["vocab_size"], "shard_documents": args.shard_documents,
+            "bpe_train_bytes": defaults.bpe_train_bytes, "val_fraction": defaults.val_fraction,
+            "cpus": len(os.sched_getaffinity(0)), "rows": rows,
+            "identical_output": len({h for r in rows for h in r["bins_sha256"]}) == 1,
+            "max_rss_bytes": max_rss, "rss_within_bound": all(r["peak_tree_rss_bytes"] <= max_rss for r in rows)}
+
+
+def rss_growth(results: list[dict]) -> dict[int, int]:
+    """Per worker count, the peak RSS on the largest corpus minus the one on the smallest, in bytes."""
+    by_size = sorted(results, key=lambda r: r["corpus"]["bytes"])
+    smallest, largest = by_size[0], by_size[-1]
+    return {a["workers"]: b["peak_tree_rss_bytes"] - a["peak_tree_rss_bytes"]
+            for a, b in zip(smallest["rows"], largest["rows"])}
 
 
 def main() -> None:
@@ -255,37 +311,20 @@ def main() -> None:
     corpus, data_dir = workdir / "corpus.txt", workdir / "data"
     finished = False
     try:
-        start = time.perf_counter()
-        documents = build_corpus(args.source, corpus, int(args.size_mb * 1e6), args.seed)
-        print(f"built {corpus} ({corpus.stat().st_size / 1e6:,.1f} MB, {documents:,} documents) in "
-              f"{time.perf_counter() - start:.1f}s", file=sys.stderr)
-        runs: dict[int, list[dict]] = {w: [] for w in args.workers}
-        for round_ in range(args.rounds):
-            # Alternate the order so that a machine getting busier or a warmer page cache does not
-            # always favour the same worker count.
-            for workers in args.workers if round_ % 2 == 0 else args.workers[::-1]:
-                dataset = f"synthetic_w{workers}"
-                run = run_prepare(corpus, data_dir, dataset, workers, args.tokenizer, workdir / f"{dataset}.log")
-                runs[workers].append(run)
-                print(f"round {round_ + 1}, workers {workers}: {run['wall_s']:.1f}s, "
-                      f"{run['peak_tree_rss_bytes'] / MiB:,.0f} MiB", file=sys.stderr)
-                if not args.keep:  # the token files of a 200 MB corpus are ~100 MB per run
-                    shutil.rmtree(data_dir / dataset)
-        rows = [summarize(w, r) for w, r in runs.items()]
-        meta, defaults = runs[args.workers[0]][0]["meta"], DataConfig()
-        max_rss = int(args.max_rss_mb * MiB)
-        result = {"corpus": {"source": str(args.source), "seed": args.seed, "bytes": corpus.stat().st_size,
-                             "documents": documents, "doc_lines": DOC_LINES, "sha256": meta["source_sha256"]},
-                  "tokenizer": args.tokenizer, "vocab_size": meta["vocab_size"],
-                  "bpe_train_bytes": defaults.bpe_train_bytes, "val_fraction": defaults.val_fraction,
-                  "cpus": len(os.sched_getaffinity(0)), "rows": rows,
-                  "identical_output": len({h for r in rows for h in r["bins_sha256"]}) == 1,
-                  "max_rss_bytes": max_rss,
-                  "rss_within_bound": all(r["peak_tree_rss_bytes"] <= max_rss for r in rows)}
-        print_report(result)
-        print(json.dumps(result))
+        results = []
+        for size_mb in args.size_mb:
+            results.append(measure(args, size_mb, corpus, data_dir))
+            print_report(results[-1])
+        growth = rss_growth(results)
+        growth_ok = len(results) == 1 or max(growth.values()) <= args.max_rss_growth_mb * MiB
+        if len(results) > 1:
+            print("\npeak RSS growth from the smallest to the largest corpus: " + ", ".join(
+                f"{w} worker(s) {g / MiB:+,.0f} MiB" for w, g in growth.items()) +
+                f" (bound {args.max_rss_growth_mb:,.0f} MiB: {'yes' if growth_ok else 'NO'})")
+        summary = {"sizes": results, "rss_growth_bytes": growth, "rss_growth_within_bound": growth_ok}
+        print(json.dumps(summary))
         if args.json:
-            args.json.write_text(json.dumps(result, indent=2))
+            args.json.write_text(json.dumps(summary, indent=2))
         finished = True
     finally:
         if args.keep or not finished:  # a failed run's logs and files are what explains it
@@ -297,7 +336,7 @@ def main() -> None:
             shutil.rmtree(data_dir, ignore_errors=True)
             for log in workdir.glob("synthetic_w*.log"):
                 log.unlink()
-    sys.exit(0 if result["rss_within_bound"] else 1)
+    sys.exit(0 if growth_ok and all(r["rss_within_bound"] for r in results) else 1)
 
 
 if __name__ == "__main__":

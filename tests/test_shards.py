@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ import zstandard
 
 import corpus
 import data
+import eval as eval_py
 import prepare_data
 from config import ConfigError, DataConfig
 from tokenizer import Tokenizer
@@ -304,6 +306,12 @@ def test_a_damaged_shard_is_named(tmp_path, damage):
     with pytest.raises(data.DataError, match=message) as error:
         data.open_split(folder, "train")
     assert "\n" not in str(error.value)
+
+
+def test_eval_scores_the_val_shards_in_order(tmp_path):
+    folder = write_shards(tmp_path / "d", [5, 3, 4])
+    scorer = types.SimpleNamespace(tokenizer=types.SimpleNamespace(hash=HASH))
+    assert eval_py.dataset_ids(folder, scorer) == [0] * 5 + [1] * 3 + [2] * 4
 
 
 def test_no_shard_as_long_as_a_window_is_refused(tmp_path):
