@@ -199,7 +199,7 @@ def test_bad_sampling_input(world, capsys, extra, message):
 @pytest.mark.parametrize("extra,message", [
     (["--train.optimizer", "muon", "--train.muon_momentum", "1"], "train.muon_momentum=1.0 must lie in [0, 1)"),
     (["--train.optimizer", "muon", "--train.muon_lr", "0"], "train.muon_lr=0.0 must be positive"),
-    (["--train.optimizer", "muon", "--resume"], "trained with 1 optimizer(s) and train.optimizer=muon needs 2"),
+    (["--train.optimizer", "muon", "--resume"], "trained with AdamW and train.optimizer=muon needs AdamW + Muon"),
 ])
 def test_bad_optimizer_settings(world, tmp_path, capsys, extra, message):
     run = copy(world, "run", tmp_path)
