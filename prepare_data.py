@@ -467,6 +467,7 @@ def prepare_shards(cfg: DataConfig, source: Corpus, kind: str, name: str, folder
                              f"shards under another --data.dataset")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = shared_tokenizer(cfg, kind, source, out, folder)
+    check_shard_settings(cfg, out)
     per_shard = cfg.shard_documents
     first, end = cfg.shard_span()
     if first == end:
@@ -535,6 +536,25 @@ class Seen:
                 yield i, text
             count = i + 1
         self.corpus_end = count
+
+
+SHARD_SETTINGS = ("shard_documents", "val_fraction", "text_field")  # what decides a shard's contents
+
+
+def check_shard_settings(cfg: DataConfig, out: Path) -> None:
+    """The first run over a folder records the settings that decide what each shard holds; a later
+    run (a rerun, another machine) with others would mix shards cut two ways, so it is refused."""
+    path = out / "shard_settings.json"
+    ours = {key: getattr(cfg, key) for key in SHARD_SETTINGS}
+    if not path.is_file():
+        path.with_suffix(".tmp").write_text(json.dumps(ours))
+        path.with_suffix(".tmp").replace(path)
+        return
+    recorded = data.read_meta(path)
+    for key, value in ours.items():
+        if recorded.get(key) != value:
+            raise data.DataError(f"{out} holds shards prepared with data.{key}={recorded.get(key)!r}, not {value!r}: "
+                                 f"use the setting they were made with, or another --data.dataset")
 
 
 def shard_whole(out: Path, shard: int, tokenizer: Tokenizer) -> bool:

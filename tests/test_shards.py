@@ -220,6 +220,15 @@ def test_bad_shard_settings(tmp_path, docs_txt, settings, error, message):
         prepare(tmp_path, docs_txt, **settings)
 
 
+def test_a_rerun_with_other_shard_settings_is_refused(tmp_path, docs_txt):
+    prepare(tmp_path, docs_txt, shard_documents=7, shard_range="0:2")
+    for settings, shown in (({"shard_documents": 8}, "data.shard_documents=7, not 8"),
+                            ({"shard_documents": 7, "val_fraction": 0.2}, "data.val_fraction=0.1, not 0.2")):
+        with pytest.raises(data.DataError, match=f"holds shards prepared with {shown}: use the setting they were"):
+            prepare(tmp_path, docs_txt, **settings)
+    assert prepare(tmp_path, docs_txt, shard_documents=7)["shards"]["count"] == 8
+
+
 def test_a_single_document_is_not_sharded(tmp_path):
     (tmp_path / "one.txt").write_text("just one long text\n" * 50)
     with pytest.raises(data.DataError, match="is a single document, which cannot be cut into shards"):
