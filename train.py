@@ -530,7 +530,8 @@ def start_run(cfg: Config) -> Run:
     model, adapters = build_model(cfg, pretrained)
     model.to(runtime.device)
     model.activation_checkpointing = tc.activation_checkpointing
-    tasks = training_eval(cfg.eval, model, Tokenizer.load(dataset_dir), tc.block_size)
+    with machine_main_first(runtime):  # [eval] task hellaswag is downloaded on first use
+        tasks = training_eval(cfg.eval, model, Tokenizer.load(dataset_dir), tc.block_size)
     accum = accumulation_steps(tc, runtime.world)
     # Everything is checked: only now may a previous run make way.
     replaced = claim_out_dir(out_dir, overwrite) if runtime.is_main else None
@@ -618,6 +619,18 @@ def shard_model(model: Llama, runtime: Runtime) -> None:
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=precision)
     fully_shard(model, mesh=mesh, mp_policy=precision)
+
+
+@contextlib.contextmanager
+def machine_main_first(runtime: Runtime) -> Iterator[None]:
+    """The first process of each machine does the work first (a download into data/downloads/), the
+    others after it, when the files are there: two processes writing one download would corrupt it."""
+    first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if not first:
+        runtime.barrier()
+    yield
+    if first:
+        runtime.barrier()
 
 
 def check_shared_out_dir(out_dir: Path, runtime: Runtime) -> None:
