@@ -95,6 +95,10 @@ def write_contents(folder: Path, training_state: dict[str, Any], config_toml: st
         (folder / file).write_bytes(contents)
 
 
+def checkpoint_path(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / f"ckpt-{step:06d}"
+
+
 @contextlib.contextmanager
 def writing(out_dir: str | Path, step: int, main: bool = True,
             barrier: Callable[[], None] = lambda: None) -> Iterator[Path]:
@@ -102,9 +106,8 @@ def writing(out_dir: str | Path, step: int, main: bool = True,
     into the COMPLETE marker and fsynced, the folder renamed into place, `latest` moved. Under
     torchrun every process enters (each may write its shard of the state); only the `main` one
     prepares and finishes the folder, and `barrier` keeps the others from running ahead of it."""
-    out_dir = Path(out_dir)
-    name = f"ckpt-{step:06d}"
-    final, tmp = out_dir / name, out_dir / f"{name}.tmp"
+    out_dir, final = Path(out_dir), checkpoint_path(out_dir, step)
+    name, tmp = final.name, final.with_name(final.name + ".tmp")
     try:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a save that was killed

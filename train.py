@@ -823,7 +823,7 @@ def save_checkpoint(run: Run) -> Path:
         if run.replaced is not None:  # the new run now stands on its own
             shutil.rmtree(run.replaced)
             run.replaced = None
-    return run.out_dir / f"ckpt-{run.step:06d}"
+    return checkpoint.checkpoint_path(run.out_dir, run.step)
 
 
 def on_any_rank(run: Run, flag: bool) -> bool:

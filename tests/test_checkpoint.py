@@ -22,7 +22,7 @@ def save(out_dir, step, model, **state):
     with checkpoint.writing(out_dir, step) as folder:
         checkpoint.write_contents(folder, {"step": step, "opt": {"m": torch.ones(3)}, **state}, "[model]\n", None,
                                   lambda f: checkpoint.save_hf(model, f))
-    return out_dir / f"ckpt-{step:06d}"
+    return checkpoint.checkpoint_path(out_dir, step)
 
 
 def test_save_writes_hf_folder_and_pointer(tmp_path):
