@@ -63,6 +63,7 @@ def test_fsdp_equals_one_process_and_resumes_on_one(data_dir, single, tmp_path):
     assert close(train_losses(out), train_losses(single))
 
 
+@pytest.mark.slow
 def test_one_process_checkpoint_resumes_under_fsdp(data_dir, single, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     shutil.copytree(single, out)
@@ -85,7 +86,8 @@ def launch_nodes(out_dirs: list[Path], data: Path, *extra: str) -> list[subproce
     return results
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+# The DDP variant runs with the slow tests (CI runs those too), to keep the default suite short.
+@pytest.mark.parametrize("parallel", [pytest.param("ddp", marks=pytest.mark.slow), "fsdp"])
 def test_two_nodes_equal_one_process(data_dir, single, tmp_path, parallel):  # noqa: F811
     out = tmp_path / "shared"
     for node in launch_nodes([out, out], data_dir, "--train.parallel", parallel):
@@ -218,6 +220,7 @@ def test_checkpoints_from_before_sharding_resume_and_fsdp_says_how(data_dir, sin
     assert train_losses(out) == train_losses(single)  # bit for bit: the same state, read the old way
 
 
+@pytest.mark.slow
 def test_fsdp_on_a_sharded_corpus_equals_one_process(tmp_path):
     """Windows drawn across shards are a function of (seed, step, index) too: two FSDP processes
     train on a sharded dataset exactly as one process with twice the accumulation."""
