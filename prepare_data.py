@@ -491,15 +491,14 @@ def prepare_shards(cfg: DataConfig, source: Corpus, kind: str, name: str, folder
               f"the shards that exist)")
         return None
     total = math.ceil(seen.corpus_end / per_shard)
-    missing = [shard for shard in range(total) if not shard_whole(out, shard, tokenizer)]
-    if missing:
+    counts = [shard_tokens(out, shard, tokenizer) for shard in range(total)]
+    if missing := [shard for shard, count in enumerate(counts) if count is None]:
         shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
         print(f"  {len(missing)} of the corpus's {total} shards are missing ({shown}), so no index (meta.json) yet: "
               f"once the other ranges are done, run the same command without --data.shard_range (it skips the "
               f"shards that exist) to write it")
         return None
-    index = {split: [{"file": file_name(split, shard),
-                      "tokens": len(data.read_tokens(out / file_name(split, shard)))} for shard in range(total)]
+    index = {split: [{"file": file_name(split, shard), "tokens": count[split]} for shard, count in enumerate(counts)]
              for split in SPLITS}
     meta = {**describe(cfg, source, name, tokenizer), "documents_split": True,
             "train_tokens": sum(e["tokens"] for e in index["train"]),
@@ -530,7 +529,7 @@ class Seen:
                 shard = i // per_shard
                 if shard == end:
                     return  # the document after the range: the corpus goes on
-                writing = not shard_whole(out, shard, tokenizer)
+                writing = shard_tokens(out, shard, tokenizer) is None
                 (self.written if writing else self.skipped).append(shard)
             if writing:
                 yield i, text
@@ -557,17 +556,19 @@ def check_shard_settings(cfg: DataConfig, out: Path) -> None:
                                  f"use the setting they were made with, or another --data.dataset")
 
 
-def shard_whole(out: Path, shard: int, tokenizer: Tokenizer) -> bool:
-    """Whether both files of a shard exist whole, made by this tokenizer (a run that stopped
-    leaves only .tmp files, which do not count)."""
+def shard_tokens(out: Path, shard: int, tokenizer: Tokenizer) -> dict[str, int] | None:
+    """Each split's token count in a shard whose files both exist whole, made by this tokenizer;
+    None for any other (a run that stopped leaves only .tmp files, which do not count)."""
+    counts = {}
     for split in SPLITS:
         try:
             tokens = data.read_tokens(out / file_name(split, shard))
         except data.DataError:
-            return False
+            return None
         if tokens.tokenizer_hash != tokenizer.hash:
-            return False
-    return True
+            return None
+        counts[split] = len(tokens)
+    return counts
 
 
 def shared_tokenizer(cfg: DataConfig, kind: str, source: Corpus, out: Path, folder: Path | None) -> Tokenizer:

@@ -131,13 +131,8 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
                               f"{visible}; start at most {visible} per machine (torchrun --nproc_per_node "
                               f"{visible}) or train on CPU with --train.device cpu")
         device = torch.device(f"cuda:{local_rank}" if world > 1 or cfg.device in ("auto", "cuda") else cfg.device)
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
-    if distributed:  # naming the GPU binds NCCL to it at once, instead of guessing from the rank
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     if cfg.dtype != "auto":
         amp_dtype = getattr(torch, cfg.dtype)
     elif use_cuda:  # bf16 only where the tensor cores do it natively; fp16 (with loss scaling) else
@@ -147,6 +142,12 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     if cfg.parallel == "fsdp" and amp_dtype == torch.float16:
         raise ConfigError("train.parallel=fsdp needs bf16 or fp32, and this GPU does bf16 only by emulation: "
                           "use parallel=ddp (fp16 with loss scaling) or --train.dtype float32")
+    if use_cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if distributed:  # naming the GPU binds NCCL to it at once, instead of guessing from the rank
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     return Runtime(device=device, amp_dtype=amp_dtype, rank=rank, world=world, distributed=distributed,
                    sharded=distributed and cfg.parallel == "fsdp")
 
@@ -781,17 +782,19 @@ def evaluate(run: Run) -> dict[str, float]:
     if run.tasks is not None:  # every process scores its share of the windows and examples
         # ...except under FSDP, where every forward is a collective that all processes must
         # make: each scores them all.
-        rank, world = (0, 1) if runtime.sharded else (runtime.rank, runtime.world)
+        if runtime.sharded:
+            share = (0, 1, lambda values: values)
+        else:
+            share = (runtime.rank, runtime.world, functools.partial(sum_over_processes, runtime))
         with runtime.autocast():
-            losses |= run.tasks.scores(rank, world, functools.partial(sum_over_processes, runtime, world))
+            losses |= run.tasks.scores(*share)
     run.step_model.train()
     return losses
 
 
-def sum_over_processes(runtime: Runtime, world: int, values: list[float]) -> list[float]:
-    """Each value summed over the `world` processes that share the work (in float64, so counts and
-    sums stay exact)."""
-    if world == 1:
+def sum_over_processes(runtime: Runtime, values: list[float]) -> list[float]:
+    """Each value summed over all processes (in float64, so counts and sums stay exact)."""
+    if runtime.world == 1:
         return values
     total = torch.tensor(values, dtype=torch.float64, device=runtime.device)
     dist.all_reduce(total)

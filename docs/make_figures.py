@@ -8,7 +8,6 @@ readable versions the pages explain; tests/test_docs.py checks each of them agai
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import subprocess
@@ -104,29 +103,6 @@ def decode_step_flops(cfg: ModelConfig, context: int, cached: bool) -> int:
 def training_state_bytes(params: int) -> int:
     """fp32 weights, their gradients and AdamW's two moments: 16 bytes a parameter."""
     return 16 * params
-
-
-def block_activation_values(cfg: ModelConfig, recompute: bool, tokens: int = 64) -> float:
-    """Values autograd keeps per token for one block's backward pass (parameters not counted),
-    measured: the difference between a two-block and a one-block model of cfg's width."""
-    kept = []
-    for n_layers in (1, 2):
-        torch.manual_seed(0)
-        model = Llama(dataclasses.replace(cfg, n_layers=n_layers, vocab_size=64, max_seq_len=tokens))
-        model.activation_checkpointing = recompute
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        storages = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if t.untyped_storage().data_ptr() not in params:  # each storage once, views included
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        x = torch.randint(0, 64, (1, tokens + 1))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(x[:, :-1], x[:, 1:])
-        kept.append(sum(storages.values()))
-    return (kept[1] - kept[0]) / tokens / 4  # fp32 values
 
 
 def next_byte_distribution(text: bytes, context: bytes) -> torch.Tensor:

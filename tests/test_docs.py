@@ -4,6 +4,7 @@ Each test names the page whose claim it checks. A number that appears in a page 
 (or is drawn by docs/make_figures.py), so a page cannot drift from the code it describes.
 """
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -515,14 +516,37 @@ def test_parallel_worked_example():
     assert round(22 * tokens * 39_458 * 2 / 1e9, 1) == 56.9 and round(22 * tokens * 2048 * 2 / 1e9, 2) == 2.95
 
 
+def block_activation_values(cfg: ModelConfig, recompute: bool, tokens: int = 64) -> float:
+    """Values autograd keeps per token for one block's backward pass (parameters not counted),
+    measured: the difference between a two-block and a one-block model of cfg's width."""
+    kept = []
+    for n_layers in (1, 2):
+        torch.manual_seed(0)
+        model = Llama(dataclasses.replace(cfg, n_layers=n_layers, vocab_size=64, max_seq_len=tokens))
+        model.activation_checkpointing = recompute
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in params:  # each storage once, views included
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randint(0, 64, (1, tokens + 1))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x[:, :-1], x[:, 1:])
+        kept.append(sum(storages.values()))
+    return (kept[1] - kept[0]) / tokens / 4  # fp32 values
+
+
 def test_checkpointing_keeps_block_inputs_only():
     """39,458 values a token per block of the 1B width (19.3 x dim) without checkpointing, the same
     at two sequence lengths; exactly the block's input (dim values) with it."""
     cfg = recipe_1b().model
-    assert figures.block_activation_values(cfg, recompute=False) == 39_458
-    assert figures.block_activation_values(cfg, recompute=False, tokens=128) == 39_458
+    assert block_activation_values(cfg, recompute=False) == 39_458
+    assert block_activation_values(cfg, recompute=False, tokens=128) == 39_458
     assert round(39_458 / cfg.dim, 1) == 19.3
-    assert figures.block_activation_values(cfg, recompute=True) == cfg.dim
+    assert block_activation_values(cfg, recompute=True) == cfg.dim
 
 
 def test_checkpointing_costs_the_blocks_forward_up_to_the_down_projection():

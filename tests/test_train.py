@@ -283,6 +283,15 @@ def test_init_from_a_hugging_face_folder(data_dir, tmp_path):
     assert checkpoint.load_hf(checkpoint.resolve(tmp_path / "run")).cfg.n_kv_heads == 1
 
 
+def test_fsdp_on_a_gpu_without_bf16_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation: False)
+    with pytest.raises(ConfigError, match="train.parallel=fsdp needs bf16 or fp32, and this GPU does bf16 only by "
+                                          "emulation: use parallel=ddp"):
+        train.setup_runtime(TrainConfig(parallel="fsdp"))
+
+
 def test_more_processes_than_gpus_is_one_line(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
