@@ -277,7 +277,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
                     logits = decode_one(model, decode_step, next_tokens, length, position, pad)
                     length += 1
     finally:
-        model.clear_cache()
+        model.clear_cache(keep=decode_step is not None)  # the compiled step's next call finds the same buffers
 
 
 @dataclasses.dataclass
@@ -394,8 +394,8 @@ def speculate_row(target: Llama, draft: Llama, row: Completion, cfg: SampleConfi
                     break
             yield
     finally:
-        target.clear_cache()
-        draft.clear_cache()
+        target.clear_cache(keep=steps[0] is not None)
+        draft.clear_cache(keep=steps[1] is not None)
 
 
 def generate_text(steps: Iterator[list[Completion]], render: Callable[[list[int]], str], stops: Sequence[str] = (),

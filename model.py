@@ -254,6 +254,7 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False  # train.py turns it on (train.activation_checkpointing)
+        self.kept_cache: list[KVCache] | None = None  # see setup_cache
         self.reset_parameters()
 
     @classmethod
@@ -353,14 +354,33 @@ class Llama(nn.Module):
     # --- KV cache ------------------------------------------------------------------------------
 
     def setup_cache(self, batch_size: int, dtype: torch.dtype | None = None, max_seq_len: int | None = None) -> None:
-        """Allocate a KV cache in every attention layer for up to max_seq_len positions
-        (default: the model's; a shorter one saves memory, and compiled decoding attends over all of it)."""
-        device, dtype = self.embed_tokens.weight.device, dtype or self.embed_tokens.weight.dtype
-        for layer in self.layers:
-            layer.self_attn.cache = KVCache(batch_size, self.cfg.n_kv_heads, max_seq_len or self.cfg.max_seq_len,
-                                            self.cfg.head_dim, dtype, device)
+        """Give every attention layer an empty KV cache for up to max_seq_len positions (default:
+        the model's; a shorter one saves memory, and compiled decoding attends over all of it).
 
-    def clear_cache(self) -> None:
+        A cache kept by clear_cache(keep=True) is zeroed and reused when its shape, dtype, device and
+        inference mode match: compiled decoding on a GPU replays a CUDA graph that holds the cache's
+        addresses, and new buffers would make it record the graph again on every call."""
+        device, dtype = self.embed_tokens.weight.device, dtype or self.embed_tokens.weight.dtype
+        shape = (batch_size, self.cfg.n_kv_heads, max_seq_len or self.cfg.max_seq_len, self.cfg.head_dim)
+        kept, inference = self.kept_cache, torch.is_inference_mode_enabled()  # inference tensors are written in it only
+        if kept is not None and (kept[0].k.shape, kept[0].k.dtype, kept[0].k.device, kept[0].k.is_inference()) == (
+                shape, dtype, device, inference):
+            for cache in kept:
+                cache.k.zero_()
+                cache.v.zero_()
+        else:
+            kept = [KVCache(*shape, dtype, device) for _ in self.layers]
+        self.kept_cache = None
+        for layer, cache in zip(self.layers, kept):
+            layer.self_attn.cache = cache
+
+    def clear_cache(self, keep: bool = False) -> None:
+        """Take the KV cache out of the attention layers, so a plain forward uses none. With keep,
+        the model holds on to its buffers for the next setup_cache of the same shape."""
+        if keep and self.layers[0].self_attn.cache is not None:
+            self.kept_cache = [layer.self_attn.cache for layer in self.layers]
+        elif not keep:
+            self.kept_cache = None
         for layer in self.layers:
             layer.self_attn.cache = None
 

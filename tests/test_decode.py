@@ -200,6 +200,33 @@ def test_compiled_fast_paths_match_eager(quantize):
     assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
 
 
+def test_a_decode_step_finds_the_same_cache_buffers_on_every_call():
+    """A CUDA graph holds the addresses of the cache it was recorded with: with a decode step, every
+    call of the same shape gets the same buffers, zeroed, the earlier call's keys never leak into
+    the next one, and between calls the layers hold no cache, so a plain forward uses none."""
+    model = make_model(**GQA)
+    prepare_for_decoding(model, compiled=True)
+    step = lambda tokens, position, pad: model(tokens, start_pos=position, pad=pad)[0]  # the step, uncompiled
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=10)
+    first = last_rows(model, [[5, 6, 7, 8, 9, 10]], cfg, decode_step=step)
+    buffers = [c.k.data_ptr() for c in model.kept_cache] + [c.v.data_ptr() for c in model.kept_cache]
+    assert all(layer.self_attn.cache is None for layer in model.layers)
+    for prompt in ([1, 2], [5, 6, 7, 8, 9, 10], [3] * 20):
+        reused = last_rows(model, [prompt], cfg, decode_step=step)
+        assert [c.k.data_ptr() for c in model.kept_cache] + [c.v.data_ptr() for c in model.kept_cache] == buffers
+        assert reused[0].token_ids == last_rows(make_model(**GQA), [prompt], cfg)[0].token_ids
+    assert reused[0].token_ids != first[0].token_ids
+    with torch.inference_mode():  # as generate() sets it up
+        model.setup_cache(1, max_seq_len=model.kept_cache[0].k.shape[2])
+    assert [layer.self_attn.cache.k.data_ptr() for layer in model.layers] == buffers[:len(model.layers)]
+    assert all(not layer.self_attn.cache.k.any() and not layer.self_attn.cache.v.any() for layer in model.layers)
+    model.clear_cache(keep=True)
+    last_rows(model, [[1, 2], [3, 4]], cfg, decode_step=step)  # another batch size: other buffers
+    assert model.kept_cache[0].k.shape[0] == 2 and model.kept_cache[0].k.data_ptr() not in buffers
+    last_rows(model, [[1, 2]], cfg)  # eager decoding keeps nothing
+    assert model.kept_cache is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compiled", [False, True])
 def test_the_decoding_loop_never_waits_for_the_gpu(compiled):
