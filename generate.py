@@ -768,7 +768,7 @@ def run(cfg: SampleConfig) -> None:
         chat_repl(cfg)
         return
     loaded = load_for_sampling(cfg)
-    model, tokenizer, context = loaded.model, loaded.tokenizer, loaded.context
+    tokenizer, context = loaded.tokenizer, loaded.context
     stops = cfg.stop_strings()
     if stops and tokenizer is None:
         raise ConfigError(f"stop strings need a tokenizer and {cfg.checkpoint} has none: stop on token ids with --eos")

@@ -19,7 +19,6 @@ import prepare_data
 import train
 from config import ModelConfig
 from model import Llama
-from tokenizer import Tokenizer
 
 TINY = ["--model.vocab_size", "64", "--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "4",
         "--model.max_seq_len", "32", "--train.block_size", "16", "--train.micro_batch_size", "4",

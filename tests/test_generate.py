@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
 
 from config import ConfigError, SampleConfig, build_config, expand_short_flags
 from checkpoint import read_llama2c, save_hf, write_llama2c
