@@ -362,16 +362,18 @@ class Llama(nn.Module):
         addresses, and new buffers would make it record the graph again on every call."""
         device, dtype = self.embed_tokens.weight.device, dtype or self.embed_tokens.weight.dtype
         shape = (batch_size, self.cfg.n_kv_heads, max_seq_len or self.cfg.max_seq_len, self.cfg.head_dim)
-        kept, inference = self.kept_cache, torch.is_inference_mode_enabled()  # inference tensors are written in it only
-        if kept is not None and (kept[0].k.shape, kept[0].k.dtype, kept[0].k.device, kept[0].k.is_inference()) == (
-                shape, dtype, device, inference):
-            for cache in kept:
+        caches = self.kept_cache
+        # Inference tensors (what a cache set up in inference mode holds) are written in it alone.
+        wanted = (shape, dtype, device, torch.is_inference_mode_enabled())
+        if caches is not None and (caches[0].k.shape, caches[0].k.dtype, caches[0].k.device,
+                                   caches[0].k.is_inference()) == wanted:
+            for cache in caches:
                 cache.k.zero_()
                 cache.v.zero_()
         else:
-            kept = [KVCache(*shape, dtype, device) for _ in self.layers]
+            caches = [KVCache(*shape, dtype, device) for _ in self.layers]
         self.kept_cache = None
-        for layer, cache in zip(self.layers, kept):
+        for layer, cache in zip(self.layers, caches):
             layer.self_attn.cache = cache
 
     def clear_cache(self, keep: bool = False) -> None:
