@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -290,6 +291,18 @@ def test_fsdp_on_a_gpu_without_bf16_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match="train.parallel=fsdp needs bf16 or fp32, and this GPU does bf16 only by "
                                           "emulation: use parallel=ddp"):
         train.setup_runtime(TrainConfig(parallel="fsdp"))
+
+
+@pytest.mark.parametrize("local_rank, order", [("0", ["load", "barrier"]), ("1", ["barrier", "load"])])
+def test_each_machines_first_process_loads_before_the_others(monkeypatch, local_rank, order):
+    """A download is written by the first process of a machine alone: the others meet it at the
+    barrier only after it has loaded, and then find the files there."""
+    events = []
+    runtime = types.SimpleNamespace(barrier=lambda: events.append("barrier"))
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    with train.machine_main_first(runtime):
+        events.append("load")
+    assert events == order
 
 
 def test_more_processes_than_gpus_is_one_line(monkeypatch):
