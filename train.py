@@ -296,7 +296,7 @@ class Run:
     out_dir: Path
     dataset_dir: Path
     model: Llama  # the weights: what is saved, clipped and evaluated
-    step_model: torch.nn.Module  # what trains: the model, compiled and/or wrapped in DDP
+    step_model: torch.nn.Module  # what trains: the model, compiled (see compile_for_training) and/or wrapped in DDP
     optimizers: list[torch.optim.Optimizer]  # AdamW, then Muon when configured
     scaler: torch.amp.GradScaler
     train_batches: data.BatchSampler | data.ConversationSampler
@@ -314,6 +314,7 @@ class Run:
     eval_unrecorded: bool = False  # resumed at an evaluation step whose evaluation was never recorded
     tasks: TrainingEval | None = None  # [eval] data and tasks, scored at each evaluation (shared out under torchrun)
     replaced: Path | None = None  # --overwrite: the previous run, kept until this one's first checkpoint
+    compiled: bool = False  # step_model runs torch.compile'd code
 
     @property
     def metrics_path(self) -> Path:
@@ -549,7 +550,8 @@ def start_run(cfg: Config) -> Run:
               adapters=adapters, replaced=replaced, tasks=tasks)
     if resume_from is not None:
         restore(run, resume_from)
-    run.step_model = wrap_for_training(torch.compile(model) if tc.compile is not False else model, runtime)
+    run.compiled = tc.compile is not False
+    run.step_model = wrap_for_training(compile_for_training(model, runtime) if run.compiled else model, runtime)
     return run
 
 
@@ -598,6 +600,25 @@ def restore(run: Run, ckpt: Path) -> None:
         due = run.step % tc.eval_interval == 0 or run.step == tc.max_steps
         run.eval_unrecorded = due and not any(m["kind"] == "eval" and m["step"] == run.step for m in kept)
     run.runtime.log(f"resumed from {ckpt} at step {run.step}")
+
+
+def compile_for_training(model: Llama, runtime: Runtime) -> torch.nn.Module:
+    """torch.compile: the whole model, or under FSDP each block's forward on its own, with the
+    gathers and frees around each block left outside (torchtitan's way). A whole FSDP model breaks
+    its graph at every gather and ran no faster than eager; compiled blocks fuse their arithmetic,
+    and one graph serves them all."""
+    if not runtime.sharded:
+        return torch.compile(model)
+    for block in model.layers:
+        block.forward = torch.compile(block.forward)
+    return model
+
+
+def uncompiled(model: Llama) -> Llama:
+    """The model without the compiled block forwards that compile_for_training gave it."""
+    for block in model.layers:
+        vars(block).pop("forward", None)
+    return model
 
 
 def wrap_for_training(module: torch.nn.Module, runtime: Runtime) -> torch.nn.Module:
@@ -728,11 +749,12 @@ def train_step(run: Run) -> StepResult:
     try:
         loss = accumulate_gradients(run)
     except Exception as e:  # compile="auto": a model dynamo cannot handle still trains, eagerly
-        if tc.compile != "auto" or run.step_model is run.model:
+        if tc.compile != "auto" or not run.compiled:
             raise
         warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); continuing eagerly")
         zero_grads(run)
-        run.step_model = wrap_for_training(run.model, run.runtime)
+        run.compiled = False
+        run.step_model = wrap_for_training(uncompiled(run.model), run.runtime)
         loss = accumulate_gradients(run)
     for optimizer in run.optimizers:
         run.scaler.unscale_(optimizer)

@@ -9,12 +9,14 @@ import socket
 import subprocess
 import sys
 import tomllib
+import types
 from pathlib import Path
 
 import pytest
 import torch
 
 import checkpoint
+import train
 from config import Config, ConfigError, ModelConfig, TrainConfig, build_config, load_toml
 from model import Block, Llama
 from test_train import ROOT, args, data_dir, run_cli, train_losses  # noqa: F401 (data_dir is a fixture)
@@ -129,6 +131,37 @@ def test_activation_checkpointing_recomputes_blocks_and_gives_the_same_gradients
     assert runs == [2, 4]  # with checkpointing the backward pass runs the block a second time
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_under_fsdp_each_block_compiles_alone_and_one_graph_serves_them_all():
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=50, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, max_seq_len=16))
+    tokens = torch.randint(0, 50, (2, 17))
+    eager, names = model(tokens[:, :-1], tokens[:, 1:])[1], list(model.state_dict())
+    torch._dynamo.reset()
+    counters.clear()
+    assert train.compile_for_training(model, types.SimpleNamespace(sharded=True)) is model
+    assert all("forward" in vars(block) for block in model.layers)  # FSDP's gathers around them stay eager
+    torch.testing.assert_close(model(tokens[:, :-1], tokens[:, 1:])[1], eager, atol=1e-5, rtol=0)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert list(model.state_dict()) == names  # checkpoints and optimizer shards keep their names
+    train.uncompiled(model)  # what compile="auto" falls back to
+    assert not any("forward" in vars(block) for block in model.layers)
+    torch.testing.assert_close(model(tokens[:, :-1], tokens[:, 1:])[1], eager, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_fsdp_with_compiled_blocks_equals_one_process(data_dir, single, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    out = tmp_path / "fsdp"
+    result = run_cli(*args(data_dir, out, *COMMON, "--train.parallel", "fsdp", "--train.compile", "true"),
+                     launcher=(TORCHRUN, "--standalone", "--nproc_per_node", "2"))
+    assert result.returncode == 0, result.stderr
+    assert "compile True | world 2 (fsdp)" in result.stdout
+    assert any((tmp_path / "inductor").rglob("*.py"))  # Inductor wrote the blocks' code
+    losses, reference = train_losses(out), train_losses(single)
+    assert len(losses) == len(reference) == 10 and max(abs(a - b) for a, b in zip(losses, reference)) <= 1e-4
 
 
 def recipe(name: str) -> Config:
