@@ -208,17 +208,18 @@ def test_a_decode_step_finds_the_same_cache_buffers_on_every_call():
     prepare_for_decoding(model, compiled=True)
     step = lambda tokens, position, pad: model(tokens, start_pos=position, pad=pad)[0]  # the step, uncompiled
     cfg = SampleConfig(temperature=0.0, max_new_tokens=10)
+    addresses = lambda caches: [c.k.data_ptr() for c in caches] + [c.v.data_ptr() for c in caches]
     first = last_rows(model, [[5, 6, 7, 8, 9, 10]], cfg, decode_step=step)
-    buffers = [c.k.data_ptr() for c in model.kept_cache] + [c.v.data_ptr() for c in model.kept_cache]
+    buffers = addresses(model.kept_cache)
     assert all(layer.self_attn.cache is None for layer in model.layers)
     for prompt in ([1, 2], [5, 6, 7, 8, 9, 10], [3] * 20):
         reused = last_rows(model, [prompt], cfg, decode_step=step)
-        assert [c.k.data_ptr() for c in model.kept_cache] + [c.v.data_ptr() for c in model.kept_cache] == buffers
+        assert addresses(model.kept_cache) == buffers
         assert reused[0].token_ids == last_rows(make_model(**GQA), [prompt], cfg)[0].token_ids
     assert reused[0].token_ids != first[0].token_ids
     with torch.inference_mode():  # as generate() sets it up
         model.setup_cache(1, max_seq_len=model.kept_cache[0].k.shape[2])
-    assert [layer.self_attn.cache.k.data_ptr() for layer in model.layers] == buffers[:len(model.layers)]
+    assert addresses([layer.self_attn.cache for layer in model.layers]) == buffers
     assert all(not layer.self_attn.cache.k.any() and not layer.self_attn.cache.v.any() for layer in model.layers)
     model.clear_cache(keep=True)
     last_rows(model, [[1, 2], [3, 4]], cfg, decode_step=step)  # another batch size: other buffers

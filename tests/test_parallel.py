@@ -224,7 +224,6 @@ def test_1b_recipe_trains_sharded_on_two_processes(data_dir, tmp_path):  # noqa:
 def as_written_before_sharding(ckpt: Path) -> None:
     """Rewrite a checkpoint the way they were written before optimizer/ existed: the optimizer state
     whole, in training_state.pt."""
-    import train
     cfg = build_config(load_toml(ckpt / "config.toml"))
     model = checkpoint.load_hf(ckpt)
     optimizers = train.configure_optimizers(model, cfg.train, torch.device("cpu"))

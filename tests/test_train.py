@@ -1,6 +1,5 @@
 """train.py end to end on a tiny char-level dataset: exact resume, signals, DDP, bad input."""
 
-import json
 import os
 import shutil
 import signal
@@ -291,6 +290,26 @@ def test_fsdp_on_a_gpu_without_bf16_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match="train.parallel=fsdp needs bf16 or fp32, and this GPU does bf16 only by "
                                           "emulation: use parallel=ddp"):
         train.setup_runtime(TrainConfig(parallel="fsdp"))
+
+
+def test_compile_auto_goes_on_eagerly_without_the_compiled_blocks(data_dir, tmp_path, monkeypatch, capsys):
+    """compile="auto": compiled code that fails at the first step leaves the run training eagerly,
+    with the losses of a run never compiled. The failure here sits in the blocks' own forwards (how
+    FSDP compiles), so training goes on only if the fallback removes them."""
+    def cannot_trace(block, *inputs):
+        raise RuntimeError("dynamo could not trace this")
+
+    def compile_blocks(model, runtime):
+        for block in model.layers:
+            block.forward = types.MethodType(cannot_trace, block)
+        return model
+    common = ("--train.max_steps", "3", "--train.eval_interval", "3")
+    assert train.main(args(data_dir, tmp_path / "eager", *common)) == 0
+    monkeypatch.setattr(train, "compile_for_training", compile_blocks)
+    assert train.main(args(data_dir, tmp_path / "auto", *common, "--train.compile", "auto")) == 0
+    assert ("warning: torch.compile failed (RuntimeError: dynamo could not trace this); continuing eagerly"
+            in capsys.readouterr().err)
+    assert train_losses(tmp_path / "auto") == train_losses(tmp_path / "eager")
 
 
 @pytest.mark.parametrize("local_rank, order", [("0", ["load", "barrier"]), ("1", ["barrier", "load"])])
