@@ -10,6 +10,7 @@ reading and writing model files is checkpoint.py's job. The math behind each pie
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -18,6 +19,7 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 from config import ConfigError, ModelConfig, parse_cli, script
@@ -114,6 +116,15 @@ def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     """(q_len, k_len) booleans, True where query i (the last q_len of k_len positions) may look."""
     q_pos = torch.arange(k_len - q_len, k_len, device=device)
     return torch.arange(k_len, device=device)[None, :] <= q_pos[:, None]
+
+
+# PyTorch tries cuDNN's attention first on recent GPUs (Hopper on, with a recent cuDNN), and cuDNN
+# builds an execution plan for every new sequence length. Eager decoding meets a new key length at
+# every token and a prefill one per prompt length; flash attention needs no plan. Inference at
+# varying lengths therefore tries flash first, cuDNN still before the math fallback. (Compiled
+# decoding keeps one length, the whole cache, and training fixed ones: both keep PyTorch's order.)
+VARYING_LENGTH_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
+                        SDPBackend.MATH]
 
 
 class Attention(nn.Module):
@@ -319,11 +330,13 @@ class Llama(nn.Module):
             cos, sin, mask = self.padded_rope_and_mask(tokens.shape[0], T, start_pos, pad)
         x = self.embed_tokens(tokens)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
-            if recompute:  # the backward pass runs the block again instead of keeping its activations
-                x = checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)
-            else:
-                x = layer(x, cos, sin, start_pos, mask)
+        varying_lengths = tokens.is_cuda and not fixed_shapes and not torch.is_grad_enabled()
+        with sdpa_kernel(VARYING_LENGTH_ORDER, set_priority=True) if varying_lengths else contextlib.nullcontext():
+            for layer in self.layers:
+                if recompute:  # the backward pass runs the block again instead of keeping its activations
+                    x = checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)
+                else:
+                    x = layer(x, cos, sin, start_pos, mask)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]

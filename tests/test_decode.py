@@ -251,6 +251,19 @@ def test_the_decoding_loop_never_waits_for_the_gpu(compiled):
     assert [r.token_ids for r in last] == expected
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_eager_decoding_on_a_gpu_attends_with_flash_not_cudnn():
+    """Eager decoding meets a new key length every token; cuDNN's attention (PyTorch's first
+    choice on recent GPUs) would build a plan for each, flash needs none (model.VARYING_LENGTH_ORDER)."""
+    from torch.profiler import ProfilerActivity, profile
+    model = make_model(**GQA).cuda().to(torch.bfloat16)
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=8, eos="none")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        last_rows(model, [[1, 2, 3, 4, 5]], cfg)
+    kernels = [e.key for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert any("flash" in k for k in kernels) and not any("cudnn" in k for k in kernels), kernels
+
+
 # --- speculative decoding ---------------------------------------------------------------------
 
 

@@ -62,7 +62,9 @@ def wait_for(predicate, timeout: float = 120.0) -> None:
         time.sleep(0.02)
 
 
-@pytest.mark.parametrize("accum,optimizer", [(1, "adamw"), (2, "adamw"), (2, "muon")])
+# Accumulation with AdamW runs with the slow tests: (2, "muon") covers accumulation by default.
+@pytest.mark.parametrize("accum,optimizer", [(1, "adamw"), pytest.param(2, "adamw", marks=pytest.mark.slow),
+                                             (2, "muon")])
 def test_kill_and_resume_is_bit_identical(data_dir, tmp_path, accum, optimizer):
     common = ["--train.max_steps", "30", "--train.ckpt_interval", "5", "--train.eval_interval", "10",
               "--train.batch_tokens", str(128 * accum), "--model.dim", "64", "--train.optimizer", optimizer]
@@ -141,7 +143,7 @@ def test_checkpoint_loads_in_transformers(data_dir, tmp_path):
     assert checkpoint.read_pointer(tmp_path, "best") in {"ckpt-000002", "ckpt-000004"}
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("muon", marks=pytest.mark.slow)])
 def test_torchrun_two_processes_equal_one_with_accumulation(data_dir, tmp_path, optimizer):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     # On CPU with gloo, also where CUDA is visible: this test is about the arithmetic, not devices.
