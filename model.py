@@ -118,7 +118,7 @@ def causal_mask(q_len: int, k_len: int, device: torch.device) -> torch.Tensor:
     return torch.arange(k_len, device=device)[None, :] <= q_pos[:, None]
 
 
-# PyTorch tries cuDNN's attention first on recent GPUs (Hopper on, with a recent cuDNN), and cuDNN
+# PyTorch tries cuDNN's attention first on recent GPUs (Hopper and newer, with a recent cuDNN), and cuDNN
 # builds an execution plan for every new sequence length. Eager decoding meets a new key length at
 # every token and a prefill one per prompt length; flash attention needs no plan. Inference at
 # varying lengths therefore tries flash first, cuDNN still before the math fallback. (Compiled
