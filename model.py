@@ -127,6 +127,14 @@ VARYING_LENGTH_ORDER = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTI
                         SDPBackend.MATH]
 
 
+def attention_order(device: torch.device, fixed_shapes: bool) -> contextlib.AbstractContextManager:
+    """The SDPA kernel order for a forward: flash first for GPU inference at varying lengths,
+    PyTorch's own otherwise (training; compiled decoding's fixed shapes; CPUs)."""
+    if device.type == "cuda" and not fixed_shapes and not torch.is_grad_enabled():
+        return sdpa_kernel(VARYING_LENGTH_ORDER, set_priority=True)
+    return contextlib.nullcontext()
+
+
 class Attention(nn.Module):
     FUSED, PARTS = "qkv_proj", ("q_proj", "k_proj", "v_proj")  # see Llama.fuse_projections
 
@@ -330,8 +338,7 @@ class Llama(nn.Module):
             cos, sin, mask = self.padded_rope_and_mask(tokens.shape[0], T, start_pos, pad)
         x = self.embed_tokens(tokens)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        varying_lengths = tokens.is_cuda and not fixed_shapes and not torch.is_grad_enabled()
-        with sdpa_kernel(VARYING_LENGTH_ORDER, set_priority=True) if varying_lengths else contextlib.nullcontext():
+        with attention_order(tokens.device, fixed_shapes):
             for layer in self.layers:
                 if recompute:  # the backward pass runs the block again instead of keeping its activations
                     x = checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)

@@ -1,6 +1,7 @@
 """The decoding fast paths: the on-device sampling loop against a plain host-side loop, fused
 projections, int8 weights, and (with a GPU) a decoding loop that never waits for the device."""
 
+import contextlib
 import json
 import math
 import os
@@ -10,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend
 
 import checkpoint
 import data
 from config import SampleConfig
 from generate import (Speculation, main, compile_decode_step, generate, next_token_probs, prepare_for_decoding, row_seed,
                       speculative_generate)
-from model import Int8Linear, RowwiseLinear, linear_from
+from model import Int8Linear, RowwiseLinear, attention_order, linear_from
 from test_convert import STORIES
 from test_model import make_model
 from tokenizer import Tokenizer
@@ -249,6 +251,23 @@ def test_the_decoding_loop_never_waits_for_the_gpu(compiled):
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert [r.token_ids for r in last] == expected
+
+
+def test_only_gpu_inference_at_varying_lengths_asks_for_flash_first():
+    """model.attention_order on any machine (a device object needs no GPU): training, compiled
+    decoding's fixed shapes and CPUs keep PyTorch's order; GPU inference puts flash first (cuDNN
+    before math) while inside the context, and PyTorch's order comes back after it."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    before = torch._C._get_sdp_priority_order()
+    assert isinstance(attention_order(cuda, fixed_shapes=False), contextlib.nullcontext)  # gradients on: training
+    with torch.no_grad():
+        assert isinstance(attention_order(cuda, fixed_shapes=True), contextlib.nullcontext)
+        assert isinstance(attention_order(cpu, fixed_shapes=False), contextlib.nullcontext)
+        with attention_order(cuda, fixed_shapes=False):
+            order = [int(b) for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                      SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH)]
+            assert torch._C._get_sdp_priority_order()[:4] == order
+    assert torch._C._get_sdp_priority_order() == before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
