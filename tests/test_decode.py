@@ -16,8 +16,8 @@ from torch.nn.attention import SDPBackend
 import checkpoint
 import data
 from config import SampleConfig
-from generate import (Speculation, main, compile_decode_step, generate, next_token_probs, prepare_for_decoding, row_seed,
-                      speculative_generate)
+from generate import (Speculation, main, compile_decode_step, decode_compile_options, generate, next_token_probs,
+                      prepare_for_decoding, row_seed, speculative_generate)
 from model import Int8Linear, RowwiseLinear, attention_order, linear_from
 from test_convert import STORIES
 from test_model import make_model
@@ -228,6 +228,27 @@ def test_a_decode_step_finds_the_same_cache_buffers_on_every_call():
     assert model.kept_cache[0].k.shape[0] == 2 and model.kept_cache[0].k.data_ptr() not in buffers
     last_rows(model, [[1, 2]], cfg)  # eager decoding keeps nothing
     assert model.kept_cache is None
+
+
+def test_the_gpu_steps_compile_options_stay_with_that_compile(monkeypatch):
+    """The GPU step's Inductor options (CUDA graphs, tuned one-row reductions) are ones torch.compile
+    knows, and compile_decode_step leaves Inductor's global configuration as it was: a later compile
+    in the process (a training step) gets the defaults. Here the GPU's options go to a CPU model, where
+    they change no kernel but their scope is the same."""
+    import torch._inductor.config as inductor
+    names = ("coordinate_descent_tuning", "max_autotune_pointwise")
+    settings = lambda: {name: getattr(inductor, name) for name in names} | {"cudagraphs": inductor.triton.cudagraphs}
+    before = settings()
+    gpu_options = decode_compile_options(on_gpu=True)
+    assert gpu_options == {"triton.cudagraphs": True} | {name: True for name in names}
+    assert decode_compile_options(on_gpu=False) == {}
+    monkeypatch.setattr("generate.decode_compile_options", lambda on_gpu: gpu_options)
+    model = make_model(**GQA)
+    prepare_for_decoding(model, compiled=True)
+    cfg = SampleConfig(temperature=0.0, max_new_tokens=4)
+    compiled = last_rows(model, [[1, 2, 3]], cfg, decode_step=compile_decode_step(model))
+    assert compiled[0].token_ids == last_rows(model, [[1, 2, 3]], cfg)[0].token_ids
+    assert settings() == before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
