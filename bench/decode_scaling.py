@@ -81,6 +81,7 @@ def load_gpt_fast(folder: Path):
 def gpt_fast_step_alone(gpt_fast, cfg: ModelConfig, device: str, rounds: int) -> float:
     """Tokens/s of gpt-fast's compiled step alone at cfg's shape (random weights), timed as
     step_alone_seconds times ours: over the same cache length, at one position."""
+    torch._dynamo.reset()  # drops the compiled steps of ours, and the model they hold, first
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     args = gpt_fast.ModelArgs(block_size=cfg.max_seq_len, vocab_size=cfg.vocab_size, n_layer=cfg.n_layers,
                               n_head=cfg.n_heads, n_local_heads=cfg.n_kv_heads, dim=cfg.dim,
@@ -96,7 +97,6 @@ def gpt_fast_step_alone(gpt_fast, cfg: ModelConfig, device: str, rounds: int) ->
         with sdpa_kernel(SDPBackend.MATH):  # as gpt-fast's generate.py decodes: Inductor writes the attention
             return model(tokens, input_pos)
 
-    torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, options=decode_compile_options(device == "cuda"))
     tokens, position = torch.ones(1, 1, dtype=torch.int, device=device), torch.tensor([PROMPT_LEN], device=device)
     seconds = []
