@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import ModelConfig  # noqa: E402
 from generate import cache_slots, compile_decode_step, decode_compile_options, prepare_for_decoding  # noqa: E402
 from generate_speed import (NEW_TOKENS, PROMPT_LEN, REFERENCE, TINYLLAMA, decode_limits, kernel_profile,  # noqa: E402
-                            ours_runner, read_bandwidth, step_alone_seconds, step_bytes)
+                            ours_runner, read_bandwidth, seconds_per_call, step_alone_seconds, step_bytes)
 from model import Llama  # noqa: E402
 from train_speed import benchmark_args, synchronize  # noqa: E402
 
@@ -67,9 +67,9 @@ def measure(model: Llama, device: str, rounds: int) -> dict:
 
 def load_gpt_fast(folder: Path):
     """gpt-fast's model module, from model.py in a local checkout."""
-    spec = importlib.util.spec_from_file_location("gpt_fast_model", folder / "model.py")
-    if spec is None or not (folder / "model.py").is_file():
+    if not (folder / "model.py").is_file():
         sys.exit(f"error: --gpt-fast {folder} has no model.py; pass a checkout of github.com/pytorch-labs/gpt-fast")
+    spec = importlib.util.spec_from_file_location("gpt_fast_model", folder / "model.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # Dynamo finds a traced function's globals through its module's name
     spec.loader.exec_module(module)
@@ -99,17 +99,9 @@ def gpt_fast_step_alone(gpt_fast, cfg: ModelConfig, device: str, rounds: int) ->
 
     compiled = torch.compile(step, fullgraph=True, options=decode_compile_options(device == "cuda"))
     tokens, position = torch.ones(1, 1, dtype=torch.int, device=device), torch.tensor([PROMPT_LEN], device=device)
-    seconds = []
     with torch.inference_mode():
-        compiled(tokens, position)
-        for _ in range(rounds):
-            synchronize(device)
-            start = time.perf_counter()
-            for _ in range(NEW_TOKENS // 4):
-                compiled(tokens, position)
-            synchronize(device)
-            seconds.append((time.perf_counter() - start) / (NEW_TOKENS // 4))
-    return 1 / statistics.median(seconds)
+        return 1 / statistics.median(seconds_per_call(lambda: compiled(tokens, position), NEW_TOKENS // 4, device)
+                                     for _ in range(rounds))
 
 
 def bench_shape(name: str, cfg: ModelConfig, device: str, rounds: int, gpt_fast=None) -> dict:

@@ -32,6 +32,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -97,6 +98,17 @@ def ours_runner(model: Llama, prompt: list[int], step: DecodeStep | None):
     return run
 
 
+def seconds_per_call(call: Callable[[], object], calls: int, device: str | torch.device) -> float:
+    """Seconds per call of `call` made `calls` times back to back, after one untimed call."""
+    call()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
 def step_alone_seconds(model: Llama, step: DecodeStep, calls: int) -> float:
     """Seconds per call of a compiled step called back to back at one position, over the cache that
     generate() used (the same buffers): the decoding loop's own work left out."""
@@ -105,13 +117,7 @@ def step_alone_seconds(model: Llama, step: DecodeStep, calls: int) -> float:
     with torch.inference_mode():
         model.setup_cache(1, max_seq_len=slots)
         tokens, position = torch.ones(1, 1, dtype=torch.long, device=device), torch.tensor(PROMPT_LEN, device=device)
-        step(tokens, position, None)
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(calls):
-            step(tokens, position, None)
-        synchronize(device)
-        seconds = (time.perf_counter() - start) / calls
+        seconds = seconds_per_call(lambda: step(tokens, position, None), calls, device)
         model.clear_cache(keep=True)
     return seconds
 

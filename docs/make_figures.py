@@ -153,14 +153,6 @@ def tokens_per_round(alpha: float, k: int) -> float:
     return k + 1.0 if alpha == 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
 
 
-def kernel_cost_fit(steps: list[tuple[float, float, float]]) -> tuple[float, float]:
-    """(bytes per second, seconds per kernel) for which bytes / bandwidth + kernels * per_kernel
-    equals both measured steps' seconds exactly; steps are two (bytes, kernels, seconds)."""
-    (b1, k1, t1), (b2, k2, t2) = steps
-    det = b1 * k2 - b2 * k1
-    return det / (t1 * k2 - t2 * k1), (b1 * t2 - b2 * t1) / det
-
-
 def project_text() -> str:
     """The repository's own tracked prose and code: a real, reproducible corpus."""
     files = subprocess.run(["git", "ls-files", "*.py", "*.md"], cwd=ROOT, capture_output=True, text=True,

@@ -304,6 +304,24 @@ def test_eager_decoding_on_a_gpu_attends_with_flash_not_cudnn():
     assert any("flash" in k for k in kernels) and not any("cudnn" in k for k in kernels), kernels
 
 
+@pytest.mark.parametrize("case", ["unknown shape", "no model.py", "not gpt-fast's model.py"])
+def test_decode_scaling_refuses_what_it_cannot_run_in_one_line(tmp_path, monkeypatch, case):
+    """bench/decode_scaling.py: a shape the device has not, or a --gpt-fast folder that holds no
+    gpt-fast model, ends the run before anything is built, naming the fix."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import decode_scaling
+    (tmp_path / "model.py").write_text("class Transformer:\n    pass\n")
+    argv, expected = {
+        "unknown shape": (["--shapes", "reference,huge"], "--shapes huge is not a cpu shape; choose from reference"),
+        "no model.py": (["--gpt-fast", str(tmp_path / "missing")], "has no model.py; pass a checkout of"),
+        "not gpt-fast's model.py": (["--gpt-fast", str(tmp_path)], "has no Transformer and ModelArgs; pass a gpt-fast"),
+    }[case]
+    monkeypatch.setattr(sys, "argv", ["decode_scaling.py", "--device", "cpu", *argv])
+    with pytest.raises(SystemExit) as stop:
+        decode_scaling.main()
+    assert str(stop.value).startswith("error: ") and expected in str(stop.value) and "\n" not in str(stop.value)
+
+
 # --- speculative decoding ---------------------------------------------------------------------
 
 

@@ -464,8 +464,12 @@ def test_decoding_limit_as_quoted():
 def test_decoding_kernel_cost_fit_as_quoted():
     """The fit of bytes / B + kernels * c to the two bf16 rows of bench/README.md's H100 table, and
     what it implies for 65% of the limit at 1.1B."""
+    def kernel_cost_fit(steps):  # the (bandwidth, seconds per kernel) that give both steps' seconds exactly
+        seconds_per_byte, per_kernel = np.linalg.solve([[b, k] for b, k, _ in steps], [t for _, _, t in steps])
+        return 1 / seconds_per_byte, per_kernel
+
     large, small = (13_290_192_896, 363.8, 1 / 165.6), (2_072_272_896, 296.4, 1 / 656.6)
-    bandwidth, per_kernel = figures.kernel_cost_fit([large, small])
+    bandwidth, per_kernel = kernel_cost_fit([large, small])
     assert round(bandwidth / 1e12, 2) == 2.58 and round(per_kernel * 1e6, 1) == 2.4
     assert round(bandwidth / 2.99e12, 2) == 0.86
     assert [round(b / bandwidth * 1e3, 2) for b, _, _ in (large, small)] == [5.16, 0.8]
@@ -474,8 +478,8 @@ def test_decoding_kernel_cost_fit_as_quoted():
     assert round(step * 1e3, 2) == 1.07 and round((step - small[0] / bandwidth) * 1e3, 2) == 0.26
     kernels = (step - small[0] / bandwidth) / per_kernel
     assert round(kernels) == 108 and round(kernels / 22) == 5 and round(small[1] / 22) == 13
-    int8_bandwidth, int8_per_kernel = figures.kernel_cost_fit([(6_685_899_264, 332.9, 1 / 208.6),
-                                                                (1_038_705_152, 297.1, 1 / 679.3)])
+    int8_bandwidth, int8_per_kernel = kernel_cost_fit([(6_685_899_264, 332.9, 1 / 208.6),
+                                                       (1_038_705_152, 297.1, 1 / 679.3)])
     assert round(int8_bandwidth / 1e12, 2) == 1.76 and round(int8_per_kernel * 1e6, 1) == 3.0
 
 
