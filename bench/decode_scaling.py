@@ -33,9 +33,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import ModelConfig  # noqa: E402
-from generate import cache_slots, compile_decode_step, decode_compile_options, prepare_for_decoding  # noqa: E402
-from generate_speed import (NEW_TOKENS, PROMPT_LEN, REFERENCE, TINYLLAMA, decode_limits, kernel_profile,  # noqa: E402
-                            ours_runner, read_bandwidth, seconds_per_call, step_alone_seconds, step_bytes)
+from generate import compile_decode_step, decode_compile_options, prepare_for_decoding  # noqa: E402
+from generate_speed import (NEW_TOKENS, PROMPT_LEN, REFERENCE, TINYLLAMA, bench_cache_slots, decode_limits,  # noqa: E402
+                            kernel_profile, ours_runner, read_bandwidth, seconds_per_call, step_alone_seconds, step_bytes)
 from model import Llama  # noqa: E402
 from train_speed import benchmark_args, synchronize  # noqa: E402
 
@@ -78,11 +78,10 @@ def load_gpt_fast(folder: Path):
     return module
 
 
-def gpt_fast_step_alone(gpt_fast, cfg: ModelConfig, device: str, rounds: int) -> float:
+def gpt_fast_step_alone(gpt_fast, cfg: ModelConfig, dtype: torch.dtype, device: str, rounds: int) -> float:
     """Tokens/s of gpt-fast's compiled step alone at cfg's shape (random weights), timed as
     step_alone_seconds times ours: over the same cache length, at one position."""
     torch._dynamo.reset()  # drops the compiled steps of ours, and the model they hold, first
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     args = gpt_fast.ModelArgs(block_size=cfg.max_seq_len, vocab_size=cfg.vocab_size, n_layer=cfg.n_layers,
                               n_head=cfg.n_heads, n_local_heads=cfg.n_kv_heads, dim=cfg.dim,
                               intermediate_size=cfg.ffn_dim, norm_eps=cfg.norm_eps, rope_base=cfg.rope_theta)
@@ -91,7 +90,7 @@ def gpt_fast_step_alone(gpt_fast, cfg: ModelConfig, device: str, rounds: int) ->
         model = gpt_fast.Transformer(args)
     model = model.to(dtype).eval()
     with torch.device(device):
-        model.setup_caches(1, cache_slots(PROMPT_LEN + NEW_TOKENS - 1, cfg.max_seq_len))
+        model.setup_caches(1, bench_cache_slots(cfg.max_seq_len))
 
     def step(tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         with sdpa_kernel(SDPBackend.MATH):  # as gpt-fast's generate.py decodes: Inductor writes the attention
@@ -122,7 +121,7 @@ def bench_shape(name: str, cfg: ModelConfig, device: str, rounds: int, gpt_fast=
         del model
         float_row = result["rows"][0]
         row = {"variant": f"gpt-fast {float_row['variant']}", "step_bytes": float_row["step_bytes"],
-               "step_alone_tokens_per_s": round(gpt_fast_step_alone(gpt_fast, cfg, device, rounds), 1)}
+               "step_alone_tokens_per_s": round(gpt_fast_step_alone(gpt_fast, cfg, dtype, device, rounds), 1)}
         print(f"[{name}] {row['variant']}: {row}", file=sys.stderr, flush=True)
         result["rows"].append(row)
     return result

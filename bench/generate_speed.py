@@ -109,13 +109,18 @@ def seconds_per_call(call: Callable[[], object], calls: int, device: str | torch
     return (time.perf_counter() - start) / calls
 
 
+def bench_cache_slots(max_seq_len: int) -> int:
+    """The cache length generate() sets up for this bench's call (PROMPT_LEN + NEW_TOKENS tokens),
+    which a step timed alone attends over too."""
+    return cache_slots(PROMPT_LEN + NEW_TOKENS - 1, max_seq_len)
+
+
 def step_alone_seconds(model: Llama, step: DecodeStep, calls: int) -> float:
     """Seconds per call of a compiled step called back to back at one position, over the cache that
     generate() used (the same buffers): the decoding loop's own work left out."""
     device = model.embed_tokens.weight.device
-    slots = cache_slots(PROMPT_LEN + NEW_TOKENS - 1, model.cfg.max_seq_len)
     with torch.inference_mode():
-        model.setup_cache(1, max_seq_len=slots)
+        model.setup_cache(1, max_seq_len=bench_cache_slots(model.cfg.max_seq_len))
         tokens, position = torch.ones(1, 1, dtype=torch.long, device=device), torch.tensor(PROMPT_LEN, device=device)
         seconds = seconds_per_call(lambda: step(tokens, position, None), calls, device)
         model.clear_cache(keep=True)
