@@ -333,7 +333,8 @@ class SampleConfig:
     system: str | None = _field(None, "--chat: the system prompt")
     quantize: Literal["none", "int8"] = _field(
         "none", "int8 = weight-only int8 with one scale per output channel (a quarter of fp32's weight bytes); "
-                "pays off compiled (--compile), where the conversion fuses into the matmuls")
+                "pays off compiled (--compile), where the conversion fuses into the matmuls; without it, "
+                "decoding keeps the float weights and says so")
 
     def validate(self) -> None:
         check_fields(self, "sample")

@@ -462,6 +462,7 @@ class Loaded:
     eos: list[int]  # cfg.eos, when set, replaces the checkpoint's
     context: int  # the longest window to decode over: what the model was trained on, when recorded
     folder: Path | None  # the checkpoint's folder (None: a llama2.c file)
+    quantize: str  # what the weights became: cfg.quantize, or "none" where int8 would be slower
 
 
 def load_for_sampling(cfg: SampleConfig) -> Loaded:
@@ -472,12 +473,29 @@ def load_for_sampling(cfg: SampleConfig) -> Loaded:
     device, dtype = pick_device(cfg)
     model, folder = checkpoint.load_model(cfg.checkpoint, dtype)
     model = model.to(device).eval()
-    prepare_for_decoding(model, cfg.quantize, cfg.compile)
+    quantize = decoding_quantization(cfg, device, dtype)
+    prepare_for_decoding(model, quantize, cfg.compile)
     tokenizer = load_tokenizer(folder)
     prefix, start, eos = special_token_ids(folder, tokenizer)
     trained = checkpoint.trained_context(folder) if folder is not None else None
     return Loaded(model, tokenizer, prefix, start, eos if cfg.eos_ids() is None else cfg.eos_ids(),
-                  min(trained or model.cfg.max_seq_len, model.cfg.max_seq_len), folder)
+                  min(trained or model.cfg.max_seq_len, model.cfg.max_seq_len), folder, quantize)
+
+
+def decoding_quantization(cfg: SampleConfig, device: torch.device, dtype: torch.dtype) -> str:
+    """cfg.quantize where it makes decoding faster. Int8 pays off only compiled, where the
+    conversion fuses into the one-row matmuls (bench/README.md: CPUs of both ISAs and GPUs); eager, every
+    call would convert whole matrices first, so there it says so and keeps the float weights."""
+    if cfg.quantize == "none":
+        return "none"
+    float_name = str(dtype).removeprefix("torch.")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--quantize int8 runs on cpu and cuda, not {device.type}: leave it out to decode in {float_name}")
+    if not cfg.compile:
+        print(f"note: int8 is faster than {float_name} only compiled: decoding in {float_name} "
+              f"(add --compile for int8)", file=sys.stderr)
+        return "none"
+    return cfg.quantize
 
 
 def prepare_for_decoding(model: Llama, quantize: str = "none", compiled: bool = False) -> None:
@@ -663,7 +681,7 @@ def load_draft(cfg: SampleConfig, loaded: Loaded) -> Llama:
         raise ConfigError(f"the draft {cfg.draft} and {cfg.checkpoint} do not have the same tokenizer.json: "
                           f"a draft must share the model's tokenizer")
     draft = draft.to(model.embed_tokens.weight.device).eval()
-    prepare_for_decoding(draft, cfg.quantize, cfg.compile)
+    prepare_for_decoding(draft, loaded.quantize, cfg.compile)
     return draft
 
 

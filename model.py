@@ -225,23 +225,63 @@ class RowwiseLinear(nn.Linear):
         return one_row_matmul(x, self.weight) if x.shape[:-1].numel() == 1 else super().forward(x)
 
 
+def pack_int8_columns(q: torch.Tensor) -> torch.Tensor:
+    """An (out, in) int8 matrix as (out, ceil(in / 4)) int32 words: byte b of word j in a row holds
+    column b * words + j (zero-padded). The one-row matmul then reads whole 32-bit words, which every
+    x86 ISA loads in one instruction; AVX2 cannot load fewer than 32 bytes under a mask, and Inductor's
+    pass over plain int8 rows copied each 8 of them through a buffer (7x slower than fp32 there)."""
+    words = -(-q.shape[1] // 4)
+    quarters = F.pad(q, (0, 4 * words - q.shape[1])).view(q.shape[0], 4, words).to(torch.int32)
+    return (quarters[:, 0] & 255) | ((quarters[:, 1] & 255) << 8) | ((quarters[:, 2] & 255) << 16) | (quarters[:, 3] << 24)
+
+
+def int8_quarter(packed: torch.Tensor, b: int) -> torch.Tensor:
+    """Byte b of every word, sign-extended: shifted to the top of the word and back."""
+    return (packed << (24 - 8 * b)) >> 24
+
+
+def unpack_int8_columns(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """pack_int8_columns undone: the (out, in) int8 matrix."""
+    return torch.cat([int8_quarter(packed, b) for b in range(4)], dim=1)[:, :in_features].to(torch.int8)
+
+
+def packed_one_row_matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x @ q.T for one row x and q = unpack_int8_columns(packed), in fp32: the four bytes of a word
+    meet the four quarters of x. For compiled decoding only (eager, it would build four products
+    the size of the weight)."""
+    quarters = F.pad(x.reshape(-1).float(), (0, 4 * packed.shape[1] - x.shape[-1])).view(4, -1)
+    total = sum((int8_quarter(packed, b) * quarters[b]).sum(-1) for b in range(4))
+    return total.view(*x.shape[:-1], -1).to(x.dtype)
+
+
 class Int8Linear(nn.Module):
     """A bias-free linear layer with int8 weights and one scale per output row (weight-only
     quantization: activations stay floating point). Each row is scaled so that its largest
     magnitude becomes 127. Compiled, the int8-to-float conversion fuses into the matmul (a single
-    row goes through one_row_matmul), so a decoding step reads one byte per weight."""
+    row goes through a one-row multiply-and-sum), so a decoding step reads one byte per weight. On
+    CPU the bytes are kept four to a 32-bit word (pack_int8_columns); int8_weight() reads either
+    layout back as the (out, in) matrix."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         w = weight.detach().float()
         scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        self.register_buffer("weight", (w / scales[:, None]).round().to(torch.int8))
+        q = (w / scales[:, None]).round().to(torch.int8)
+        self.in_features = weight.shape[1]
+        self.register_buffer("weight", pack_int8_columns(q) if weight.device.type == "cpu" else q)
         self.register_buffer("scales", scales.to(weight.dtype))
 
+    def int8_weight(self) -> torch.Tensor:
+        if self.weight.dtype == torch.int8:
+            return self.weight
+        return unpack_int8_columns(self.weight, self.in_features)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[:-1].numel() == 1:
-            return one_row_matmul(x, self.weight) * self.scales
-        return F.linear(x, self.weight.to(x.dtype)) * self.scales
+        if x.shape[:-1].numel() > 1:
+            return F.linear(x, self.int8_weight().to(x.dtype)) * self.scales
+        if self.weight.dtype == torch.int32:
+            return packed_one_row_matmul(x, self.weight) * self.scales
+        return one_row_matmul(x, self.weight) * self.scales
 
 
 class Block(nn.Module):

@@ -43,7 +43,7 @@ from checkpoint import read_llama2c  # noqa: E402
 from generate import DecodeStep, cache_slots, compile_decode_step, generate, prepare_for_decoding  # noqa: E402
 from model import Int8Linear, Llama, RMSNorm  # noqa: E402
 from train_speed import REFERENCE as TRAINING_REFERENCE  # noqa: E402
-from train_speed import benchmark_args, hf_model, matmul_flops_per_s, synchronize  # noqa: E402
+from train_speed import benchmark_args, describe_machine, hf_model, machine, matmul_flops_per_s, synchronize  # noqa: E402
 
 # The training benchmark's model, with room for the 1024-token cached-vs-uncached measurement.
 REFERENCE = dataclasses.replace(TRAINING_REFERENCE, max_seq_len=1040)
@@ -250,7 +250,8 @@ def bench_model(name: str, ours: Llama, rounds: int, compile_: bool, device: str
 
 
 def print_report(result: dict, bandwidth: float, flops: float) -> None:
-    print(f"\n{result['model']} ({result['dtype']} on {result['device']}): {result['params'] / 1e6:.2f}M params, "
+    on = describe_machine() if result["device"] == "cpu" else result["device"]
+    print(f"\n{result['model']} ({result['dtype']}; {on}): {result['params'] / 1e6:.2f}M params, "
           f"{result['flops'] / 1e6:.1f} MFLOP per token -> compute allows {flops / result['flops']:,.0f} tokens/s "
           f"({flops / 1e12:.1f} TFLOP/s); memory: {bandwidth / 1e9:.1f} GB/s over each variant's bytes per token")
     print(f"| {'variant':<38} | {'tokens/s':>9} | {'MB/token':>8} | {'memory limit':>12} | {'of limit':>8} | "
@@ -299,7 +300,7 @@ def main() -> None:
     bandwidth, flops = read_bandwidth(device), matmul_flops_per_s(device=device, dtype=dtype)
     for result in results:
         print_report(result, bandwidth, flops)
-    summary = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "threads": torch.get_num_threads(),
+    summary = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", **machine(),
                "read_bandwidth_bytes_per_s": bandwidth, "matmul_flops_per_s": flops, "models": results}
     print(json.dumps(summary))
     if args.json:

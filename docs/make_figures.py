@@ -464,7 +464,7 @@ def fig_decoding() -> None:
         torch.manual_seed(0)
         weight, source = Llama(ModelConfig(**BENCH_CONFIG)).layers[0].mlp.gate_proj.weight.detach(), "random init"
     quantized = Int8Linear(weight)
-    error = (weight - quantized.weight.float() * quantized.scales[:, None]) / quantized.scales[:, None]
+    error = (weight - quantized.int8_weight().float() * quantized.scales[:, None]) / quantized.scales[:, None]
     ax_int8.hist(error.flatten(), bins=60, label=f"{weight.numel():,} weights")
     describe(ax_int8, "w - scale * round(w / scale), in units of its row's scale", "weights",
              f"int8 rounding error: {source}")

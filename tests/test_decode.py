@@ -18,7 +18,8 @@ import data
 from config import SampleConfig
 from generate import (Speculation, main, compile_decode_step, decode_compile_options, generate, next_token_probs,
                       prepare_for_decoding, row_seed, speculative_generate)
-from model import Int8Linear, RowwiseLinear, attention_order, linear_from
+from model import (Int8Linear, RowwiseLinear, attention_order, linear_from, pack_int8_columns, packed_one_row_matmul,
+                   unpack_int8_columns)
 from test_convert import STORIES
 from test_model import make_model
 from tokenizer import Tokenizer
@@ -107,11 +108,25 @@ def test_fused_projections_keep_logits_tokens_and_the_checkpoint_layout(tmp_path
 def test_int8_weights_round_trip_within_half_a_step():
     weight = torch.randn(48, 32)
     q = Int8Linear(weight)
-    assert q.weight.dtype == torch.int8 and q.weight.abs().max() == 127
+    assert q.int8_weight().dtype == torch.int8 and q.int8_weight().abs().max() == 127
     step = weight.abs().amax(dim=1, keepdim=True) / 127
-    assert ((q.weight.float() * q.scales[:, None] - weight).abs() <= step / 2 + 1e-6).all()
+    assert ((q.int8_weight().float() * q.scales[:, None] - weight).abs() <= step / 2 + 1e-6).all()
     x = torch.randn(3, 32)
-    torch.testing.assert_close(q(x), x @ (q.weight.float() * q.scales[:, None]).T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(q(x), x @ (q.int8_weight().float() * q.scales[:, None]).T, atol=1e-5, rtol=1e-5)
+
+
+def test_packed_int8_columns_round_trip_and_multiply_compiled():
+    """CPU int8 weights are kept four to a word; a width that is not a multiple of four is padded,
+    the extremes keep their sign, and the compiled one-row pass is the int8 matmul."""
+    q = torch.randint(-127, 128, (6, 13), dtype=torch.int8)
+    q[0, :4] = torch.tensor([-128, 127, -1, 0], dtype=torch.int8)
+    packed = pack_int8_columns(q)
+    assert packed.dtype == torch.int32 and packed.shape == (6, 4)
+    assert torch.equal(unpack_int8_columns(packed, 13), q)
+    x = torch.randn(1, 1, 13)
+    expected = x @ q.float().T
+    torch.testing.assert_close(packed_one_row_matmul(x, packed), expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(torch.compile(packed_one_row_matmul)(x, packed), expected, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

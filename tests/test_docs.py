@@ -438,9 +438,9 @@ def test_decoding_worked_examples():
     assert kept == pytest.approx(0.7) and torch.allclose(out, torch.tensor([0.5, 0.3, 0.2]))
     assert figures.tokens_per_round(0.5, 4) == 1.9375 and figures.tokens_per_round(1.0, 4) == 5
     int8 = Int8Linear(torch.tensor([[0.5, -1.27, 0.02], [0.3, -0.004, 0.0]]))
-    assert int8.weight.tolist() == [[50, -127, 2], [127, -2, 0]]
+    assert int8.int8_weight().tolist() == [[50, -127, 2], [127, -2, 0]]
     assert int8.scales[1].item() == pytest.approx(0.002362, abs=1e-6)
-    assert (int8.weight[1, 1] * int8.scales[1]).item() == pytest.approx(-0.004724, abs=1e-6)
+    assert (int8.int8_weight()[1, 1] * int8.scales[1]).item() == pytest.approx(-0.004724, abs=1e-6)
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -271,6 +271,17 @@ def test_cli_truncates_only_when_asked(checkpoint_dir, capsys):
     assert len(row["prompt_ids"]) == 64 and len(row["token_ids"]) == 10  # the window slides past the context
 
 
+def test_int8_without_compile_says_so_and_decodes_in_float(checkpoint_dir, capsys):
+    """Eager int8 would convert whole matrices every call, slower than the float weights: generate.py
+    (and app.py, through load_for_sampling) keeps them and says so in one line."""
+    base = ["--checkpoint", str(checkpoint_dir), "--prompt_ids", "5 6 7", "--max_new_tokens", "12", "--json"]
+    (plain,) = cli(capsys, *base)
+    main(base + ["--quantize", "int8"])
+    out = capsys.readouterr()
+    assert out.err.splitlines()[0] == "note: int8 is faster than float32 only compiled: decoding in float32 (add --compile for int8)"
+    assert json.loads(out.out)["token_ids"] == plain["token_ids"]
+
+
 def test_short_flags_map_to_the_sample_section():
     assert expand_short_flags(["--checkpoint", "x", "--json", "--top_k=5", "--compile", "--sample.stream"], ("sample",)) == [
         "--sample.checkpoint", "x", "--sample.json", "true", "--sample.top_k=5", "--sample.compile", "true",
