@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 import tomllib
 import types
@@ -114,6 +115,15 @@ def check_fields(obj: Any, section: str) -> None:
             raise ConfigError(f"{section}.{f.name}={value} {f.metadata['bounds'].describe()}")
 
 
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps (Apple GPUs); auto takes cuda, then mps, then cpu"
+
+
+def check_device(key: str, value: str) -> None:
+    """A device name device.resolve understands (whether this machine has it is checked there)."""
+    if not (value in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", value)):
+        raise ConfigError(f"{key}={value!r} is not one of auto, cpu, cuda, cuda:N, mps")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = _field(32000, "number of token ids the embedding and LM head cover", gt=0)
@@ -211,10 +221,10 @@ class DataConfig:
 class TrainConfig:
     out_dir: str = _field("out", "folder for checkpoints, logs and plots")
     seed: int = _field(1337, "seed for init, batches and dropout-free sampling", ge=0, le=MAX_SEED)
-    device: str = _field("auto", "auto, cpu, cuda or cuda:N")
+    device: str = _field("auto", DEVICE_HELP)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
-        "auto", "autocast dtype (auto: bf16 on GPUs that support it, else fp16; fp32 on CPU)")
-    compile: Literal["auto"] | bool = _field("auto", "torch.compile the model (auto: try, fall back to eager)")
+        "auto", "autocast dtype (auto: bf16 on CUDA GPUs that support it, else fp16; fp32 on CPU and MPS)")
+    compile: Literal["auto"] | bool = _field("auto", "torch.compile the model (auto: try, fall back to eager; off on MPS)")
     batch_tokens: int = _field(16384, "global batch in tokens (micro_batch_size * block_size * accumulation * world)", gt=0)
     micro_batch_size: int = _field(32, "sequences per forward/backward pass on one process", gt=0)
     block_size: int = _field(256, "training sequence length (at most model.max_seq_len)", gt=0)
@@ -275,8 +285,7 @@ class TrainConfig:
                               f"shorten the warmup or train longer")
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"train.device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        check_device("train.device", self.device)
         if self.lora_rank and not self.init_from:
             raise ConfigError("train.lora_rank is set but train.init_from is not: LoRA adapts a pretrained model, "
                               "so give --init_from DIR (or set lora_rank 0 for full training)")
@@ -322,9 +331,9 @@ class SampleConfig:
     json: bool = _field(False, "print one JSON object per sample: prompt, text, token ids, finish reason, tokens/s")
     compile: bool = _field(False, "torch.compile the one-token decoding step: compiling takes seconds, so it pays "
                                   "off for long generations and servers (app.py), not for one short sample")
-    device: str = _field("auto", "auto, cpu, cuda or cuda:N")
+    device: str = _field("auto", DEVICE_HELP)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
-        "auto", "weights and KV cache dtype (auto: bf16 on GPUs that support it, else fp32)")
+        "auto", "weights and KV cache dtype (auto: bf16 on CUDA GPUs that support it, else fp32)")
     draft: str | None = _field(None, "a smaller checkpoint with the same tokenizer that drafts tokens for the model "
                                      "to verify (speculative decoding: the output still follows the model)")
     draft_tokens: int = _field(4, "tokens the draft proposes per round (speculative decoding)", ge=1, le=64)
@@ -340,8 +349,7 @@ class SampleConfig:
         given = [key for key in ("prompt", "prompt_file", "prompt_ids") if getattr(self, key)]
         if len(given) > 1:
             raise ConfigError(f"sample.{given[0]} and sample.{given[1]} are both set: give the prompt one way")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"sample.device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        check_device("sample.device", self.device)
         self.eos_ids(), self.stop_strings(), self.prompt_id_lists()  # each raises on a malformed value
 
     def eos_ids(self) -> list[int] | None:
@@ -406,12 +414,13 @@ class EvalConfig:
                             "before it (0 = window // 2)", ge=0)
     batch_size: int = _field(4, "windows or choices per forward", gt=0)
     limit: int = _field(0, "score only the first N multiple-choice examples (0 = all)", ge=0)
-    device: str = _field("auto", "auto, cpu, cuda or cuda:N")
+    device: str = _field("auto", DEVICE_HELP)
     dtype: Literal["float32", "bfloat16"] = _field("float32", "weights' dtype while scoring")
     json: str | None = _field(None, "also write the results to this JSON file")
 
     def validate(self) -> None:
         check_fields(self, "eval")
+        check_device("eval.device", self.device)
         if self.window and self.stride > self.window:
             raise ConfigError(f"eval.stride={self.stride} exceeds eval.window={self.window}: a window cannot move "
                               f"further than it reaches")

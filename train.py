@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 import checkpoint
 import data
+import devices
 from config import Config, ConfigError, TrainConfig, build_config, load_toml, parse_cli, script, to_toml
 from eval import TrainingEval, training_eval
 from model import Llama
@@ -121,35 +122,44 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     # FSDP under `torchrun --nproc_per_node 1` still shards (over one process): the same code path,
     # and its mixed-precision policy, as on many GPUs.
     distributed = world > 1 or (cfg.parallel == "fsdp" and "RANK" in os.environ)
-    use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={cfg.device} but no CUDA device is visible; use --train.device cpu")
-    if use_cuda:
+    device = devices.resolve(cfg.device, "train.device")
+    if device.type == "mps" and "RANK" in os.environ:
+        raise ConfigError("train.device=mps runs one process: torchrun (DDP, FSDP) needs CUDA GPUs, or CPUs with "
+                          "--train.device cpu; on a Mac run python train.py without torchrun")
+    if device.type == "cuda":
         local_rank, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
         if (world > 1 or cfg.device in ("auto", "cuda")) and local_rank >= visible:
             raise ConfigError(f"process {rank} (LOCAL_RANK {local_rank}) has no GPU of its own: this machine shows "
                               f"{visible}; start at most {visible} per machine (torchrun --nproc_per_node "
                               f"{visible}) or train on CPU with --train.device cpu")
-        device = torch.device(f"cuda:{local_rank}" if world > 1 or cfg.device in ("auto", "cuda") else cfg.device)
-    else:
-        device = torch.device("cpu")
-    if cfg.dtype != "auto":
-        amp_dtype = getattr(torch, cfg.dtype)
-    elif use_cuda:  # bf16 only where the tensor cores do it natively; fp16 (with loss scaling) else
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    else:
-        amp_dtype = torch.float32  # CPU bf16 matmuls are emulated and ~30x slower
+        if world > 1 or cfg.device in ("auto", "cuda"):
+            device = torch.device(f"cuda:{local_rank}")
+    amp_dtype = training_dtype(cfg, device)
     if cfg.parallel == "fsdp" and amp_dtype == torch.float16:
         raise ConfigError("train.parallel=fsdp needs bf16 or fp32, and this GPU does bf16 only by emulation: "
                           "use parallel=ddp (fp16 with loss scaling) or --train.dtype float32")
-    if use_cuda:
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if distributed:  # naming the GPU binds NCCL to it at once, instead of guessing from the rank
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        on_gpu = device.type == "cuda"
+        dist.init_process_group(backend="nccl" if on_gpu else "gloo", device_id=device if on_gpu else None)
     return Runtime(device=device, amp_dtype=amp_dtype, rank=rank, world=world, distributed=distributed,
                    sharded=distributed and cfg.parallel == "fsdp")
+
+
+def training_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The autocast dtype: the configured one where the device can train in it, else bf16 on GPUs
+    whose tensor cores do it natively, fp16 (with loss scaling) on other GPUs, fp32 on CPU and MPS."""
+    if cfg.dtype == "float16" and device.type == "mps":
+        raise ConfigError("train.dtype=float16 on mps: fp16 training needs loss scaling, untested on Apple GPUs "
+                          "here; use --train.dtype bfloat16 (macOS 14+) or float32")
+    if cfg.dtype != "auto":
+        return devices.checked_dtype(device, cfg.dtype, "train.dtype")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.float32  # CPU bf16 matmuls are emulated and ~30x slower; MPS: fp32 unless asked
 
 
 def peak_flops(cfg: TrainConfig, runtime: Runtime) -> float:
@@ -162,7 +172,7 @@ def peak_flops(cfg: TrainConfig, runtime: Runtime) -> float:
             if key in name:
                 return tflops * 1e12
     n, reps = 1024, 4
-    dtype = runtime.amp_dtype if runtime.device.type == "cuda" else torch.float32
+    dtype = runtime.amp_dtype if runtime.device.type != "cpu" else torch.float32
     # Constant operands: drawing random ones would move the RNG a resumed run has just restored
     # (and with dropout, e.g. LoRA's, change what it trains on).
     a = torch.full((n, n), 0.5, device=runtime.device, dtype=dtype)
@@ -170,13 +180,11 @@ def peak_flops(cfg: TrainConfig, runtime: Runtime) -> float:
     a @ b  # warm up
     rates = []
     for _ in range(3):  # the fastest round: other work on the machine only ever slows a round down
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize()
+        devices.synchronize(runtime.device)
         start = time.perf_counter()
         for _ in range(reps):
             a @ b
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize()
+        devices.synchronize(runtime.device)
         rates.append(2 * n ** 3 * reps / (time.perf_counter() - start))
     return max(rates)
 
@@ -209,6 +217,7 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        **({"mps": torch.mps.get_rng_state()} if torch.backends.mps.is_available() else {}),
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
@@ -219,6 +228,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
@@ -550,7 +561,7 @@ def start_run(cfg: Config) -> Run:
               adapters=adapters, replaced=replaced, tasks=tasks)
     if resume_from is not None:
         restore(run, resume_from)
-    run.compiled = tc.compile is not False
+    run.compiled = compiles(tc, runtime.device)
     run.step_model = wrap_for_training(compile_for_training(model, runtime) if run.compiled else model, runtime)
     return run
 
@@ -600,6 +611,12 @@ def restore(run: Run, ckpt: Path) -> None:
         due = run.step % tc.eval_interval == 0 or run.step == tc.max_steps
         run.eval_unrecorded = due and not any(m["kind"] == "eval" and m["step"] == run.step for m in kept)
     run.runtime.log(f"resumed from {ckpt} at step {run.step}")
+
+
+def compiles(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether to torch.compile: when asked, and under auto where Inductor is at home (CUDA, CPU);
+    on MPS the model trains eagerly unless compile is asked for."""
+    return cfg.compile is True or (cfg.compile == "auto" and device.type != "mps")
 
 
 def compile_for_training(model: Llama, runtime: Runtime) -> torch.nn.Module:
@@ -693,7 +710,7 @@ def start_logging(run: Run) -> tuple[int, float]:
     parallel = f" ({tc.parallel})" if runtime.distributed else ""
     recompute = " | activation checkpointing" if tc.activation_checkpointing else ""
     runtime.log(f"device {runtime.device} | amp {str(runtime.amp_dtype).removeprefix('torch.')} | "
-                f"compile {tc.compile} | world {runtime.world}{parallel}{recompute}")
+                f"compile {tc.compile if run.compiled or tc.compile is False else 'auto: off on mps'} | world {runtime.world}{parallel}{recompute}")
     adamw = f"adamw lr {tc.lr:g} betas ({tc.beta1:g}, {tc.beta2:g}) decay {tc.weight_decay:g}"
     runtime.log(f"optimizer {adamw}" if tc.optimizer == "adamw" else
                 f"optimizer muon lr {tc.muon_lr:g} ({muon_schedule(tc).lr_schedule}) momentum {tc.muon_momentum:g} "
