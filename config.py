@@ -8,18 +8,21 @@ line that names the key, the value and what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import errno
 import functools
 import json
 import math
 import os
 import re
+import shutil
 import sys
 import tomllib
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +58,85 @@ def script(main: Callable[[list[str]], int | None]) -> Callable[[list[str] | Non
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 128 + 13  # what a shell reports for a process killed by SIGPIPE
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Failed writes: a full or read-only disk is one line that names the folder and what the write
+# needed, and whatever was complete before stays complete.
+
+
+class WriteError(UserError):
+    """A file could not be written (a full or read-only disk); the message names the folder, the
+    bytes the write needed, and what survived."""
+
+
+# torch.save and safetensors write from C++ and Rust and report a failed write in their own words,
+# never as an OSError; torch.distributed.checkpoint wraps each process's failure in a
+# CheckpointException, which is a BaseException.
+NATIVE_WRITE_FAILURES = ("inline_container.cc", "PytorchStreamWriter failed", "I/O error")
+
+
+def failed_write(error: BaseException) -> bool:
+    """Whether `error`, raised while writing files, is the disk refusing the write."""
+    if isinstance(error, OSError):
+        return True
+    failures = getattr(error, "failures", None)  # a CheckpointException: {rank: (exception, traceback)}
+    if type(error).__name__ == "CheckpointException" and isinstance(failures, dict):
+        return any(failed_write(exc) for exc, _ in failures.values())
+    return (type(error).__name__ in ("RuntimeError", "SafetensorError")
+            and any(words in str(error) for words in NATIVE_WRITE_FAILURES))
+
+
+def write_error(error: BaseException, folder: str | Path, needed: int, what: str, after: str,
+                kind: type[WriteError] = WriteError) -> WriteError:
+    """The one line for a failed write into `folder` of `needed` bytes: `what` failed, why, how much
+    room there is, and `after` (what survived and how to go on)."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if isinstance(error, OSError) and error.strerror:
+        reason = error.strerror
+    elif free < needed:
+        reason = os.strerror(errno.ENOSPC)
+    else:
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200]}"
+    return kind(f"{what} failed ({reason}): {folder} needs {_bytes(needed)} for it and has {_bytes(free)} free; "
+                f"{after}")
+
+
+@contextlib.contextmanager
+def disk_write(folder: str | Path, needed: int, what: str, after: str) -> Iterator[None]:
+    """Runs its block; a failed write inside becomes write_error's one line."""
+    try:
+        yield
+    except BaseException as e:
+        if not failed_write(e):
+            raise
+        raise write_error(e, folder, needed, what, after) from None
+
+
+def replace_file(path: Path, contents: str | bytes, after: str) -> None:
+    """Write `path` whole or not at all: into a .tmp beside it, then renamed over it. A failed
+    write removes the .tmp and leaves the previous file as it was (WriteError)."""
+    data = contents.encode() if isinstance(contents, str) else contents
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with disk_write(path.parent, len(data), f"writing {path.name}", after):
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _bytes(n: int) -> str:
+    """1,234,567 bytes (1.2 MiB): exact, and readable at a glance."""
+    scaled, unit = float(n), ""
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if scaled < 1024:
+            break
+        scaled, unit = scaled / 1024, bigger
+    return f"{n:,} bytes ({scaled:.1f} {unit})" if unit else f"{n:,} bytes"
 
 
 @dataclass(frozen=True)

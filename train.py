@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -38,7 +39,8 @@ from tqdm import tqdm
 import checkpoint
 import data
 import devices
-from config import Config, ConfigError, TrainConfig, build_config, load_toml, parse_cli, script, to_toml
+from config import (Config, ConfigError, TrainConfig, build_config, disk_write, load_toml, parse_cli, replace_file, script,
+                    to_toml)
 from eval import TrainingEval, training_eval
 from model import Llama
 from tokenizer import Tokenizer
@@ -285,14 +287,34 @@ def plot_curves(metrics: list[dict[str, Any]], png: Path) -> None:
     ax_lr.set_ylabel("learning rate")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png.with_suffix(".png.tmp"), format="png", dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
-    os.replace(png.with_suffix(".png.tmp"), png)
+    replace_file(png, image.getvalue(), RESUME_ADVICE)
+
+
+# What a failed write of the run's records says: the records and checkpoints are whole as they were.
+RESUME_ADVICE = "the checkpoints and records so far are intact: free disk space (or make the folder writable) " \
+                "and resume with --resume"
 
 
 def append_metric(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One line at the end of metrics.jsonl. A failed write cuts the file back to its last whole
+    line: a cut one would stop the resumed run from reading its records."""
+    line = (json.dumps(record) + "\n").encode()
+    with disk_write(path.parent, len(line), f"appending to {path.name}", RESUME_ADVICE):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                written = 0
+                while written < len(line):
+                    written += os.write(fd, line[written:])
+            except OSError:
+                os.ftruncate(fd, end)
+                raise
+        finally:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,7 +626,7 @@ def restore(run: Run, ckpt: Path) -> None:
     run.resumed_from = ckpt
     if run.runtime.is_main:  # forget what was logged after the checkpoint: those steps run again
         kept = [m for m in read_metrics(run.metrics_path) if m["step"] <= run.step]
-        run.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        replace_file(run.metrics_path, "".join(json.dumps(m) + "\n" for m in kept), RESUME_ADVICE)
         # A run killed while evaluating (or stopped by a signal) saved its checkpoint but not the
         # evaluation of that step: the resumed run does it first, as the uninterrupted run did.
         tc = run.cfg.train
@@ -701,16 +723,17 @@ def start_logging(run: Run) -> tuple[int, float]:
     flops_per_token = model.flops_per_token(tc.block_size)
     peak = peak_flops(tc, runtime)
     if runtime.is_main:
-        (run.out_dir / "config.toml").write_text(to_toml(cfg))
-        (run.out_dir / "run_info.json").write_text(json.dumps({
+        replace_file(run.out_dir / "config.toml", to_toml(cfg), RESUME_ADVICE)
+        replace_file(run.out_dir / "run_info.json", json.dumps({
             "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "device": str(runtime.device), "amp_dtype": str(runtime.amp_dtype), "world_size": runtime.world,
             "params": model.num_params(), "trainable_params": trainable_params(model),
-            "flops_per_token": flops_per_token, "peak_flops": peak}, indent=2))
+            "flops_per_token": flops_per_token, "peak_flops": peak}, indent=2), RESUME_ADVICE)
     parallel = f" ({tc.parallel})" if runtime.distributed else ""
     recompute = " | activation checkpointing" if tc.activation_checkpointing else ""
     runtime.log(f"device {runtime.device} | amp {str(runtime.amp_dtype).removeprefix('torch.')} | "
-                f"compile {tc.compile if run.compiled or tc.compile is False else 'auto: off on mps'} | world {runtime.world}{parallel}{recompute}")
+                f"compile {tc.compile if run.compiled or tc.compile is False else 'auto: off on mps'} | "
+                f"world {runtime.world}{parallel}{recompute}")
     adamw = f"adamw lr {tc.lr:g} betas ({tc.beta1:g}, {tc.beta2:g}) decay {tc.weight_decay:g}"
     runtime.log(f"optimizer {adamw}" if tc.optimizer == "adamw" else
                 f"optimizer muon lr {tc.muon_lr:g} ({muon_schedule(tc).lr_schedule}) momentum {tc.muon_momentum:g} "
@@ -856,7 +879,8 @@ def save_checkpoint(run: Run) -> Path:
         else:
             checkpoint.save_hf(run.model, folder, run.trained_context, gathered)
 
-    with checkpoint.writing(run.out_dir, run.step, runtime.is_main, runtime.barrier) as folder:
+    with checkpoint.writing(run.out_dir, run.step, runtime.is_main, runtime.barrier,
+                            needed=checkpoint_bytes(run)) as folder:
         checkpoint.save_optimizer(run.model, run.optimizers, folder, runtime.distributed)
         if runtime.is_main:
             checkpoint.write_contents(folder, state, to_toml(run.cfg), run.carried, write_weights)
@@ -866,6 +890,15 @@ def save_checkpoint(run: Run) -> Path:
             shutil.rmtree(run.replaced)
             run.replaced = None
     return checkpoint.checkpoint_path(run.out_dir, run.step)
+
+
+def checkpoint_bytes(run: Run) -> int:
+    """About what one checkpoint takes on disk: the weights (a LoRA run's adapters alone) and the
+    optimizer state; the rest (config, tokenizer, RNG) is small beside them."""
+    weights = ([p for p in run.model.parameters() if p.requires_grad] if run.adapters is not None
+               else list(run.model.state_dict().values()))
+    moments = [t for o in run.optimizers for s in o.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in weights + moments)
 
 
 def on_any_rank(run: Run, flag: bool) -> bool:
