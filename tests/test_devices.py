@@ -1,6 +1,8 @@
 """Device and precision choice (devices.py) for train, generate, eval and app, with CUDA and MPS
 availability faked; and the MPS-safe kernels of model.py, run on the CPU against the usual ones."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -104,6 +106,18 @@ def test_a_device_the_machine_lacks_is_one_line(cpu_only, capsys, tmp_path, name
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(f"error: {section}.device={asked} but "), err
     assert err.endswith(f"use --{section}.device cpu\n"), err
+
+
+def test_the_errors_quoted_in_the_docs_are_the_ones_printed(mac):
+    page = (Path(__file__).parent.parent / "docs" / "devices.md").read_text()
+    mac.setattr(torch.backends.mps, "is_macos_or_newer", lambda major, minor: False)
+    with pytest.raises(ConfigError) as bf16:
+        train.setup_runtime(TrainConfig(dtype="bfloat16"))
+    mac.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError) as missing:
+        train.setup_runtime(TrainConfig(device="mps"))
+    for error in (bf16, missing):
+        assert f"\nerror: {error.value}\n" in page
 
 
 def test_an_unknown_device_name_is_refused_by_the_config():

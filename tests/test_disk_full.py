@@ -7,6 +7,7 @@ os.write, halfway through its line."""
 import errno
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -108,6 +109,9 @@ def test_a_full_disk_at_a_checkpoint_keeps_the_last_one_and_resume_finishes_the_
     assert err.startswith(f"error: saving ckpt-000006 failed (No space left on device): {run} needs ")
     assert "the previous checkpoint ckpt-000004 is intact: free disk space" in err
     assert "and resume with --resume" in err
+    page = (Path(__file__).parent.parent / "docs" / "resume.md").read_text()
+    numbers = re.compile(r"\d[\d,.]*")  # the free bytes vary with the metrics lines' lengths
+    assert numbers.sub("N", err.replace(str(run), "out/run")) in numbers.sub("N", page)
     needed = int(err.split(" needs ")[1].split(" bytes")[0].replace(",", ""))
     assert needed > 64 * 1024  # the weights and the Adam moments, not a guess of zero
     assert checkpoint.read_pointer(run, "latest") == "ckpt-000004"
