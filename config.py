@@ -201,7 +201,7 @@ DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps (Apple GPUs); auto takes cuda, the
 
 
 def check_device(key: str, value: str) -> None:
-    """A device name device.resolve understands (whether this machine has it is checked there)."""
+    """A device name devices.resolve understands (whether this machine has it is checked there)."""
     if not (value in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", value)):
         raise ConfigError(f"{key}={value!r} is not one of auto, cpu, cuda, cuda:N, mps")
 
