@@ -39,7 +39,7 @@ import numpy as np
 import safetensors.torch
 import torch
 
-from config import ConfigError, ModelConfig, UserError, load_json
+from config import ConfigError, ModelConfig, WriteError, failed_write, load_json, write_error
 from model import Llama
 from tokenizer import TOKENIZER_FILES
 
@@ -47,7 +47,7 @@ MARKER = "COMPLETE"
 STATE_FILE = "training_state.pt"
 
 
-class CheckpointError(UserError):
+class CheckpointError(WriteError):
     """A checkpoint could not be written; the message says what survived."""
 
 
@@ -101,11 +101,13 @@ def checkpoint_path(out_dir: str | Path, step: int) -> Path:
 
 @contextlib.contextmanager
 def writing(out_dir: str | Path, step: int, main: bool = True,
-            barrier: Callable[[], None] = lambda: None) -> Iterator[Path]:
+            barrier: Callable[[], None] = lambda: None, *, needed: int) -> Iterator[Path]:
     """The folder to write checkpoint `ckpt-<step>` into, made whole on exit: every file hashed
     into the COMPLETE marker and fsynced, the folder renamed into place, `latest` moved. Under
     torchrun every process enters (each may write its shard of the state); only the `main` one
-    prepares and finishes the folder, and `barrier` keeps the others from running ahead of it."""
+    prepares and finishes the folder, and `barrier` keeps the others from running ahead of it.
+    A failed write (a full or read-only disk: `needed` is about what the checkpoint takes) removes
+    the half-written folder and ends in one CheckpointError line; the previous one stays latest."""
     out_dir, final = Path(out_dir), checkpoint_path(out_dir, step)
     name, tmp = final.name, final.with_name(final.name + ".tmp")
     try:
@@ -128,13 +130,15 @@ def writing(out_dir: str | Path, step: int, main: bool = True,
             _fsync(out_dir)
             write_pointer(out_dir, "latest", name)
         barrier()
-    except OSError as e:
+    except BaseException as e:
+        if not failed_write(e):
+            raise
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         previous = read_pointer(out_dir, "latest")
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"saving {final} failed ({e.strerror or e}); {kept}: free disk space and "
-                              f"resume with --resume") from None
+        raise write_error(e, out_dir, needed, f"saving {final.name}", f"{kept}: free disk space (or make the "
+                          f"folder writable) and resume with --resume", CheckpointError) from None
 
 
 # The optimizer state is saved with torch.distributed.checkpoint (DCP): each process writes its own

@@ -8,17 +8,21 @@ line that names the key, the value and what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import errno
 import functools
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import tomllib
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -54,6 +58,85 @@ def script(main: Callable[[list[str]], int | None]) -> Callable[[list[str] | Non
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             return 128 + 13  # what a shell reports for a process killed by SIGPIPE
     return run
+
+
+# ---------------------------------------------------------------------------------------------
+# Failed writes: a full or read-only disk is one line that names the folder and what the write
+# needed, and whatever was complete before stays complete.
+
+
+class WriteError(UserError):
+    """A file could not be written (a full or read-only disk); the message names the folder, the
+    bytes the write needed, and what survived."""
+
+
+# torch.save and safetensors write from C++ and Rust and report a failed write in their own words,
+# never as an OSError; torch.distributed.checkpoint wraps each process's failure in a
+# CheckpointException, which is a BaseException.
+NATIVE_WRITE_FAILURES = ("inline_container.cc", "PytorchStreamWriter failed", "I/O error")
+
+
+def failed_write(error: BaseException) -> bool:
+    """Whether `error`, raised while writing files, is the disk refusing the write."""
+    if isinstance(error, OSError):
+        return True
+    failures = getattr(error, "failures", None)  # a CheckpointException: {rank: (exception, traceback)}
+    if type(error).__name__ == "CheckpointException" and isinstance(failures, dict):
+        return any(failed_write(exc) for exc, _ in failures.values())
+    return (type(error).__name__ in ("RuntimeError", "SafetensorError")
+            and any(words in str(error) for words in NATIVE_WRITE_FAILURES))
+
+
+def write_error(error: BaseException, folder: str | Path, needed: int, what: str, after: str,
+                kind: type[WriteError] = WriteError) -> WriteError:
+    """The one line for a failed write into `folder` of `needed` bytes: `what` failed, why, how much
+    room there is, and `after` (what survived and how to go on)."""
+    existing = Path(folder).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if isinstance(error, OSError) and error.strerror:
+        reason = error.strerror
+    elif free < needed:
+        reason = os.strerror(errno.ENOSPC)
+    else:
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:200]}"
+    return kind(f"{what} failed ({reason}): {folder} needs {_bytes(needed)} for it and has {_bytes(free)} free; "
+                f"{after}")
+
+
+@contextlib.contextmanager
+def disk_write(folder: str | Path, needed: int, what: str, after: str) -> Iterator[None]:
+    """Runs its block; a failed write inside becomes write_error's one line."""
+    try:
+        yield
+    except BaseException as e:
+        if not failed_write(e):
+            raise
+        raise write_error(e, folder, needed, what, after) from None
+
+
+def replace_file(path: Path, contents: str | bytes, after: str) -> None:
+    """Write `path` whole or not at all: into a .tmp beside it, then renamed over it. A failed
+    write removes the .tmp and leaves the previous file as it was (WriteError)."""
+    data = contents.encode() if isinstance(contents, str) else contents
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with disk_write(path.parent, len(data), f"writing {path.name}", after):
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _bytes(n: int) -> str:
+    """1,234,567 bytes (1.2 MiB): exact, and readable at a glance."""
+    scaled, unit = float(n), ""
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if scaled < 1024:
+            break
+        scaled, unit = scaled / 1024, bigger
+    return f"{n:,} bytes ({scaled:.1f} {unit})" if unit else f"{n:,} bytes"
 
 
 @dataclass(frozen=True)
@@ -112,6 +195,15 @@ def check_fields(obj: Any, section: str) -> None:
             raise ConfigError(f"{section}.{f.name}={value} must be a finite number")
         if not f.metadata["bounds"].admits(value):
             raise ConfigError(f"{section}.{f.name}={value} {f.metadata['bounds'].describe()}")
+
+
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps (Apple GPUs); auto takes cuda, then mps, then cpu"
+
+
+def check_device(key: str, value: str) -> None:
+    """A device name devices.resolve understands (whether this machine has it is checked there)."""
+    if not (value in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", value)):
+        raise ConfigError(f"{key}={value!r} is not one of auto, cpu, cuda, cuda:N, mps")
 
 
 @dataclass
@@ -211,10 +303,10 @@ class DataConfig:
 class TrainConfig:
     out_dir: str = _field("out", "folder for checkpoints, logs and plots")
     seed: int = _field(1337, "seed for init, batches and dropout-free sampling", ge=0, le=MAX_SEED)
-    device: str = _field("auto", "auto, cpu, cuda or cuda:N")
+    device: str = _field("auto", DEVICE_HELP)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
-        "auto", "autocast dtype (auto: bf16 on GPUs that support it, else fp16; fp32 on CPU)")
-    compile: Literal["auto"] | bool = _field("auto", "torch.compile the model (auto: try, fall back to eager)")
+        "auto", "autocast dtype (auto: bf16 on CUDA GPUs that support it, else fp16; fp32 on CPU and MPS)")
+    compile: Literal["auto"] | bool = _field("auto", "torch.compile the model (auto: try, fall back to eager; off on MPS)")
     batch_tokens: int = _field(16384, "global batch in tokens (micro_batch_size * block_size * accumulation * world)", gt=0)
     micro_batch_size: int = _field(32, "sequences per forward/backward pass on one process", gt=0)
     block_size: int = _field(256, "training sequence length (at most model.max_seq_len)", gt=0)
@@ -275,8 +367,7 @@ class TrainConfig:
                               f"shorten the warmup or train longer")
         if self.min_lr > self.lr:
             raise ConfigError(f"train.min_lr={self.min_lr} exceeds train.lr={self.lr}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"train.device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        check_device("train.device", self.device)
         if self.lora_rank and not self.init_from:
             raise ConfigError("train.lora_rank is set but train.init_from is not: LoRA adapts a pretrained model, "
                               "so give --init_from DIR (or set lora_rank 0 for full training)")
@@ -322,9 +413,9 @@ class SampleConfig:
     json: bool = _field(False, "print one JSON object per sample: prompt, text, token ids, finish reason, tokens/s")
     compile: bool = _field(False, "torch.compile the one-token decoding step: compiling takes seconds, so it pays "
                                   "off for long generations and servers (app.py), not for one short sample")
-    device: str = _field("auto", "auto, cpu, cuda or cuda:N")
+    device: str = _field("auto", DEVICE_HELP)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
-        "auto", "weights and KV cache dtype (auto: bf16 on GPUs that support it, else fp32)")
+        "auto", "weights and KV cache dtype (auto: bf16 on CUDA GPUs that support it, else fp32)")
     draft: str | None = _field(None, "a smaller checkpoint with the same tokenizer that drafts tokens for the model "
                                      "to verify (speculative decoding: the output still follows the model)")
     draft_tokens: int = _field(4, "tokens the draft proposes per round (speculative decoding)", ge=1, le=64)
@@ -341,8 +432,7 @@ class SampleConfig:
         given = [key for key in ("prompt", "prompt_file", "prompt_ids") if getattr(self, key)]
         if len(given) > 1:
             raise ConfigError(f"sample.{given[0]} and sample.{given[1]} are both set: give the prompt one way")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ConfigError(f"sample.device={self.device!r} is not one of auto, cpu, cuda, cuda:N")
+        check_device("sample.device", self.device)
         self.eos_ids(), self.stop_strings(), self.prompt_id_lists()  # each raises on a malformed value
 
     def eos_ids(self) -> list[int] | None:
@@ -407,12 +497,13 @@ class EvalConfig:
                             "before it (0 = window // 2)", ge=0)
     batch_size: int = _field(4, "windows or choices per forward", gt=0)
     limit: int = _field(0, "score only the first N multiple-choice examples (0 = all)", ge=0)
-    device: str = _field("auto", "auto, cpu, cuda or cuda:N")
+    device: str = _field("auto", DEVICE_HELP)
     dtype: Literal["float32", "bfloat16"] = _field("float32", "weights' dtype while scoring")
     json: str | None = _field(None, "also write the results to this JSON file")
 
     def validate(self) -> None:
         check_fields(self, "eval")
+        check_device("eval.device", self.device)
         if self.window and self.stride > self.window:
             raise ConfigError(f"eval.stride={self.stride} exceeds eval.window={self.window}: a window cannot move "
                               f"further than it reaches")

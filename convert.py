@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import checkpoint
-from config import ConfigError, script
+from config import ConfigError, disk_write, script
 
 USAGE = ("usage: python convert.py SRC DST [--to hf|llama2c|gguf] [--dtype f32|f16|q8_0] [--merge-lora] (SRC: a "
          "checkpoint, run or Hugging Face folder or a llama2.c .bin; DST: NAME.bin for llama2.c, NAME.gguf for "
@@ -75,10 +75,14 @@ def main(argv: list[str]) -> None:
     model, folder = checkpoint.load_model(source)
     if to == "gguf":
         llamacpp.write_gguf(model, folder, target, dtype)
-    elif to == "llama2c":
-        checkpoint.write_llama2c(model, target)
     else:
-        checkpoint.save_hf(model, target)
+        weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+        with disk_write(Path(target).absolute().parent, weights, f"writing {target}",
+                        f"{source} is untouched: free disk space (or make the folder writable) and convert again"):
+            if to == "llama2c":
+                checkpoint.write_llama2c(model, target)
+            else:
+                checkpoint.save_hf(model, target)
     print(f"wrote {target}")
 
 

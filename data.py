@@ -19,6 +19,7 @@ same format, one 0/1 per token: 1 where the token is the assistant's) and `<spli
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from config import UserError
+from config import UserError, disk_write
 
 if typing.TYPE_CHECKING:
     import torch
@@ -48,36 +49,50 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
+# What a failed write while preparing a dataset says: nothing finished is lost.
+PREPARE_AGAIN = ("the files finished before it are intact: free disk space (or make the folder writable) and run "
+                 "it again (a sharded run skips the shards it finished)")
+
+
 class TokenWriter:
     """A token file written piece by piece into `<path>.tmp`, renamed to `path` by close(): an
-    interrupted write never leaves a .bin that looks whole (a failed one removes its .tmp)."""
+    interrupted write never leaves a .bin that looks whole (a failed one removes its .tmp). A full
+    or read-only disk is one WriteError line, with what the file needed so far."""
 
     def __init__(self, path: str | Path, vocab_size: int, tokenizer_hash: str):
         self.path, self.vocab_size, self.dtype = Path(path), vocab_size, token_dtype(vocab_size)
         self.digest, self.count = bytes.fromhex(tokenizer_hash), 0
         self.tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        self.file = self.tmp.open("wb")
-        self.file.write(self._header())
+        with self.disk_write(0):
+            self.file = self.tmp.open("wb")
+            self.file.write(self._header())
 
     def _header(self) -> bytes:
         return HEADER.pack(MAGIC, VERSION, self.dtype.itemsize, self.count, self.vocab_size, self.digest)
 
+    def disk_write(self, more_tokens: int) -> contextlib.AbstractContextManager:
+        return disk_write(self.path.parent, HEADER.size + (self.count + more_tokens) * self.dtype.itemsize,
+                          f"writing {self.path.name}", PREPARE_AGAIN)
+
     def write(self, tokens: np.ndarray) -> None:
-        self.file.write(np.asarray(tokens, dtype=self.dtype).tobytes())
+        with self.disk_write(len(tokens)):
+            self.file.write(np.asarray(tokens, dtype=self.dtype).tobytes())
         self.count += len(tokens)
 
     def close(self) -> int:
         """Finish the file (its header's count, fsync, rename); returns the token count."""
-        self.file.seek(0)
-        self.file.write(self._header())
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
+        with self.disk_write(0):
+            self.file.seek(0)
+            self.file.write(self._header())
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
         return self.count
 
     def abandon(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):  # the buffered rest of a file on a full disk cannot be flushed
+            self.file.close()
         self.tmp.unlink(missing_ok=True)
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 import checkpoint
 import data
 import prepare_data
-from config import ConfigError, EvalConfig, UserError, parse_cli, script
+from config import ConfigError, EvalConfig, UserError, parse_cli, replace_file, script
 from generate import load_tokenizer, pick_device
 from model import Llama
 from tokenizer import Tokenizer
@@ -380,7 +380,8 @@ def run(cfg: EvalConfig) -> dict:
         results["task"] = {"name": name, **score_choices(scorer, examples, cfg.batch_size)}
     print_results(results)
     if cfg.json:
-        Path(cfg.json).write_text(json.dumps(results, indent=2))
+        replace_file(Path(cfg.json), json.dumps(results, indent=2), "the scores are printed above: free disk space "
+                     "(or make the folder writable) and score again to keep them")
     return results
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 import checkpoint
+import devices
 from chat import ChatFormat, chat_template
 from config import ConfigError, EvalConfig, SampleConfig, expand_short_flags, load_json, parse_cli, script
 from model import Llama
@@ -644,12 +645,12 @@ def fit_context(id_lists: list[list[int]], cfg: SampleConfig, context: int) -> l
 
 
 def pick_device(cfg: SampleConfig | EvalConfig) -> tuple[torch.device, torch.dtype]:
-    name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"sample.device={name} but no CUDA GPU is visible: use --device cpu")
-    device = torch.device(name)
+    """The device and weights dtype to sample or score on: auto is bf16 on CUDA GPUs that do it,
+    fp32 elsewhere (on MPS too: bf16 there only when asked for)."""
+    section = "sample" if isinstance(cfg, SampleConfig) else "eval"
+    device = devices.resolve(cfg.device, f"{section}.device")
     if cfg.dtype != "auto":
-        return device, getattr(torch, cfg.dtype)
+        return device, devices.checked_dtype(device, cfg.dtype, f"{section}.dtype")
     on_bf16_gpu = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return device, torch.bfloat16 if on_bf16_gpu else torch.float32
 

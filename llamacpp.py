@@ -31,7 +31,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import pre_tokenizers
 
 from checkpoint import rope_permute, trained_context
-from config import UserError, load_json
+from config import UserError, disk_write, load_json
 from model import Llama, rope_frequencies
 from tokenizer import LLAMA3_SPLIT
 
@@ -54,19 +54,23 @@ def write_gguf(model: Llama, folder: Path | None, path: str | Path, dtype: str =
     writer = gguf.GGUFWriter(tmp, "llama")
     add_hyperparameters(writer, model, folder, DTYPES[dtype][1])
     vocab.add_to(writer)
+    tensor_bytes = 0
     for name, array in gguf_tensors(model):
         data, qtype = encode(array, DTYPES[dtype][0])
         writer.add_tensor(name, data, raw_dtype=qtype)
+        tensor_bytes += data.nbytes
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    except OSError as e:
+        with disk_write(path.parent, tensor_bytes, f"writing {path.name}",
+                        "any earlier file of that name is untouched: free disk space (or make the folder writable) "
+                        "and convert again"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+            os.replace(tmp, path)
+    finally:
         tmp.unlink(missing_ok=True)
-        raise GGUFError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def add_hyperparameters(writer: gguf.GGUFWriter, model: Llama, folder: Path, file_type: gguf.LlamaFileType) -> None:

@@ -74,6 +74,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+# Two kernels below have misbehaved on PyTorch's MPS backend: index_copy_, the compiled cache
+# write (missing on MPS for a while, which made LitGPT drop MPS; ~100x slower than the CPU until
+# pytorch#185750), and SDPA's is_causal, which in fp16/bf16 masked only every fourth query row
+# (pytorch#195910, silent). On these device types the cache is written by indexed assignment and
+# the causal mask is always passed explicitly (autocast may run fp32 weights' attention in half
+# precision); both give the same numbers as the usual path.
+MPS_SAFE_DEVICES = {"mps"}
+
+
 class KVCache(nn.Module):
     """Pre-allocated keys and values for n_kv_heads heads (not n_heads: that is GQA's saving)."""
 
@@ -92,8 +101,12 @@ class KVCache(nn.Module):
         """
         if isinstance(start_pos, torch.Tensor):
             slots = start_pos + torch.arange(k.shape[2], device=k.device)
-            self.k.index_copy_(2, slots, k)
-            self.v.index_copy_(2, slots, v)
+            if k.device.type in MPS_SAFE_DEVICES:  # an indexed assignment: index_put_
+                self.k[:, :, slots] = k
+                self.v[:, :, slots] = v
+            else:
+                self.k.index_copy_(2, slots, k)
+                self.v.index_copy_(2, slots, v)
             return self.k, self.v
         batch, end = k.shape[0], start_pos + k.shape[2]
         self.k[:batch, :, start_pos:end] = k
@@ -170,8 +183,8 @@ class Attention(nn.Module):
             # A query block that starts at position 0 is plain causal; after a cached prefix the mask
             # must be offset, and a single new token may see everything.
             full_causal = k.shape[2] == T
-            is_causal = full_causal and T > 1
-            mask = None if full_causal or T == 1 else causal_mask(T, k.shape[2], x.device)
+            is_causal = full_causal and T > 1 and x.device.type not in MPS_SAFE_DEVICES
+            mask = causal_mask(T, k.shape[2], x.device) if T > 1 and not is_causal else None
         if self.kernel == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                                enable_gqa=self.n_kv_heads != self.n_heads)

@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 import data
 from chat import ChatFormat, chat_template, check_messages
-from config import ConfigError, DataConfig, parse_cli, script
+from config import ConfigError, DataConfig, parse_cli, replace_file, script
 from corpus import DOC_SEPARATOR, Corpus, documents, lone_document, lone_pieces, open_corpus, text_lines
 from tokenizer import Tokenizer
 
@@ -442,7 +442,7 @@ def prepare(cfg: DataConfig) -> dict | None:
             "train_tokens": tokens["train"], "val_tokens": tokens["val"],
             "train_chars": chars["train"], "val_chars": chars["val"], **chat_stats,
             "seconds": round(time.perf_counter() - start, 2)}
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    replace_file(tmp / "meta.json", json.dumps(meta, indent=2), data.PREPARE_AGAIN)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     print(f"\n{out}/")
@@ -505,9 +505,7 @@ def prepare_shards(cfg: DataConfig, source: Corpus, kind: str, name: str, folder
             "val_tokens": sum(e["tokens"] for e in index["val"]),
             "seconds": round(time.perf_counter() - start, 2),
             "shards": {"documents": per_shard, "count": total, **index}}
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(out / "meta.json")
+    replace_file(out / "meta.json", json.dumps(meta, indent=2), data.PREPARE_AGAIN)
     report(tokenizer, meta)
     return meta
 
@@ -546,8 +544,7 @@ def check_shard_settings(cfg: DataConfig, out: Path) -> None:
     path = out / "shard_settings.json"
     ours = {key: getattr(cfg, key) for key in SHARD_SETTINGS}
     if not path.is_file():
-        path.with_suffix(".tmp").write_text(json.dumps(ours))
-        path.with_suffix(".tmp").replace(path)
+        replace_file(path, json.dumps(ours), data.PREPARE_AGAIN)
         return
     recorded = data.read_meta(path)
     for key, value in ours.items():

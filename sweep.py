@@ -59,6 +59,7 @@ import csv
 import ctypes
 import difflib
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -79,7 +80,7 @@ from typing import Any
 
 import checkpoint
 import data
-from config import Config, ConfigError, build_config, load_toml, script
+from config import Config, ConfigError, build_config, disk_write, load_toml, replace_file, script
 from train import EXIT_INTERRUPTED, StopRequest, read_metrics
 
 ROOT = Path(__file__).resolve().parent
@@ -331,10 +332,13 @@ def read_state(trial: Trial) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+# What a failed write of a sweep's records says: finished work is kept.
+RUN_AGAIN = ("the trials and results written so far are intact: free disk space (or make the folder writable) and "
+             "run the same command again (it skips finished trials and resumes the others)")
+
+
 def write_state(trial: Trial, state: dict[str, Any]) -> None:
-    tmp = trial.dir / f".{STATE}.tmp"
-    tmp.write_text(json.dumps(state, indent=1) + "\n")
-    os.replace(tmp, trial.dir / STATE)
+    replace_file(trial.dir / STATE, json.dumps(state, indent=1) + "\n", RUN_AGAIN)
 
 
 def check_owner(sweep: Sweep, trial: Trial) -> None:
@@ -377,8 +381,10 @@ def launch(sweep: Sweep, trial: Trial, env: dict[str, str], label: str) -> subpr
                         "args": train_args(sweep, trial), "status": "running", "wall_s": state.get("wall_s", 0.0)})
     cmd = [sys.executable, str(ROOT / "train.py"), str(sweep.base), *train_args(sweep, trial),
            "--train.out_dir", str(trial.dir), *(["--resume"] if resume else [])]
-    with (trial.dir / LOG).open("a") as log:
-        log.write(f"$ {shlex.join(cmd)}\n")
+    command_line = f"$ {shlex.join(cmd)}\n"
+    with disk_write(trial.dir, len(command_line.encode()), f"appending to {LOG}", RUN_AGAIN), \
+            (trial.dir / LOG).open("a") as log:
+        log.write(command_line)
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 preexec_fn=_die_with_parent if _LIBC else None)
@@ -479,14 +485,12 @@ def ranked(sweep: Sweep) -> list[tuple[Trial, dict[str, Any]]]:
 def write_results(sweep: Sweep) -> None:
     rows = ranked(sweep)
     sweep.out_dir.mkdir(parents=True, exist_ok=True)
-    columns = list(rows[0][1])
-    with (sweep.out_dir / "results.csv.tmp").open("w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(row for _, row in rows)
-    os.replace(sweep.out_dir / "results.csv.tmp", sweep.out_dir / "results.csv")
-    (sweep.out_dir / "results.md.tmp").write_text(results_markdown(sweep, rows))
-    os.replace(sweep.out_dir / "results.md.tmp", sweep.out_dir / "results.md")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, list(rows[0][1]))
+    writer.writeheader()
+    writer.writerows(row for _, row in rows)
+    replace_file(sweep.out_dir / "results.csv", table.getvalue(), RUN_AGAIN)
+    replace_file(sweep.out_dir / "results.md", results_markdown(sweep, rows), RUN_AGAIN)
     plot_val_curves(sweep, [trial for trial, _ in rows], sweep.out_dir / "curves.png")
 
 
@@ -543,9 +547,10 @@ def plot_val_curves(sweep: Sweep, trials: list[Trial], png: Path) -> None:
     if ax.lines:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(png.with_suffix(".png.tmp"), format="png", dpi=90)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=90)
     plt.close(fig)
-    os.replace(png.with_suffix(".png.tmp"), png)
+    replace_file(png, image.getvalue(), RUN_AGAIN)
 
 
 # ---------------------------------------------------------------------------------------------

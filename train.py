@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import math
 import os
@@ -37,7 +38,9 @@ from tqdm import tqdm
 
 import checkpoint
 import data
-from config import Config, ConfigError, TrainConfig, build_config, load_toml, parse_cli, script, to_toml
+import devices
+from config import (Config, ConfigError, TrainConfig, build_config, disk_write, load_toml, parse_cli, replace_file, script,
+                    to_toml)
 from eval import TrainingEval, training_eval
 from model import Llama
 from muon import Muon, bf16_matmul_is_native
@@ -122,35 +125,44 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     # FSDP under `torchrun --nproc_per_node 1` still shards (over one process): the same code path,
     # and its mixed-precision policy, as on many GPUs.
     distributed = world > 1 or (cfg.parallel == "fsdp" and "RANK" in os.environ)
-    use_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={cfg.device} but no CUDA device is visible; use --train.device cpu")
-    if use_cuda:
+    device = devices.resolve(cfg.device, "train.device")
+    if device.type == "mps" and "RANK" in os.environ:
+        raise ConfigError("train.device=mps runs one process: torchrun (DDP, FSDP) needs CUDA GPUs, or CPUs with "
+                          "--train.device cpu; on a Mac run python train.py without torchrun")
+    if device.type == "cuda":
         local_rank, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
         if (world > 1 or cfg.device in ("auto", "cuda")) and local_rank >= visible:
             raise ConfigError(f"process {rank} (LOCAL_RANK {local_rank}) has no GPU of its own: this machine shows "
                               f"{visible}; start at most {visible} per machine (torchrun --nproc_per_node "
                               f"{visible}) or train on CPU with --train.device cpu")
-        device = torch.device(f"cuda:{local_rank}" if world > 1 or cfg.device in ("auto", "cuda") else cfg.device)
-    else:
-        device = torch.device("cpu")
-    if cfg.dtype != "auto":
-        amp_dtype = getattr(torch, cfg.dtype)
-    elif use_cuda:  # bf16 only where the tensor cores do it natively; fp16 (with loss scaling) else
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    else:
-        amp_dtype = torch.float32  # CPU bf16 matmuls are emulated and ~30x slower
+        if world > 1 or cfg.device in ("auto", "cuda"):
+            device = torch.device(f"cuda:{local_rank}")
+    amp_dtype = training_dtype(cfg, device)
     if cfg.parallel == "fsdp" and amp_dtype == torch.float16:
         raise ConfigError("train.parallel=fsdp needs bf16 or fp32, and this GPU does bf16 only by emulation: "
                           "use parallel=ddp (fp16 with loss scaling) or --train.dtype float32")
-    if use_cuda:
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if distributed:  # naming the GPU binds NCCL to it at once, instead of guessing from the rank
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        on_gpu = device.type == "cuda"
+        dist.init_process_group(backend="nccl" if on_gpu else "gloo", device_id=device if on_gpu else None)
     return Runtime(device=device, amp_dtype=amp_dtype, rank=rank, world=world, distributed=distributed,
                    sharded=distributed and cfg.parallel == "fsdp")
+
+
+def training_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The autocast dtype: the configured one where the device can train in it, else bf16 on GPUs
+    whose tensor cores do it natively, fp16 (with loss scaling) on other GPUs, fp32 on CPU and MPS."""
+    if cfg.dtype == "float16" and device.type == "mps":
+        raise ConfigError("train.dtype=float16 on mps: fp16 training needs loss scaling, untested on Apple GPUs "
+                          "here; use --train.dtype bfloat16 (macOS 14+) or float32")
+    if cfg.dtype != "auto":
+        return devices.checked_dtype(device, cfg.dtype, "train.dtype")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.float32  # CPU bf16 matmuls are emulated and ~30x slower; MPS: fp32 unless asked
 
 
 def peak_flops(cfg: TrainConfig, runtime: Runtime) -> float:
@@ -163,7 +175,7 @@ def peak_flops(cfg: TrainConfig, runtime: Runtime) -> float:
             if key in name:
                 return tflops * 1e12
     n, reps = 1024, 4
-    dtype = runtime.amp_dtype if runtime.device.type == "cuda" else torch.float32
+    dtype = runtime.amp_dtype if runtime.device.type != "cpu" else torch.float32
     # Constant operands: drawing random ones would move the RNG a resumed run has just restored
     # (and with dropout, e.g. LoRA's, change what it trains on).
     a = torch.full((n, n), 0.5, device=runtime.device, dtype=dtype)
@@ -171,13 +183,11 @@ def peak_flops(cfg: TrainConfig, runtime: Runtime) -> float:
     a @ b  # warm up
     rates = []
     for _ in range(3):  # the fastest round: other work on the machine only ever slows a round down
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize()
+        devices.synchronize(runtime.device)
         start = time.perf_counter()
         for _ in range(reps):
             a @ b
-        if runtime.device.type == "cuda":
-            torch.cuda.synchronize()
+        devices.synchronize(runtime.device)
         rates.append(2 * n ** 3 * reps / (time.perf_counter() - start))
     return max(rates)
 
@@ -211,6 +221,7 @@ def rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        **({"mps": torch.mps.get_rng_state()} if torch.backends.mps.is_available() else {}),
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
         "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
@@ -221,6 +232,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
@@ -276,14 +289,34 @@ def plot_curves(metrics: list[dict[str, Any]], png: Path) -> None:
     ax_lr.set_ylabel("learning rate")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png.with_suffix(".png.tmp"), format="png", dpi=110)
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
     plt.close(fig)
-    os.replace(png.with_suffix(".png.tmp"), png)
+    replace_file(png, image.getvalue(), RESUME_ADVICE)
+
+
+# What a failed write of the run's records says: the records and checkpoints are whole as they were.
+RESUME_ADVICE = "the checkpoints and records so far are intact: free disk space (or make the folder writable) " \
+                "and resume with --resume"
 
 
 def append_metric(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+    """One line at the end of metrics.jsonl. A failed write cuts the file back to its last whole
+    line: a cut one would stop the resumed run from reading its records."""
+    line = (json.dumps(record) + "\n").encode()
+    with disk_write(path.parent, len(line), f"appending to {path.name}", RESUME_ADVICE):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                written = 0
+                while written < len(line):
+                    written += os.write(fd, line[written:])
+            except OSError:
+                os.ftruncate(fd, end)
+                raise
+        finally:
+            os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -552,7 +585,7 @@ def start_run(cfg: Config) -> Run:
               adapters=adapters, replaced=replaced, tasks=tasks)
     if resume_from is not None:
         restore(run, resume_from)
-    run.compiled = tc.compile is not False
+    run.compiled = compiles(tc, runtime.device)
     run.step_model = wrap_for_training(compile_for_training(model, runtime) if run.compiled else model, runtime)
     return run
 
@@ -595,13 +628,19 @@ def restore(run: Run, ckpt: Path) -> None:
     run.resumed_from = ckpt
     if run.runtime.is_main:  # forget what was logged after the checkpoint: those steps run again
         kept = [m for m in read_metrics(run.metrics_path) if m["step"] <= run.step]
-        run.metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        replace_file(run.metrics_path, "".join(json.dumps(m) + "\n" for m in kept), RESUME_ADVICE)
         # A run killed while evaluating (or stopped by a signal) saved its checkpoint but not the
         # evaluation of that step: the resumed run does it first, as the uninterrupted run did.
         tc = run.cfg.train
         due = run.step % tc.eval_interval == 0 or run.step == tc.max_steps
         run.eval_unrecorded = due and not any(m["kind"] == "eval" and m["step"] == run.step for m in kept)
     run.runtime.log(f"resumed from {ckpt} at step {run.step}")
+
+
+def compiles(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether to torch.compile: when asked, and under auto where Inductor is at home (CUDA, CPU);
+    on MPS the model trains eagerly unless compile is asked for."""
+    return cfg.compile is True or (cfg.compile == "auto" and device.type != "mps")
 
 
 def compile_for_training(model: Llama, runtime: Runtime) -> torch.nn.Module:
@@ -686,16 +725,17 @@ def start_logging(run: Run) -> tuple[int, float]:
     flops_per_token = model.flops_per_token(tc.block_size)
     peak = peak_flops(tc, runtime)
     if runtime.is_main:
-        (run.out_dir / "config.toml").write_text(to_toml(cfg))
-        (run.out_dir / "run_info.json").write_text(json.dumps({
+        replace_file(run.out_dir / "config.toml", to_toml(cfg), RESUME_ADVICE)
+        replace_file(run.out_dir / "run_info.json", json.dumps({
             "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "device": str(runtime.device), "amp_dtype": str(runtime.amp_dtype), "world_size": runtime.world,
             "params": model.num_params(), "trainable_params": trainable_params(model),
-            "flops_per_token": flops_per_token, "peak_flops": peak}, indent=2))
+            "flops_per_token": flops_per_token, "peak_flops": peak}, indent=2), RESUME_ADVICE)
     parallel = f" ({tc.parallel})" if runtime.distributed else ""
     recompute = " | activation checkpointing" if tc.activation_checkpointing else ""
     runtime.log(f"device {runtime.device} | amp {str(runtime.amp_dtype).removeprefix('torch.')} | "
-                f"compile {tc.compile} | world {runtime.world}{parallel}{recompute}")
+                f"compile {tc.compile if run.compiled or tc.compile is False else 'auto: off on mps'} | "
+                f"world {runtime.world}{parallel}{recompute}")
     adamw = f"adamw lr {tc.lr:g} betas ({tc.beta1:g}, {tc.beta2:g}) decay {tc.weight_decay:g}"
     runtime.log(f"optimizer {adamw}" if tc.optimizer == "adamw" else
                 f"optimizer muon lr {tc.muon_lr:g} ({muon_schedule(tc).lr_schedule}) momentum {tc.muon_momentum:g} "
@@ -842,7 +882,8 @@ def save_checkpoint(run: Run) -> Path:
         else:
             checkpoint.save_hf(run.model, folder, run.trained_context, gathered)
 
-    with checkpoint.writing(run.out_dir, run.step, runtime.is_main, runtime.barrier) as folder:
+    with checkpoint.writing(run.out_dir, run.step, runtime.is_main, runtime.barrier,
+                            needed=checkpoint_bytes(run)) as folder:
         checkpoint.save_optimizer(run.model, run.optimizers, folder, runtime.distributed)
         if runtime.is_main:
             checkpoint.write_contents(folder, state, to_toml(run.cfg), run.carried, write_weights)
@@ -852,6 +893,15 @@ def save_checkpoint(run: Run) -> Path:
             shutil.rmtree(run.replaced)
             run.replaced = None
     return checkpoint.checkpoint_path(run.out_dir, run.step)
+
+
+def checkpoint_bytes(run: Run) -> int:
+    """About what one checkpoint takes on disk: the weights (a LoRA run's adapters alone) and the
+    optimizer state; the rest (config, tokenizer, RNG) is small beside them."""
+    weights = ([p for p in run.model.parameters() if p.requires_grad] if run.adapters is not None
+               else list(run.model.state_dict().values()))
+    moments = [t for o in run.optimizers for s in o.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in weights + moments)
 
 
 def on_any_rank(run: Run, flag: bool) -> bool:

@@ -9,7 +9,7 @@ import pytest
 
 import generate
 from checkpoint import save_hf
-from config import ConfigError, ModelConfig, UserError, script
+from config import ConfigError, ModelConfig, UserError, WriteError, script
 from model import Llama
 from tokenizer import Tokenizer
 
@@ -53,7 +53,8 @@ def test_every_project_error_is_a_user_error():
     import checkpoint
     import data
     import tokenizer
-    for error in (ConfigError, data.DataError, tokenizer.TokenizerError, checkpoint.CheckpointError, app.RequestError):
+    for error in (ConfigError, WriteError, data.DataError, tokenizer.TokenizerError, checkpoint.CheckpointError,
+                  app.RequestError):
         assert issubclass(error, UserError), error
 
 
