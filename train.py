@@ -418,7 +418,7 @@ def adopt_pretrained_config(cfg: Config, runtime: Runtime) -> Path | None:
     them. Returns DIR."""
     if not cfg.train.init_from or cfg.train.resume is not None:
         return None
-    folder = Path(cfg.train.init_from)
+    folder = checkpoint.follow_pointer(cfg.train.init_from)
     if not folder.is_dir():
         raise ConfigError(f"train.init_from={folder} is not a folder: give a Hugging Face Llama folder "
                           f"(config.json + model.safetensors) or one of our checkpoints")
