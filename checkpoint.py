@@ -106,6 +106,26 @@ def follow_pointer(path: str | Path) -> Path:
 CARRIED_FILES = (*TOKENIZER_FILES, "generation_config.json")
 
 
+def save_model_folder(model: Llama, source: Path | None, target: str | Path) -> list[str]:
+    """`model` as a complete Hugging Face folder: config.json (with the trained context `source`
+    records) and model.safetensors, plus the CARRIED_FILES `source` has, copied byte for byte.
+    Returns the names of the files carried (none for a llama2.c source, which has no folder)."""
+    target = Path(target)
+    save_hf(model, target, trained_context(source) if source is not None else None)
+    carried = [name for name in CARRIED_FILES if source is not None and (source / name).is_file()]
+    for name in carried:
+        shutil.copyfile(source / name, target / name)
+    return carried
+
+
+def link_adapters(out_dir: Path) -> None:
+    """Let peft load a LoRA run folder as it is: its adapter files are links through `latest`
+    (PeftModel.from_pretrained looks for them in the folder it is given, else on the Hub)."""
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (out_dir / name).is_symlink():
+            os.symlink(f"latest/{name}", out_dir / name)
+
+
 def write_contents(folder: Path, training_state: dict[str, Any], config_toml: str,
                    extra_files: dict[str, bytes] | None, write_weights: Callable[[Path], None]) -> None:
     """Everything a checkpoint folder holds besides the sharded optimizer state: the weights

@@ -845,6 +845,8 @@ def save_checkpoint(run: Run) -> Path:
             checkpoint.write_contents(folder, state, to_toml(run.cfg), run.carried, write_weights)
     if runtime.is_main:
         checkpoint.prune(run.out_dir, run.cfg.train.keep_last)
+        if run.adapters is not None:
+            checkpoint.link_adapters(run.out_dir)
         if run.replaced is not None:  # the new run now stands on its own
             shutil.rmtree(run.replaced)
             run.replaced = None
