@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
     if merge_lora and not (Path(source).is_dir() and (checkpoint.resolve(source) / checkpoint.ADAPTER_CONFIG).is_file()):
         raise ConfigError(f"--merge-lora: {source} holds no LoRA adapters ({checkpoint.ADAPTER_CONFIG}); give the "
                           f"run or checkpoint folder of a --train.lora_rank run")
-    if to == "hf" and Path(target).exists() and not (Path(target).is_dir() and not any(Path(target).iterdir())):
+    if to == "hf" and Path(target).exists() and (Path(target).is_file() or any(Path(target).iterdir())):
         raise ConfigError(f"{target} already exists: give a new folder to write the model into (convert.py never "
                           f"writes over one)")
     model, folder = checkpoint.load_model(source)
