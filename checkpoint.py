@@ -11,9 +11,9 @@ Training checkpoints are Hugging Face model folders plus the training state:
       best -> ckpt-000500   a relative symlink to the checkpoint with the lowest val loss
 
 A checkpoint is written into `ckpt-<step>.tmp/`, every file fsynced, the folder renamed, and only
-then does `latest` move (a new symlink renamed over the old). A folder without its COMPLETE marker, or whose
-files no longer match the hashes in it, is never loaded, so a crash at any moment leaves the
-previous checkpoint as the one to resume from.
+then does `latest` move (a new symlink renamed over the old). A folder without its COMPLETE
+marker, or whose files no longer match the hashes in it, is never loaded, so a crash at any
+moment leaves the previous checkpoint as the one to resume from.
 
 The legacy llama2.c file is 7 int32s (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size,
 seq_len; a negative vocab_size means the classifier is not shared with the embedding), then every
