@@ -7,13 +7,13 @@ Training checkpoints are Hugging Face model folders plus the training state:
       ckpt-000500/          config.json, model.safetensors, tokenizer files, optimizer/ (sharded,
                             see save_optimizer), training_state.pt, config.toml, COMPLETE (sha256
                             of every other file)
-      latest                the name of the newest complete checkpoint
-      best                  the name of the checkpoint with the lowest val loss
+      latest -> ckpt-000500 a relative symlink to the newest complete checkpoint
+      best -> ckpt-000500   a relative symlink to the checkpoint with the lowest val loss
 
 A checkpoint is written into `ckpt-<step>.tmp/`, every file fsynced, the folder renamed, and only
-then does `latest` move (by an atomic replace). A folder without its COMPLETE marker, or whose
-files no longer match the hashes in it, is never loaded, so a crash at any moment leaves the
-previous checkpoint as the one to resume from.
+then does `latest` move (a new symlink renamed over the old). A folder without its COMPLETE
+marker, or whose files no longer match the hashes in it, is never loaded, so a crash at any
+moment leaves the previous checkpoint as the one to resume from.
 
 The legacy llama2.c file is 7 int32s (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size,
 seq_len; a negative vocab_size means the classifier is not shared with the embedding), then every
@@ -64,23 +64,66 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+POINTERS = ("latest", "best")
+
+
 def write_pointer(out_dir: Path, name: str, target: str) -> None:
-    """Atomically make out_dir/name hold `target` (a checkpoint folder name)."""
-    tmp = out_dir / f".{name}.tmp"
-    tmp.write_text(target + "\n")
-    _fsync(tmp)
-    os.replace(tmp, out_dir / name)
+    """Atomically make out_dir/name a relative symlink to the checkpoint folder `target`, so that
+    `<run>/latest` opens as a model folder in any tool (transformers, vLLM, peft, lm_eval). The
+    link is made under a temporary name and renamed over the old one: a reader, or a crash, sees
+    the old link or the new, never none."""
+    tmp, pointer = out_dir / f".{name}.tmp", out_dir / name
+    tmp.unlink(missing_ok=True)  # the leftover of an update that was killed
+    os.symlink(target, tmp, target_is_directory=True)
+    if pointer.is_dir() and not pointer.is_symlink():  # a copy of the run that resolved the link
+        shutil.rmtree(pointer)
+    os.replace(tmp, pointer)
     _fsync(out_dir)
 
 
 def read_pointer(out_dir: Path, name: str) -> str | None:
+    """The checkpoint folder name out_dir/name points at: a symlink, the text file that runs
+    written before symlinks hold, or (in a copy of the run that followed the link) a copy of the
+    checkpoint, named by the step its marker records."""
     pointer = out_dir / name
+    if pointer.is_symlink():
+        return Path(os.readlink(pointer)).name
+    if (pointer / MARKER).is_file():
+        return checkpoint_path(out_dir, load_json(pointer / MARKER)["step"]).name
     return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def follow_pointer(path: str | Path) -> Path:
+    """`path`, or for an older run's text-file `latest`/`best`, the checkpoint folder it names."""
+    path = Path(path)
+    if path.name in POINTERS and path.is_file() and not path.is_symlink():
+        return path.parent / read_pointer(path.parent, path.name)
+    return path
 
 
 # Files a checkpoint carries besides the weights, so that it is a complete model folder for
 # transformers and vLLM: the tokenizer (chat template included) and the sampling defaults.
 CARRIED_FILES = (*TOKENIZER_FILES, "generation_config.json")
+
+
+def save_model_folder(model: Llama, source: Path | None, target: str | Path) -> list[str]:
+    """`model` as a complete Hugging Face folder: config.json (with the trained context `source`
+    records) and model.safetensors, plus the CARRIED_FILES `source` has, copied byte for byte.
+    Returns the names of the files carried (none for a llama2.c source, which has no folder)."""
+    target = Path(target)
+    save_hf(model, target, trained_context(source) if source is not None else None)
+    carried = [name for name in CARRIED_FILES if source is not None and (source / name).is_file()]
+    for name in carried:
+        shutil.copyfile(source / name, target / name)
+    return carried
+
+
+def link_adapters(out_dir: Path) -> None:
+    """Let peft load a LoRA run folder as it is: its adapter files are links through `latest`
+    (PeftModel.from_pretrained looks for them in the folder it is given, else on the Hub)."""
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (out_dir / name).is_symlink():
+            os.symlink(f"latest/{name}", out_dir / name)
 
 
 def write_contents(folder: Path, training_state: dict[str, Any], config_toml: str,
@@ -211,7 +254,7 @@ def verify(path: str | Path) -> dict[str, Any]:
 
 def resolve(path: str | Path) -> Path:
     """A checkpoint folder from a run directory (through `latest`) or the folder itself."""
-    path = Path(path)
+    path = follow_pointer(path)
     if (path / MARKER).is_file() or (path / "config.json").is_file():
         return path
     name = read_pointer(path, "latest")
@@ -245,7 +288,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
     """Any checkpoint we can run, and the folder it came from (None for a llama2.c .bin): a run
     folder (its latest checkpoint), a checkpoint folder or a Hugging Face Llama folder. One of
     our checkpoints is verified against its COMPLETE marker first."""
-    path = Path(path)
+    path = follow_pointer(path)
     if path.is_file():
         return read_llama2c(path, dtype, max_seq_len), None
     if not path.is_dir():

@@ -8,6 +8,9 @@ GGUF files for llama.cpp and Ollama.
 
 The target format follows --to, else the name: NAME.bin is llama2.c, NAME.gguf is GGUF, anything
 else a Hugging Face folder. --dtype (f32, f16 or q8_0; default f32) sets GGUF's matrix type.
+A folder written is a complete model folder: the source's tokenizer files, chat template,
+generation_config.json and trained context come along byte for byte (a llama2.c .bin has none,
+and the command says so); it must be new, never written over.
 A LoRA checkpoint (adapters only) is read as its base model with the adapters merged in; with
 --merge-lora, a source that is not one is refused. The formats themselves live in checkpoint.py
 and llamacpp.py.
@@ -72,6 +75,9 @@ def main(argv: list[str]) -> None:
     if merge_lora and not (Path(source).is_dir() and (checkpoint.resolve(source) / checkpoint.ADAPTER_CONFIG).is_file()):
         raise ConfigError(f"--merge-lora: {source} holds no LoRA adapters ({checkpoint.ADAPTER_CONFIG}); give the "
                           f"run or checkpoint folder of a --train.lora_rank run")
+    if to == "hf" and Path(target).exists() and (Path(target).is_file() or any(Path(target).iterdir())):
+        raise ConfigError(f"{target} already exists: give a new folder to write the model into (convert.py never "
+                          f"writes over one)")
     model, folder = checkpoint.load_model(source)
     if to == "gguf":
         llamacpp.write_gguf(model, folder, target, dtype)
@@ -81,8 +87,9 @@ def main(argv: list[str]) -> None:
                         f"{source} is untouched: free disk space (or make the folder writable) and convert again"):
             if to == "llama2c":
                 checkpoint.write_llama2c(model, target)
-            else:
-                checkpoint.save_hf(model, target)
+            elif not checkpoint.save_model_folder(model, folder, target):
+                print(f"note: {source} has no tokenizer, so {target} holds the weights alone: give prompts as token "
+                      f"ids (--prompt_ids), or copy a tokenizer.json in", file=sys.stderr)
     print(f"wrote {target}")
 
 

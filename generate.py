@@ -15,6 +15,7 @@ The sampling functions are plain functions of (batch, vocab) logits, for reuse b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -24,7 +25,7 @@ import stat
 import sys
 import time
 import typing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -722,18 +723,31 @@ class ChatSession:
 
     def reply(self, text: str) -> Iterator[str]:
         """The assistant's answer to `text`, in pieces as they decode. Ends at the end of turn, after
-        max_new_tokens, or when the context is full."""
+        max_new_tokens, or when the context is full. A message that fills the context on its own is
+        refused (ConfigError) and a reply cut short (Ctrl-C) is dropped: either way the conversation
+        stays exactly as it was before the message."""
+        before = list(self.messages)
         self.messages.append({"role": "user", "content": text})
         ids, dropped = self._fit()
+        if len(ids) >= self.context:
+            self.messages = before
+            raise ConfigError(f"this message alone fills the {self.context}-token context ({len(ids)} tokens with "
+                              f"the template): shorten it; the conversation so far is kept")
         if dropped:
             yield f"[the context is full: dropped the oldest {dropped} exchange(s)]\n"
-        if len(ids) >= self.context:
-            self.messages.pop()
-            yield f"[this message alone fills the {self.context}-token context: shorten it]"
-            return
         # The cache is valid up to the first position where it and the new rendering differ.
         same = next((i for i, (a, b) in enumerate(zip(self.cached, ids)) if a != b), min(len(self.cached), len(ids)))
         same = min(same, len(ids) - 1)  # at least one token is fed, for the logits
+        try:
+            out = yield from self._decode(ids, same)
+        except BaseException:  # the cache beyond `same` may hold this turn's half-written keys
+            self.messages, self.cached = before, self.cached[:same]
+            raise
+        self.messages.append({"role": "assistant", "content": self.chat.tokenizer.decode(out)})
+
+    def _decode(self, ids: list[int], same: int) -> Generator[str, None, list[int]]:
+        """Feed ids[same:] after the cached ones, then sample the reply; yields its text as it
+        grows and returns its ids."""
         device = self.model.embed_tokens.weight.device
         seen = torch.zeros(1, self.model.cfg.vocab_size, dtype=torch.bool, device=device)
         generator = torch.Generator(device).manual_seed(row_seed(self.cfg.seed, ids, 0))
@@ -757,21 +771,36 @@ class ChatSession:
                 self.cached.append(token)
         if (decoded := self.chat.tokenizer.decode(out)) != shown:
             yield decoded[len(shown):]
-        self.messages.append({"role": "assistant", "content": decoded})
+        return out
 
 
-def chat_repl(cfg: SampleConfig, read: Callable[[], str] = input) -> None:
-    """generate.py --chat: read a message, stream the reply, until /exit or the end of input."""
+def line_reader() -> Callable[[], str]:
+    """input() with a "> " marker, line editing and history (readline) on a terminal; without one
+    (piped input), plain lines and no marker in the output."""
+    if not sys.stdin.isatty():
+        return input
+    with contextlib.suppress(ImportError):  # absent on some platforms; input() still works
+        import readline  # noqa: F401  (importing it gives input() editing and history)
+    return lambda: input("> ")
+
+
+def chat_repl(cfg: SampleConfig) -> None:
+    """generate.py --chat: read a message, stream the reply, until /exit, Ctrl-D or Ctrl-C at the
+    prompt. Empty lines are ignored; Ctrl-C during a reply stops it and drops that exchange; a
+    message too long for the context is refused in one line, the conversation kept."""
     loaded = load_for_sampling(cfg)
     if loaded.folder is None or loaded.tokenizer is None:
         raise ConfigError(f"{cfg.checkpoint} has no tokenizer, so it cannot chat: use a checkpoint folder whose "
                           f"tokenizer has a chat template")
     session = ChatSession(loaded, ChatFormat(loaded.tokenizer, chat_template(loaded.folder)), cfg, cfg.system)
-    print("chat: /reset starts over, /exit leaves", file=sys.stderr)
+    read = line_reader()
+    print("chat: /reset starts over, /exit (or Ctrl-D) leaves", file=sys.stderr)
     while True:
         try:
             text = read()
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            if sys.stdin.isatty():  # after "> ": the shell's prompt then starts on a line of its own
+                print(flush=True)
             return
         if text.strip() == "/exit":
             return
@@ -779,8 +808,16 @@ def chat_repl(cfg: SampleConfig, read: Callable[[], str] = input) -> None:
             session.reset()
             print("[a new conversation]", flush=True)
             continue
-        for piece in session.reply(text):
-            print(piece, end="", flush=True)
+        if not text.strip():
+            continue
+        try:
+            for piece in session.reply(text):
+                print(piece, end="", flush=True)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            continue
+        except KeyboardInterrupt:
+            print("\n[stopped: this exchange is dropped]", end="", flush=True)
         print(flush=True)
 
 

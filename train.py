@@ -438,8 +438,33 @@ def find_resume_checkpoint(cfg: Config, out_dir: Path) -> Path | None:
     checkpoint.verify(ckpt)
     if cfg.train.init_from:  # a fine-tune resumes with the model its checkpoint holds, not the folder's again
         cfg.model = checkpoint.read_hf_config(ckpt)
+    elif "model.vocab_size" not in cfg.explicit:  # what fit_vocab_to_data chose when the run began
+        cfg.model.vocab_size = checkpoint.read_hf_config(ckpt).vocab_size
     check_resume_compatible(cfg, ckpt)
     return ckpt
+
+
+# Vocabularies are padded to a multiple of 64, as nanoGPT pads GPT-2's 50,257 to 50,304: the head's
+# matmuls run faster on such shapes, and the few extra rows cost nothing.
+VOCAB_MULTIPLE = 64
+
+
+def fit_vocab_to_data(cfg: Config, data_vocab: int, runtime: Runtime) -> None:
+    """A fresh model far wider than the data's vocabulary (the default 32,000 on a 4,096-id
+    tokenizer) starts at loss ln(32,000) and never trains most of its head. Unless the config sets
+    model.vocab_size, the model takes the data's size padded to VOCAB_MULTIPLE; a config that sets
+    a wider one keeps it, with a warning."""
+    padded = -(-data_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if cfg.model.vocab_size <= padded:
+        return
+    if "model.vocab_size" in cfg.explicit:
+        warn(f"model.vocab_size={cfg.model.vocab_size} but the data's tokenizer has {data_vocab} ids: "
+             f"{cfg.model.vocab_size - data_vocab} rows of the head will never be trained (set --model.vocab_size "
+             f"{padded})")
+        return
+    runtime.log(f"model.vocab_size={padded}: the data's {data_vocab} ids rounded up to a multiple of {VOCAB_MULTIPLE} "
+                f"(the default {cfg.model.vocab_size} would leave {cfg.model.vocab_size - data_vocab} rows untrained)")
+    cfg.model.vocab_size = padded
 
 
 # What --init_from keeps from the pretrained model's config.json unless the config sets it.
@@ -453,7 +478,7 @@ def adopt_pretrained_config(cfg: Config, runtime: Runtime) -> Path | None:
     them. Returns DIR."""
     if not cfg.train.init_from or cfg.train.resume is not None:
         return None
-    folder = Path(cfg.train.init_from)
+    folder = checkpoint.follow_pointer(cfg.train.init_from)
     if not folder.is_dir():
         raise ConfigError(f"train.init_from={folder} is not a folder: give a Hugging Face Llama folder "
                           f"(config.json + model.safetensors) or one of our checkpoints")
@@ -560,6 +585,8 @@ def start_run(cfg: Config) -> Run:
     train_tokens, val_tokens = data.open_split(dataset_dir, "train"), data.open_split(dataset_dir, "val")
     resume_from = find_resume_checkpoint(cfg, out_dir)
     pretrained = adopt_pretrained_config(cfg, runtime)
+    if resume_from is None and pretrained is None:
+        fit_vocab_to_data(cfg, train_tokens.vocab_size, runtime)
     # A model comes with its tokenizer: training it on data from another one would train garbage.
     data.check_compatible(train_tokens, val_tokens, model_vocab_size=cfg.model.vocab_size, block_size=tc.block_size,
                           model_tokenizer=model_tokenizer(resume_from, pretrained),
@@ -889,6 +916,8 @@ def save_checkpoint(run: Run) -> Path:
             checkpoint.write_contents(folder, state, to_toml(run.cfg), run.carried, write_weights)
     if runtime.is_main:
         checkpoint.prune(run.out_dir, run.cfg.train.keep_last)
+        if run.adapters is not None:
+            checkpoint.link_adapters(run.out_dir)
         if run.replaced is not None:  # the new run now stands on its own
             shutil.rmtree(run.replaced)
             run.replaced = None

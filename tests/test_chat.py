@@ -1,11 +1,18 @@
 """Chat templates rendered and tokenized as transformers' apply_chat_template does it, and the
 assistant-token mask, on a Llama-3-style and a ChatML-style template built here."""
 
+import contextlib
+import fcntl
 import json
 import math
+import os
+import re
+import select
 import shutil
 import subprocess
 import sys
+import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -350,7 +357,11 @@ def test_a_full_context_drops_the_oldest_turns_and_keeps_the_system_prompt(chat_
     notes = ["".join(session.reply(f"Question number {i}: what comes next?")) for i in range(6)]
     assert any("the context is full: dropped the oldest" in n for n in notes)
     assert session.messages[0] == {"role": "system", "content": "Be brief."} and len(session.cached) <= 96
-    assert "fills the 96-token context" in "".join(session.reply("word " * 120))
+    before = list(session.messages)
+    with pytest.raises(UserError, match=r"this message alone fills the 96-token context \(\d+ tokens with the "
+                                         r"template\): shorten it; the conversation so far is kept"):
+        "".join(session.reply("word " * 120))
+    assert session.messages == before
 
 
 def test_the_chat_tab_holds_a_two_turn_conversation_in_a_browser(browser, tmp_path_factory):
@@ -409,3 +420,85 @@ def test_the_chat_walk_through_runs_on_tiny_settings(tmp_path):
     out = run("generate.py", "--checkpoint", str(tmp_path / "sft"), "--chat", "--max_new_tokens", "16", "--seed", "1",
               stdin="To be, or not to be, that is the question:\n/exit\n")
     assert out.strip()  # one reply, ended by the turn marker or the token limit
+
+
+def chat_in_a_terminal(folder: Path, keys: list[str]) -> tuple[list[str], int]:
+    """generate.py --chat on a pseudo-terminal that is its controlling terminal (so ^C is SIGINT,
+    as from a keyboard): each item of `keys` is typed once the next "> " prompt shows. Returns
+    what the terminal showed between prompts (escape sequences dropped) and the exit status."""
+    main, terminal = os.openpty()
+    process = subprocess.Popen([sys.executable, "generate.py", "--checkpoint", str(folder), "--chat", "--system",
+                                "Be brief.", "--temperature", "0", "--max_new_tokens", "8"], cwd=ROOT,
+                               stdin=terminal, stdout=terminal, stderr=terminal, env={**os.environ, "TERM": "xterm"},
+                               start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    os.close(terminal)
+    shown = b""
+
+    def screen() -> str:
+        return re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown.decode(errors="replace")).replace("\r\n", "\n")
+
+    try:
+        for key in [None, *keys]:
+            if key is not None:
+                time.sleep(0.5)  # as a person types: CPython's readline misses a ^C before it starts waiting
+                os.write(main, key.encode())
+            prompts = screen().count("\n> ")
+            while screen().count("\n> ") == prompts and process.poll() is None:
+                if select.select([main], [], [], 120)[0] == []:
+                    raise AssertionError(f"no prompt after {key!r}; the terminal shows {screen()!r}")
+                with contextlib.suppress(OSError):  # EIO: the process has closed the terminal
+                    shown += os.read(main, 65536)
+        code = process.wait(timeout=60)
+        with contextlib.suppress(OSError):
+            shown += os.read(main, 65536)
+    finally:
+        process.kill()
+        os.close(main)
+    return screen().split("\n> "), code
+
+
+def test_the_repl_on_a_terminal_edits_lines_ignores_empty_ones_and_keeps_the_history_through_a_refusal(
+        tmp_path_factory):
+    folder = chat_server_folder(tmp_path_factory)
+    left, right = "\x1b[D", "\x1b[A"  # the arrow keys a terminal sends (right: history's up)
+    screens, code = chat_in_a_terminal(folder, [
+        "Who wrote Hamlet?\r", "\r", "word " * 400 + "\r", "And aust?" + left * 5 + "F\r", right + "\r", "\x04"])
+    assert code == 0
+    system = {"role": "system", "content": "Be brief."}
+    asked, answers = [], []
+    for question in ("Who wrote Hamlet?", "And Faust?", "And Faust?"):
+        asked.append({"role": "user", "content": question})
+        answers.append(reply(folder, [system, *asked], 8)[0])
+        asked.append({"role": "assistant", "content": answers[-1]})
+    assert screens[0].startswith("chat: /reset starts over")
+    assert screens[1].endswith(f"\n{answers[0]}")  # the typed line, then the reply
+    assert screens[2].strip() == ""  # the empty line: nothing sent, a new prompt
+    too_long = len(ChatFormat.load(folder).encode([system, {"role": "user", "content": "word " * 400}],
+                                                  add_generation_prompt=True))
+    assert screens[3].strip().endswith(f"error: this message alone fills the 256-token context ({too_long} tokens "
+                                       f"with the template): shorten it; the conversation so far is kept")
+    assert screens[4].endswith(f"\n{answers[1]}")  # edited with the arrow keys; the first exchange still there
+    assert screens[5].endswith(f"\n{answers[2]}")  # the line again, from the history
+    assert screens[6] == "\n"  # Ctrl-D: the line ends, the process leaves
+
+
+def test_ctrl_c_at_the_prompt_leaves_on_a_line_of_its_own(tmp_path_factory):
+    screens, code = chat_in_a_terminal(chat_server_folder(tmp_path_factory), ["\x03"])
+    assert code == 0 and screens[-1] == "\n"
+
+
+def test_a_reply_cut_short_leaves_the_conversation_as_it_was(tmp_path_factory):
+    from config import SampleConfig
+    from generate import ChatSession, load_for_sampling
+    folder = chat_server_folder(tmp_path_factory)
+    loaded = load_for_sampling(SampleConfig(checkpoint=str(folder)))
+    session = ChatSession(loaded, ChatFormat.load(folder), SampleConfig(temperature=0.0, max_new_tokens=8), "Be brief.")
+    first = "".join(session.reply("Who wrote Hamlet?"))
+    kept = list(session.messages)
+    cut = session.reply("Tell me more")
+    next(cut)
+    cut.close()  # what Ctrl-C mid-reply does to the generator
+    assert session.messages == kept
+    second = "".join(session.reply("And Faust?"))
+    assert second == reply(folder, [*kept, {"role": "user", "content": "And Faust?"}], 8)[0]
+    assert first == reply(folder, kept[:2], 8)[0]

@@ -120,7 +120,10 @@ def test_cli_converts_bin_to_folder_and_back(tmp_path, capsys):
     main([str(tmp_path / "folder"), str(tmp_path / "again.bin")])
     assert (tmp_path / "again.bin").read_bytes() == (tmp_path / "m.bin").read_bytes()
     assert load_model(tmp_path / "folder")[0].cfg.n_kv_heads == 2
-    assert capsys.readouterr().out.count("wrote") == 2
+    out = capsys.readouterr()
+    assert out.out.count("wrote") == 2
+    assert out.err == (f"note: {tmp_path / 'm.bin'} has no tokenizer, so {tmp_path / 'folder'} holds the weights "
+                       f"alone: give prompts as token ids (--prompt_ids), or copy a tokenizer.json in\n")
 
 
 def test_convert_errors(tmp_path, capsys):

@@ -432,7 +432,7 @@ def test_llama_cpp_runs_the_f32_file_exactly_as_we_do(which, request):
         print(f"{which} f32 ({'f32' if f32_cache else 'f16'} KV cache): smallest top-2 gap {margin:.2f}, "
               f"logits max |diff| {np.abs(their_logits - our_logits.numpy()).max():.2e}")
         assert theirs == ours
-        # measured: at most 2e-6 with an f32 cache, 1e-3 with llama.cpp's default f16 one
+        # measured: 3.8e-6 (char) and 5.3e-6 (BPE) with an f32 cache, 1e-3 with llama.cpp's default f16 one
         np.testing.assert_allclose(their_logits, our_logits.numpy(), atol=1e-5 if f32_cache else 5e-3)
     assert "the water" in tokenizer.decode(ours) or "heron" in tokenizer.decode(ours)  # it did learn the story
 

@@ -85,9 +85,9 @@ def test_lora_fine_tune_resumes_exactly_samples_and_converts(pretrained, tmp_pat
     assert not (ckpt / "model.safetensors").exists()  # the frozen base is not copied into every checkpoint
 
     # Resume from the middle: the adapters at the end are the uninterrupted run's, bit for bit.
-    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed", symlinks=True)
     shutil.rmtree(tmp_path / "resumed" / "ckpt-000008")
-    (tmp_path / "resumed" / "latest").write_text("ckpt-000004\n")
+    checkpoint.write_pointer(tmp_path / "resumed", "latest", "ckpt-000004")
     resumed = run_train(*lora, "--train.out_dir", str(tmp_path / "resumed"), "--resume")
     assert resumed.returncode == 0, resumed.stderr
     ours = safetensors.torch.load_file(str(tmp_path / "resumed" / "ckpt-000008" / "adapter_model.safetensors"))
@@ -116,7 +116,7 @@ def test_lora_fine_tune_resumes_exactly_samples_and_converts(pretrained, tmp_pat
 
     # Resuming with other LoRA settings is refused in one line.
     shutil.rmtree(tmp_path / "resumed" / "ckpt-000008")
-    (tmp_path / "resumed" / "latest").write_text("ckpt-000004\n")
+    checkpoint.write_pointer(tmp_path / "resumed", "latest", "ckpt-000004")
     other = run_train(*lora, "--train.lora_targets", "q_proj", "--train.out_dir", str(tmp_path / "resumed"), "--resume")
     assert other.returncode == 2 and "holds other adapters than train.lora_rank" in other.stderr, other.stderr
 

@@ -1,6 +1,11 @@
 """The README and bench/README.md are runnable: every command in their ```bash blocks runs.
 
-A command cannot do its real work here (train, download, serve), so each runs in the form that
+A command that names a path under out/ (README, bench/README.md and docs/) reads a run: it runs for
+real, with the tool it names, on tiny runs made at those paths (test_command_on_a_run); lm_eval,
+which is optional and downloads its tasks, is checked by loading its `pretrained=` path as its
+`hf` model does, with transformers' AutoModelForCausalLM and AutoTokenizer.
+
+Any other command cannot do its real work here (train, download, serve), so each runs in the form that
 checks everything but the work: train.py, model.py, generate.py, app.py and prepare_data.py take
 the same arguments plus --print-config (config.parse_cli validates the TOML file and every override,
 prints the resolved config and exits 0); sweep.py runs with --dry-run (which builds and validates
@@ -15,9 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+import json
 import shlex
+import socket
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -148,6 +156,7 @@ def sweep_dir(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("sweep")
     (work / "configs").symlink_to(ROOT / "configs")
     text = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n" * 60
+    text += "ROMEO:\nDear diary,\n"  # the prompts the pages type, in the char vocabulary
     (work / "tiny.txt").write_text(text)
     sha = hashlib.sha256(text.encode()).hexdigest()
     subprocess.run([sys.executable, str(ROOT / "prepare_data.py"), "--data.dataset", "shakespeare_char",
@@ -202,3 +211,101 @@ def broken_links(page: Path) -> list[str]:
 @pytest.mark.parametrize("page", LINKED_PAGES, ids=[str(p.relative_to(ROOT)) for p in LINKED_PAGES])
 def test_relative_links_resolve(page):
     assert not broken_links(page)
+
+
+# --- commands that read a run under out/ ---------------------------------------------------------
+
+OUT_PAGES = [*PAGES, *sorted((ROOT / "docs").glob("*.md"))]
+READERS = {"generate.py", "eval.py", "app.py", "convert.py"}
+
+
+def run_paths(argv: list[str]) -> list[str]:
+    """The paths under out/ a command names (lm_eval's as pretrained=out/...)."""
+    return [m[1] for w in argv for m in [re.fullmatch(r"(?:pretrained=)?(out/\S*)", w)] if m]
+
+
+OUT_COMMANDS = [(page, line, argv) for page in OUT_PAGES for line in command_lines(page)
+                for argv in segments(words(line)) if run_paths(argv)]
+
+
+def test_every_command_naming_a_run_is_run_for_real():
+    for page, line, argv in OUT_COMMANDS:
+        writes = argv[1:2] == ["train.py"] and all(argv[argv.index(p) - 1] == "--train.out_dir" for p in run_paths(argv))
+        assert argv[0] == "lm_eval" or argv[1] in READERS or writes, f"{_id(page, line)}: teach test_command_on_a_run"
+
+
+def make_run(out_dir: Path, tokenizer_folder: Path) -> None:
+    """A run folder with one tiny checkpoint carrying the tokenizer of `tokenizer_folder`."""
+    import torch
+
+    import checkpoint
+    from config import ModelConfig
+    from model import Llama
+    from tokenizer import Tokenizer
+    torch.manual_seed(0)
+    model = Llama(ModelConfig(vocab_size=Tokenizer.load(tokenizer_folder).vocab_size, dim=32, n_layers=1, n_heads=4,
+                              n_kv_heads=2, max_seq_len=64))
+    carried = {f.name: f.read_bytes() for f in Tokenizer.files(tokenizer_folder)}
+    with checkpoint.writing(out_dir, 1) as folder:
+        checkpoint.write_contents(folder, {"step": 1}, "", carried, lambda f: checkpoint.save_hf(model, f, 64))
+
+
+@pytest.fixture(scope="module")
+def runs(sweep_dir) -> Path:
+    """sweep_dir with a tiny run at every out/ path a command names (char level, with the prepared
+    dataset's tokenizer; a --chat command's with our BPE and its chat template) and the files
+    the commands read."""
+    from tokenizer import Tokenizer
+    chat = sweep_dir / "chat-tokenizer"
+    Tokenizer.train_bpe([(sweep_dir / "tiny.txt").read_text()], 300, chat=True).save(chat)
+    for _, _, argv in OUT_COMMANDS:
+        for path in run_paths(argv):
+            run = sweep_dir / Path(path).parts[0] / Path(path).parts[1]
+            if not run.exists():
+                make_run(run, chat if "--chat" in argv else sweep_dir / "data" / "shakespeare_char")
+    (sweep_dir / "notes.txt").write_text("Before we proceed any further, hear me speak.\n")
+    (sweep_dir / "my_task.jsonl").write_text(json.dumps({"context": "All:", "choices": [" Speak", " hear"], "label": 0}))
+    return sweep_dir
+
+
+def serves(argv: list[str], cwd: Path) -> None:
+    """app.py as the command starts it (on a free port) answers /v1/models."""
+    import httpx
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, str(ROOT / argv[1]), *argv[2:], "--port", str(port)], cwd=cwd,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.3)
+        raise AssertionError(f"{shlex.join(argv)} did not serve: {process.stdout.read() if process.poll() else ''}")
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize("page, line, argv", OUT_COMMANDS, ids=[_id(p, line) for p, line, _ in OUT_COMMANDS])
+def test_command_on_a_run(page, line, argv, runs):
+    if argv[0] == "lm_eval":  # what its hf model does with pretrained=
+        transformers = pytest.importorskip("transformers")
+        for path in run_paths(argv):
+            transformers.AutoModelForCausalLM.from_pretrained(runs / path)
+            transformers.AutoTokenizer.from_pretrained(runs / path)
+        return
+    if argv[1] not in READERS:
+        pytest.skip("writes its run (checked by test_command_runs)")
+    if "gguf" in argv:
+        pytest.importorskip("gguf")  # the optional GGUF writer
+    if argv[1] == "app.py":
+        serves(argv, runs)
+        return
+    extra = ["--max_new_tokens", "8"] if argv[1] == "generate.py" else []
+    result = subprocess.run([sys.executable, str(ROOT / argv[1]), *argv[2:], *extra], cwd=runs, capture_output=True,
+                            text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert result.returncode == 0, f"{shlex.join(argv)} exited {result.returncode}:\n{result.stderr[-2000:]}"

@@ -16,6 +16,7 @@ import checkpoint
 import train
 from config import ConfigError, ModelConfig, TrainConfig
 from model import Llama
+from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model.vocab_size", "64", "--model.dim", "32", "--model.n_layers", "2", "--model.n_heads", "4",
@@ -335,3 +336,25 @@ def test_more_processes_than_gpus_is_one_line(monkeypatch):
     with pytest.raises(ConfigError, match=r"process 1 \(LOCAL_RANK 1\) has no GPU of its own: this machine shows 1; "
                                           r"start at most 1 per machine \(torchrun --nproc_per_node 1\)"):
         train.setup_runtime(TrainConfig())
+
+
+def test_the_default_vocab_size_takes_the_datas_padded_and_a_wider_one_set_on_purpose_is_warned(data_dir, tmp_path):
+    default_vocab = [a for a in TINY if a not in ("--model.vocab_size", "64")]
+    ids = Tokenizer.load(data_dir / "tiny").vocab_size
+    common = ["--data.data_dir", str(data_dir), "--data.dataset", "tiny", "--train.eval_interval", "1"]
+    fresh = run_cli(*default_vocab, *common, "--train.out_dir", str(tmp_path / "fresh"), "--train.max_steps", "2")
+    assert fresh.returncode == 0, fresh.stderr
+    assert (f"model.vocab_size=64: the data's {ids} ids rounded up to a multiple of 64 (the default 32000 would "
+            f"leave {32000 - ids} rows untrained)") in fresh.stdout
+    assert checkpoint.read_hf_config(checkpoint.resolve(tmp_path / "fresh")).vocab_size == 64
+    resumed = run_cli(*default_vocab, *common, "--train.out_dir", str(tmp_path / "fresh"), "--train.max_steps", "3",
+                      "--resume")
+    assert resumed.returncode == 0, resumed.stderr  # the run keeps the size it began with
+    assert checkpoint.read_hf_config(checkpoint.resolve(tmp_path / "fresh")).vocab_size == 64
+
+    wide = run_cli(*default_vocab, *common, "--model.vocab_size", "4096", "--train.out_dir", str(tmp_path / "wide"),
+                   "--train.max_steps", "2")
+    assert wide.returncode == 0, wide.stderr
+    assert (f"warning: model.vocab_size=4096 but the data's tokenizer has {ids} ids: {4096 - ids} rows of the head "
+            f"will never be trained (set --model.vocab_size 64)\n") in wide.stderr
+    assert checkpoint.read_hf_config(checkpoint.resolve(tmp_path / "wide")).vocab_size == 4096
