@@ -10,6 +10,8 @@ with MPS availability faked; nobody has run it on Apple hardware here.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from config import ConfigError
@@ -47,13 +49,28 @@ def can_bf16(device: torch.device) -> bool:
     return True
 
 
+def bf16_matmul_is_native(device: torch.device) -> bool:
+    """Whether bf16 matrix products run on native kernels here rather than an emulation slower
+    than fp32: GPUs with bf16 tensor cores, and CPUs where oneDNN has bf16 kernels (AVX-512 or
+    newer; it honours DNNL_MAX_CPU_ISA, so an AVX2 emulation reads as not native). A capability,
+    not a timing, so a resumed run makes the same choice as the run it resumes."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return False  # MPS: unknown speed, so fp32, the precision every backend multiplies correctly
+
+
 def checked_dtype(device: torch.device, dtype: str, key: str) -> torch.dtype:
     """The torch dtype `dtype` names (float32, bfloat16, float16), refused in one line where the
-    device cannot compute in it."""
+    device cannot compute in it, and warned about in one line where it computes slowly."""
     if dtype == "bfloat16" and not can_bf16(device):
         where = "macOS before 14" if device.type == "mps" else f"this GPU ({torch.cuda.get_device_name(device)})"
         raise ConfigError(f"{key}=bfloat16 but {where} cannot compute in bf16: use --{key} float32"
                           + (" (or float16)" if device.type == "cuda" else ""))
+    if dtype == "bfloat16" and device.type == "cpu" and not bf16_matmul_is_native(device):
+        print(f"warning: {key}=bfloat16 on a CPU without native bf16 matmuls (AVX2 or older): they are emulated, "
+              f"tens of times slower than float32", file=sys.stderr)
     return getattr(torch, dtype)
 
 

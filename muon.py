@@ -12,18 +12,6 @@ from collections.abc import Iterable
 import torch
 
 
-def bf16_matmul_is_native(device: torch.device) -> bool:
-    """Whether bf16 matrix products run on native kernels here rather than an emulation slower
-    than fp32: GPUs with bf16 tensor cores, and CPUs where oneDNN has bf16 kernels (AVX-512 or
-    newer; it honours DNNL_MAX_CPU_ISA, so an AVX2 emulation reads as not native). A capability,
-    not a timing, so a resumed run makes the same choice as the run it resumes."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":
-        return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return False  # MPS and others: fp32, the precision every backend multiplies correctly
-
-
 def newton_schulz(update: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
                   dtype: torch.dtype) -> torch.Tensor:
     """The quintic iteration that pushes every singular value of `update` towards one, in `dtype`

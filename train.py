@@ -43,7 +43,7 @@ from config import (Config, ConfigError, TrainConfig, build_config, disk_write, 
                     to_toml)
 from eval import TrainingEval, training_eval
 from model import Llama
-from muon import Muon, bf16_matmul_is_native
+from muon import Muon
 from tokenizer import Tokenizer
 
 EXIT_INTERRUPTED = 3
@@ -205,7 +205,7 @@ def configure_optimizers(model: Llama, cfg: TrainConfig, device: torch.device) -
     optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
         [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=not fused)]
     if to_muon:
-        ns_dtype = torch.bfloat16 if bf16_matmul_is_native(device) else torch.float32
+        ns_dtype = torch.bfloat16 if devices.bf16_matmul_is_native(device) else torch.float32
         optimizers.append(Muon([p for n, p in named if n in to_muon], ns_dtype=ns_dtype, lr=cfg.muon_lr,
                                momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay))
     return optimizers
@@ -769,7 +769,7 @@ def start_logging(run: Run) -> tuple[int, float]:
                 f"decay {tc.muon_weight_decay:g} on "
                 f"{sum(p.numel() for p in run.optimizers[1].param_groups[0]['params']):,} block-matrix weights | "
                 f"{adamw} on the rest | newton-schulz in {str(run.optimizers[1].ns_dtype).removeprefix('torch.')}"
-                f"{'' if bf16_matmul_is_native(runtime.device) else ' (bf16 matmuls are not native here)'}")
+                f"{'' if devices.bf16_matmul_is_native(runtime.device) else ' (bf16 matmuls are not native here)'}")
     lora = (f" (LoRA rank {tc.lora_rank} on {tc.lora_targets}: {trainable_params(model):,} trainable)"
             if run.adapters is not None else "")
     runtime.log(f"params {model.num_params():,}{lora} | micro batch {tc.micro_batch_size} x {tc.block_size} tokens | "

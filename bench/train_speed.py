@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import checkpoint  # noqa: E402
 from config import ModelConfig  # noqa: E402
 from model import Llama  # noqa: E402
-from muon import bf16_matmul_is_native  # noqa: E402
+from devices import bf16_matmul_is_native  # noqa: E402
 
 REFERENCE = ModelConfig(vocab_size=8192, dim=384, n_layers=6, n_heads=6, n_kv_heads=2, hidden_dim=1024,
                         max_seq_len=256)

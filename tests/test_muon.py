@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from muon import Muon, bf16_matmul_is_native
+from devices import bf16_matmul_is_native
+from muon import Muon
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = [(96, 32), (32, 96), (48, 48)]  # tall (transposed inside), wide, square
@@ -48,16 +49,20 @@ def test_state_loads_into_torchs_muon_and_back():
     assert torch.equal(theirs.state[params[0]]["momentum_buffer"], ours.state[params[0]]["momentum_buffer"])
 
 
-def test_avx2_only_cpu_orthogonalizes_in_fp32():
+def test_avx2_only_cpu_orthogonalizes_in_fp32_and_warns_of_bf16():
     """ATEN_CPU_CAPABILITY and DNNL_MAX_CPU_ISA make any x86 CPU behave as an AVX2-only one, where
-    a bf16 matmul is emulated; training must then pick fp32 (and say so)."""
-    code = ("import torch, train; from config import TrainConfig; from model import Llama, ModelConfig\n"
+    a bf16 matmul is emulated: training picks fp32 for Muon, and a bf16 request gets one warning line."""
+    code = ("import torch, train, devices; from config import TrainConfig; from model import Llama, ModelConfig\n"
             "model = Llama(ModelConfig(vocab_size=16, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=8))\n"
-            "print(train.configure_optimizers(model, TrainConfig(optimizer='muon'), torch.device('cpu'))[1].ns_dtype)")
+            "print(train.configure_optimizers(model, TrainConfig(optimizer='muon'), torch.device('cpu'))[1].ns_dtype)\n"
+            "devices.checked_dtype(torch.device('cpu'), 'bfloat16', 'train.dtype')")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2"}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "torch.float32"
+    assert result.stderr.splitlines() == ["warning: train.dtype=bfloat16 on a CPU without native bf16 matmuls "
+                                          "(AVX2 or older): they are emulated, tens of times slower than float32"]
+    assert f"\n{result.stderr}" in (ROOT / "docs" / "devices.md").read_text()  # quoted as printed
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
