@@ -442,9 +442,15 @@ def chat_in_a_terminal(folder: Path, keys: list[str]) -> tuple[list[str], int]:
             if key is not None:
                 time.sleep(0.5)  # as a person types: CPython's readline misses a ^C before it starts waiting
                 os.write(main, key.encode())
-            prompts = screen().count("\n> ")
+            prompts, presses = screen().count("\n> "), 1
             while screen().count("\n> ") == prompts and process.poll() is None:
-                if select.select([main], [], [], 120)[0] == []:
+                if select.select([main], [], [], 2 if key == "\x03" else 120)[0] == []:
+                    # A SIGINT that lands just before CPython's readline starts waiting is lost until
+                    # the next key: as a person would, press ^C again (a few times at most).
+                    if key == "\x03" and presses < 10:
+                        os.write(main, key.encode())
+                        presses += 1
+                        continue
                     raise AssertionError(f"no prompt after {key!r}; the terminal shows {screen()!r}")
                 with contextlib.suppress(OSError):  # EIO: the process has closed the terminal
                     shown += os.read(main, 65536)
