@@ -9,6 +9,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import termios
@@ -422,6 +423,15 @@ def test_the_chat_walk_through_runs_on_tiny_settings(tmp_path):
     assert out.strip()  # one reply, ended by the turn marker or the token limit
 
 
+def terminal_session() -> None:
+    """In the child before exec: the pty becomes its controlling terminal, and SIGINT is as a shell
+    leaves it (not blocked, default action), whatever the test process did to its own mask and
+    handlers: exec keeps both, and an inherited ignored or blocked SIGINT makes ^C do nothing."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def chat_in_a_terminal(folder: Path, keys: list[str]) -> tuple[list[str], int]:
     """generate.py --chat on a pseudo-terminal that is its controlling terminal (so ^C is SIGINT,
     as from a keyboard): each item of `keys` is typed once the next "> " prompt shows. Returns
@@ -430,7 +440,7 @@ def chat_in_a_terminal(folder: Path, keys: list[str]) -> tuple[list[str], int]:
     process = subprocess.Popen([sys.executable, "generate.py", "--checkpoint", str(folder), "--chat", "--system",
                                 "Be brief.", "--temperature", "0", "--max_new_tokens", "8"], cwd=ROOT,
                                stdin=terminal, stdout=terminal, stderr=terminal, env={**os.environ, "TERM": "xterm"},
-                               start_new_session=True, preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+                               start_new_session=True, preexec_fn=terminal_session)
     os.close(terminal)
     shown = b""
 
