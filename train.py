@@ -89,6 +89,10 @@ def muon_lr_at(step: int, cfg: TrainConfig) -> float:
     return lr_at(step, muon_schedule(cfg))
 
 
+# Each optimizer's schedule, by its name in configure_optimizers.
+LR_SCHEDULES = {"AdamW": lr_at, "Muon": muon_lr_at}
+
+
 # ---------------------------------------------------------------------------------------------
 # Device, precision and processes
 
@@ -192,22 +196,23 @@ def peak_flops(cfg: TrainConfig, runtime: Runtime) -> float:
     return max(rates)
 
 
-def configure_optimizers(model: Llama, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
-    """AdamW with weight decay on the 2-D weights only (not on norm gains); with Muon, the 2-D
-    weights inside the blocks go to Muon instead (it orthogonalizes matrix updates, which suits
-    hidden projections; the embedding, LM head and gains stay with AdamW)."""
+def configure_optimizers(model: Llama, cfg: TrainConfig, device: torch.device) -> dict[str, torch.optim.Optimizer]:
+    """The optimizers by name (the names checkpoints record, and LR_SCHEDULES keys): AdamW with
+    weight decay on the 2-D weights only (not on norm gains); with Muon, the 2-D weights inside the
+    blocks go to Muon instead (it orthogonalizes matrix updates, which suits hidden projections;
+    the embedding, LM head and gains stay with AdamW)."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     to_muon = {n for n, p in named if cfg.optimizer == "muon" and n.startswith("layers.") and p.dim() == 2}
     rest = [p for n, p in named if n not in to_muon]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     fused = device.type == "cuda"
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=not fused)]
+    optimizers: dict[str, torch.optim.Optimizer] = {"AdamW": torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=not fused)}
     if to_muon:
         ns_dtype = torch.bfloat16 if devices.bf16_matmul_is_native(device) else torch.float32
-        optimizers.append(Muon([p for n, p in named if n in to_muon], ns_dtype=ns_dtype, lr=cfg.muon_lr,
-                               momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay))
+        optimizers["Muon"] = Muon([p for n, p in named if n in to_muon], ns_dtype=ns_dtype, lr=cfg.muon_lr,
+                                  momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay)
     return optimizers
 
 
@@ -332,7 +337,7 @@ class Run:
     dataset_dir: Path
     model: Llama  # the weights: what is saved, clipped and evaluated
     step_model: torch.nn.Module  # what trains: the model, compiled (see compile_for_training) and/or wrapped in DDP
-    optimizers: list[torch.optim.Optimizer]  # AdamW, then Muon when configured
+    optimizers: dict[str, torch.optim.Optimizer]  # by name: AdamW, and Muon when configured
     scaler: torch.amp.GradScaler
     train_batches: data.BatchSampler | data.ConversationSampler
     val_batches: data.BatchSampler | data.ConversationSampler
@@ -623,19 +628,20 @@ def restore_optimizers(run: Run, ckpt: Path, state: dict[str, Any]) -> None:
     training state."""
     whole = state.get("optimizer")  # checkpoints from before: one state dict, or a list of them
     whole = [whole] if isinstance(whole, dict) else whole
+    # Checkpoints from before the names were recorded held AdamW, then Muon when there was one.
     saved = state.get("optimizers") or ["AdamW", "Muon"][:len(whole)]
-    ours = [type(o).__name__ for o in run.optimizers]
+    ours = list(run.optimizers)
     if saved != ours:
         raise ConfigError(f"cannot resume {ckpt}: it was trained with {' + '.join(saved)} and train.optimizer="
                           f"{run.cfg.train.optimizer} needs {' + '.join(ours)}; keep the optimizer of the run")
     if (ckpt / checkpoint.OPTIMIZER_DIR).is_dir():
-        checkpoint.load_optimizer(run.model, run.optimizers, ckpt, run.runtime.distributed)
+        checkpoint.load_optimizer(run.model, list(run.optimizers.values()), ckpt, run.runtime.distributed)
     elif run.runtime.sharded:
         raise ConfigError(f"cannot resume {ckpt} under train.parallel=fsdp: it holds its optimizer state whole, as "
                           f"checkpoints did before sharding; resume it once with parallel=ddp, whose next "
                           f"checkpoint fsdp can resume")
     else:
-        for optimizer, optimizer_state in zip(run.optimizers, whole):
+        for optimizer, optimizer_state in zip(run.optimizers.values(), whole):
             optimizer.load_state_dict(optimizer_state)
 
 
@@ -767,8 +773,8 @@ def start_logging(run: Run) -> tuple[int, float]:
     runtime.log(f"optimizer {adamw}" if tc.optimizer == "adamw" else
                 f"optimizer muon lr {tc.muon_lr:g} ({muon_schedule(tc).lr_schedule}) momentum {tc.muon_momentum:g} "
                 f"decay {tc.muon_weight_decay:g} on "
-                f"{sum(p.numel() for p in run.optimizers[1].param_groups[0]['params']):,} block-matrix weights | "
-                f"{adamw} on the rest | newton-schulz in {str(run.optimizers[1].ns_dtype).removeprefix('torch.')}"
+                f"{sum(p.numel() for p in run.optimizers['Muon'].param_groups[0]['params']):,} block-matrix weights | "
+                f"{adamw} on the rest | newton-schulz in {str(run.optimizers['Muon'].ns_dtype).removeprefix('torch.')}"
                 f"{'' if devices.bf16_matmul_is_native(runtime.device) else ' (bf16 matmuls are not native here)'}")
     lora = (f" (LoRA rank {tc.lora_rank} on {tc.lora_targets}: {trainable_params(model):,} trainable)"
             if run.adapters is not None else "")
@@ -812,10 +818,9 @@ def train_step(run: Run) -> StepResult:
     """One optimizer step: LR, gradients, clipping, and the update unless something is not finite."""
     tc, start = run.cfg.train, time.perf_counter()
     lr = lr_at(run.step, tc)
-    for optimizer in run.optimizers:
-        optimizer_lr = muon_lr_at(run.step, tc) if isinstance(optimizer, torch.optim.Muon) else lr
+    for name, optimizer in run.optimizers.items():
         for group in optimizer.param_groups:
-            group["lr"] = optimizer_lr
+            group["lr"] = LR_SCHEDULES[name](run.step, tc)
     try:
         loss = accumulate_gradients(run)
     except Exception as e:  # compile="auto": a model dynamo cannot handle still trains, eagerly
@@ -826,7 +831,7 @@ def train_step(run: Run) -> StepResult:
         run.compiled = False
         run.step_model = wrap_for_training(uncompiled(run.model), run.runtime)
         loss = accumulate_gradients(run)
-    for optimizer in run.optimizers:
+    for optimizer in run.optimizers.values():
         run.scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else
                                                float("inf"))
@@ -837,7 +842,7 @@ def train_step(run: Run) -> StepResult:
     # off); anywhere else a non-finite value means the step would poison the weights.
     finite = math.isfinite(loss_value) and (run.scaler.is_enabled() or math.isfinite(grad_norm_value))
     if finite:
-        for optimizer in run.optimizers:
+        for optimizer in run.optimizers.values():
             run.scaler.step(optimizer)
         run.scaler.update()
         run.nonfinite_streak = 0
@@ -851,7 +856,7 @@ def train_step(run: Run) -> StepResult:
 
 
 def zero_grads(run: Run) -> None:
-    for optimizer in run.optimizers:
+    for optimizer in run.optimizers.values():
         optimizer.zero_grad(set_to_none=True)
 
 
@@ -897,7 +902,7 @@ def save_checkpoint(run: Run) -> Path:
     """Every process writes its shard of the optimizer state; the main one writes the rest: the
     weights whole (gathered first under FSDP), so every checkpoint is a plain model folder."""
     runtime = run.runtime
-    state = {"step": run.step, "optimizers": [type(o).__name__ for o in run.optimizers],
+    state = {"step": run.step, "optimizers": list(run.optimizers),
              "scaler": run.scaler.state_dict(), "rng": rng_state(), "best_val_loss": run.best_val,
              "wandb_run_id": run.wandb_id or ""}
     gathered = checkpoint.full_state_dict(run.model) if runtime.sharded else None  # all processes take part
@@ -911,7 +916,7 @@ def save_checkpoint(run: Run) -> Path:
 
     with checkpoint.writing(run.out_dir, run.step, runtime.is_main, runtime.barrier,
                             needed=checkpoint_bytes(run)) as folder:
-        checkpoint.save_optimizer(run.model, run.optimizers, folder, runtime.distributed)
+        checkpoint.save_optimizer(run.model, list(run.optimizers.values()), folder, runtime.distributed)
         if runtime.is_main:
             checkpoint.write_contents(folder, state, to_toml(run.cfg), run.carried, write_weights)
     if runtime.is_main:
@@ -929,7 +934,8 @@ def checkpoint_bytes(run: Run) -> int:
     optimizer state; the rest (config, tokenizer, RNG) is small beside them."""
     weights = ([p for p in run.model.parameters() if p.requires_grad] if run.adapters is not None
                else list(run.model.state_dict().values()))
-    moments = [t for o in run.optimizers for s in o.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    moments = [t for o in run.optimizers.values() for s in o.state.values() for t in s.values()
+               if isinstance(t, torch.Tensor)]
     return sum(t.numel() * t.element_size() for t in weights + moments)
 
 
