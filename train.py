@@ -22,7 +22,6 @@ import math
 import os
 import platform
 import random
-import shutil
 import signal
 import sys
 import time
@@ -330,13 +329,11 @@ def append_metric(path: Path, record: dict[str, Any]) -> None:
 
 @dataclasses.dataclass
 class Run:
-    """Everything a training run carries from one step to the next."""
+    """What the loop needs: what start_run sets up, then the state carried from one step to the next."""
     cfg: Config
     runtime: Runtime
-    out_dir: Path
-    dataset_dir: Path
+    folder: checkpoint.RunFolder  # out_dir, and the previous run --overwrite replaces
     model: Llama  # the weights: what is saved, clipped and evaluated
-    step_model: torch.nn.Module  # what trains: the model, compiled (see compile_for_training) and/or wrapped in DDP
     optimizers: dict[str, torch.optim.Optimizer]  # by name: AdamW, and Muon when configured
     scaler: torch.amp.GradScaler
     train_batches: data.BatchSampler | data.ConversationSampler
@@ -345,6 +342,8 @@ class Run:
     trained_context: int  # the longest window the weights have learned from (sampling stays inside)
     carried: dict[str, bytes]  # tokenizer files and generation_config.json every checkpoint carries
     adapters: Any = None  # LoRA: peft's wrapper around `model`, whose adapters are all that trains and is saved
+    tasks: TrainingEval | None = None  # [eval] data and tasks, scored at each evaluation (shared out under torchrun)
+    # The loop's state: restore() takes it from a checkpoint, the steps move it on.
     step: int = 0  # optimizer steps taken
     best_val: float = math.inf
     nonfinite_streak: int = 0
@@ -352,9 +351,14 @@ class Run:
     wandb_run: Any = None
     resumed_from: Path | None = None
     eval_unrecorded: bool = False  # resumed at an evaluation step whose evaluation was never recorded
-    tasks: TrainingEval | None = None  # [eval] data and tasks, scored at each evaluation (shared out under torchrun)
-    replaced: Path | None = None  # --overwrite: the previous run, kept until this one's first checkpoint
     compiled: bool = False  # step_model runs torch.compile'd code
+    # What trains: the model, compiled (see compile_for_training) and/or wrapped in DDP; set once
+    # the weights are restored.
+    step_model: torch.nn.Module = dataclasses.field(init=False)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.folder.path
 
     @property
     def metrics_path(self) -> Path:
@@ -373,51 +377,6 @@ class StepResult:
     lr: float
     applied: bool  # False: the loss or gradient was not finite and the update was skipped
     seconds: float
-
-
-def check_out_dir(cfg: Config) -> bool:
-    """Refuse to mix two runs in one folder unless asked to resume or overwrite; returns whether
-    a previous run must make way for this one."""
-    out_dir = Path(cfg.train.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"train.out_dir={out_dir} is a file, not a folder: pick another train.out_dir")
-    holds_run = (out_dir / "metrics.jsonl").exists() or any(out_dir.glob("ckpt-*"))
-    if not holds_run or cfg.train.resume is not None:
-        return False
-    if not cfg.train.overwrite:
-        raise ConfigError(f"out_dir {out_dir} holds another run: pass --resume to continue it or "
-                          f"--overwrite to start afresh")
-    if replaced_path(out_dir).exists():
-        raise ConfigError(f"{replaced_path(out_dir)} holds a run an earlier --overwrite set aside and did not "
-                          f"get to delete: move it back to {out_dir} or delete it, then run again")
-    return True
-
-
-def replaced_path(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + ".replaced")
-
-
-def claim_out_dir(out_dir: Path, overwrite: bool) -> Path | None:
-    """Create out_dir; with `overwrite`, first move the previous run aside (returned), to be deleted
-    once this run has saved a checkpoint, or put back if it fails before that."""
-    replaced = None
-    if overwrite:
-        replaced = replaced_path(out_dir)
-        os.replace(out_dir, replaced)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return replaced
-
-
-@contextlib.contextmanager
-def previous_run_restored_on_failure(run: Run) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        if run.replaced is not None:
-            shutil.rmtree(run.out_dir)
-            os.replace(run.replaced, run.out_dir)
-            warn(f"the new run failed before its first checkpoint: the previous run is back in {run.out_dir}")
-        raise
 
 
 def check_resume_compatible(cfg: Config, ckpt: Path) -> None:
@@ -585,7 +544,8 @@ def start_run(cfg: Config) -> Run:
     """Device and processes, data, model, optimizer, and the state of a resumed run."""
     tc = cfg.train
     runtime = setup_runtime(tc)
-    out_dir, overwrite = Path(tc.out_dir), check_out_dir(cfg)
+    out_dir = Path(tc.out_dir)
+    overwrite = checkpoint.check_out_dir(out_dir, resume=tc.resume is not None, overwrite=tc.overwrite)
     dataset_dir = Path(cfg.data.data_dir) / cfg.data.dataset
     train_tokens, val_tokens = data.open_split(dataset_dir, "train"), data.open_split(dataset_dir, "val")
     resume_from = find_resume_checkpoint(cfg, out_dir)
@@ -603,7 +563,7 @@ def start_run(cfg: Config) -> Run:
         tasks = training_eval(cfg.eval, model, Tokenizer.load(dataset_dir), tc.block_size)
     accum = accumulation_steps(tc, runtime.world)
     # Everything is checked: only now may a previous run make way.
-    replaced = claim_out_dir(out_dir, overwrite) if runtime.is_main else None
+    folder = checkpoint.RunFolder.claim(out_dir, overwrite) if runtime.is_main else checkpoint.RunFolder(out_dir)
     runtime.barrier()
     if runtime.distributed:
         check_shared_out_dir(out_dir, runtime)
@@ -611,10 +571,11 @@ def start_run(cfg: Config) -> Run:
         shard_model(model, runtime)
     optimizers = configure_optimizers(model, tc, runtime.device)
     scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
-    run = Run(cfg, runtime, out_dir, dataset_dir, model, model, optimizers, scaler,
-              *batch_samplers(dataset_dir, train_tokens, val_tokens, tc, runtime), accum,
-              trained_context(cfg, model, resume_from, pretrained), carried_files(dataset_dir, resume_from, pretrained),
-              adapters=adapters, replaced=replaced, tasks=tasks)
+    train_batches, val_batches = batch_samplers(dataset_dir, train_tokens, val_tokens, tc, runtime)
+    run = Run(cfg=cfg, runtime=runtime, folder=folder, model=model, optimizers=optimizers, scaler=scaler,
+              train_batches=train_batches, val_batches=val_batches, accum=accum,
+              trained_context=trained_context(cfg, model, resume_from, pretrained),
+              carried=carried_files(dataset_dir, resume_from, pretrained), adapters=adapters, tasks=tasks)
     if resume_from is not None:
         restore(run, resume_from)
     run.compiled = compiles(tc, runtime.device)
@@ -923,9 +884,7 @@ def save_checkpoint(run: Run) -> Path:
         checkpoint.prune(run.out_dir, run.cfg.train.keep_last)
         if run.adapters is not None:
             checkpoint.link_adapters(run.out_dir)
-        if run.replaced is not None:  # the new run now stands on its own
-            shutil.rmtree(run.replaced)
-            run.replaced = None
+        run.folder.checkpoint_saved()
     return checkpoint.checkpoint_path(run.out_dir, run.step)
 
 
@@ -992,7 +951,7 @@ def log_eval(run: Run, losses: dict[str, float], ckpt: Path, bar: tqdm) -> None:
 def train(cfg: Config) -> int:
     """Run the configured training; returns the process exit code."""
     run = start_run(cfg)
-    with previous_run_restored_on_failure(run):
+    with run.folder.previous_run_restored_on_failure():
         return train_loop(run)
 
 
