@@ -462,6 +462,99 @@ def slider_range(sample_key: str, step: float, top: float | None = None) -> tupl
     return low, high
 
 
+def chat_messages(system: str, history: list[dict[str, Any]], message: str) -> list[dict[str, str]]:
+    """The conversation as the template reads it; the chatbot may hold a message's text as parts."""
+    def text(content: Any) -> str:
+        return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
+    opening = [{"role": "system", "content": system}] if system else []
+    earlier = [{"role": m["role"], "content": text(m["content"])} for m in history]
+    return opening + earlier + [{"role": "user", "content": message}]
+
+
+class DemoActions:
+    """What the demo's buttons do: read the sampling controls, then stream a generation."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def sampling(self, temperature: float, top_k: float, top_p: float, repetition_penalty: float,
+                 max_new_tokens: float, seed: float) -> SampleConfig:
+        # A slider's value is min + k * step in binary floating point (1.0 can arrive as
+        # 1.0000000000000002, which would switch the repetition penalty on): round to the steps.
+        cfg = dataclasses.replace(self.engine.defaults, temperature=round(temperature, 4), top_k=int(top_k),
+                                  top_p=round(top_p, 4), repetition_penalty=round(repetition_penalty, 4),
+                                  max_new_tokens=int(max_new_tokens), num_samples=1, seed=int(seed))
+        cfg.validate()
+        return cfg
+
+    async def run(self, prompt: str, temperature: float, top_k: float, top_p: float, repetition_penalty: float,
+                  max_new_tokens: float, seed: float) -> AsyncIterator[tuple[str, str]]:
+        """Generate: the prompt and its continuation as it streams, and the speed."""
+        import gradio as gr
+        engine = self.engine
+        try:
+            ids = engine.encode(prompt if engine.tokenizer is not None else [int(t) for t in prompt.split()])
+            cfg = self.sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed)
+        except (UserError, ValueError) as e:
+            raise gr.Error(str(e)) from None
+        async for update in engine.stream([ids], cfg, [], live=True):
+            row = update.rows[0]
+            speed = (f"{row.n_tokens} tokens in {update.elapsed_s:.2f} s · "
+                     f"{row.n_tokens / update.elapsed_s:,.1f} tokens/s")
+            yield prompt + row.text, speed + (f" · finished ({row.finish_reason})" if row.finish_reason else "")
+
+    async def chat_turn(self, message: str, history: list[dict[str, Any]], system: str, temperature: float,
+                        top_k: float, top_p: float, repetition_penalty: float, max_new_tokens: float,
+                        seed: float) -> AsyncIterator[tuple[list[dict[str, str]], str]]:
+        """Send: the conversation with the reply as it streams (and the message box emptied)."""
+        import gradio as gr
+        try:
+            messages = chat_messages(system, history, message)
+            ids = self.engine.encode_chat(messages)
+            cfg = self.sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed)
+        except (UserError, ValueError) as e:
+            raise gr.Error(str(e)) from None
+        shown = [m for m in messages if m["role"] != "system"] + [{"role": "assistant", "content": ""}]
+        async for update in self.engine.stream([ids], cfg, [], live=True):
+            shown[-1]["content"] = update.rows[0].text
+            yield shown, ""
+
+
+def sampling_controls(engine: Engine, serve: ServeConfig) -> list[Any]:
+    """The demo's sampling controls, in DemoActions.sampling's order, each within SampleConfig's bounds."""
+    import gradio as gr
+    d = engine.defaults
+    with gr.Row():
+        temperature = gr.Slider(*slider_range("temperature", 0.05), value=d.temperature, step=0.05,
+                                label="Temperature (0 = greedy)", elem_id="temperature")
+        top_k = gr.Slider(*slider_range("top_k", 1, top=engine.model.cfg.vocab_size), value=d.top_k, step=1,
+                          label="Top-k (0 = off)", elem_id="top_k")
+        top_p = gr.Slider(*slider_range("top_p", 0.01), value=d.top_p, step=0.01, label="Top-p", elem_id="top_p")
+    with gr.Row():
+        repetition_penalty = gr.Slider(*slider_range("repetition_penalty", 0.05), value=d.repetition_penalty,
+                                       step=0.05, label="Repetition penalty", elem_id="repetition_penalty")
+        max_new_tokens = gr.Slider(*slider_range("max_new_tokens", 1, top=serve.max_tokens),
+                                   value=min(d.max_new_tokens, serve.max_tokens), step=1, label="Max new tokens",
+                                   elem_id="max_new_tokens")
+        low, high = slider_range("seed", 1)
+        seed = gr.Number(value=d.seed, precision=0, minimum=low, maximum=high, label="Seed", elem_id="seed")
+    return [temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed]
+
+
+def chat_tab(actions: DemoActions, knobs: list[Any]) -> None:
+    """The Chat tab, for a tokenizer with a chat template: a system prompt, the conversation, a message."""
+    import gradio as gr
+    with gr.Tab("Chat"):
+        chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=360, render_markdown=False)
+        system = gr.Textbox(label="System prompt", elem_id="system")
+        message = gr.Textbox(label="Message", elem_id="message")
+        with gr.Row():
+            send = gr.Button("Send", variant="primary", elem_id="send")
+            clear = gr.Button("New conversation", elem_id="clear")
+        send.click(actions.chat_turn, [message, chatbot, system, *knobs], [chatbot, message])
+        clear.click(lambda: ([], ""), None, [chatbot, message])
+
+
 def build_demo(engine: Engine, serve: ServeConfig) -> Any:
     """A Gradio page: sampling controls, then a tab to continue a prompt (streamed output and speed)
     and, when the tokenizer has a chat template, a chat tab; None without Gradio."""
@@ -469,72 +562,12 @@ def build_demo(engine: Engine, serve: ServeConfig) -> Any:
         import gradio as gr
     except ImportError:
         return None
-    n_params = engine.model.num_params()
     kind = engine.tokenizer.kind if engine.tokenizer is not None else "token ids"
-    d = engine.defaults
-
-    async def run(prompt: str, temperature: float, top_k: float, top_p: float, repetition_penalty: float,
-                  max_new_tokens: float, seed: float) -> AsyncIterator[tuple[str, str]]:
-        try:
-            ids = engine.encode(prompt if engine.tokenizer is not None else [int(t) for t in prompt.split()])
-            cfg = sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed)
-        except (UserError, ValueError) as e:
-            raise gr.Error(str(e)) from None
-        async for update in engine.stream([ids], cfg, [], live=True):
-            row = update.rows[0]
-            speed = f"{row.n_tokens} tokens in {update.elapsed_s:.2f} s · {row.n_tokens / update.elapsed_s:,.1f} tokens/s"
-            yield prompt + row.text, speed + (f" · finished ({row.finish_reason})" if row.finish_reason else "")
-
-    def chat_messages(system: str, history: list[dict[str, Any]], message: str) -> list[dict[str, str]]:
-        """The conversation as the template reads it; the chatbot may hold a message's text as parts."""
-        def text(content: Any) -> str:
-            return content if isinstance(content, str) else "".join(part.get("text", "") for part in content)
-        opening = [{"role": "system", "content": system}] if system else []
-        earlier = [{"role": m["role"], "content": text(m["content"])} for m in history]
-        return opening + earlier + [{"role": "user", "content": message}]
-
-    async def chat_turn(message: str, history: list[dict[str, Any]], system: str, temperature: float, top_k: float,
-                        top_p: float, repetition_penalty: float, max_new_tokens: float,
-                        seed: float) -> AsyncIterator[tuple[list[dict[str, str]], str]]:
-        try:
-            messages = chat_messages(system, history, message)
-            ids = engine.encode_chat(messages)
-            cfg = sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed)
-        except (UserError, ValueError) as e:
-            raise gr.Error(str(e)) from None
-        shown = [m for m in messages if m["role"] != "system"] + [{"role": "assistant", "content": ""}]
-        async for update in engine.stream([ids], cfg, [], live=True):
-            shown[-1]["content"] = update.rows[0].text
-            yield shown, ""
-
-    def sampling(temperature: float, top_k: float, top_p: float, repetition_penalty: float, max_new_tokens: float,
-                 seed: float) -> SampleConfig:
-        # A slider's value is min + k * step in binary floating point (1.0 can arrive as
-        # 1.0000000000000002, which would switch the repetition penalty on): round to the steps.
-        cfg = dataclasses.replace(d, temperature=round(temperature, 4), top_k=int(top_k), top_p=round(top_p, 4),
-                                  repetition_penalty=round(repetition_penalty, 4),
-                                  max_new_tokens=int(max_new_tokens), num_samples=1, seed=int(seed))
-        cfg.validate()
-        return cfg
-
+    actions = DemoActions(engine)
     with gr.Blocks(title=f"nanollama · {engine.name}") as demo:
-        gr.Markdown(f"## nanollama · {engine.name}\n{n_params:,} parameters · {kind} tokenizer · "
+        gr.Markdown(f"## nanollama · {engine.name}\n{engine.model.num_params():,} parameters · {kind} tokenizer · "
                     f"context {engine.context} tokens", elem_id="model-info")
-        with gr.Row():
-            temperature = gr.Slider(*slider_range("temperature", 0.05), value=d.temperature, step=0.05,
-                                    label="Temperature (0 = greedy)", elem_id="temperature")
-            top_k = gr.Slider(*slider_range("top_k", 1, top=engine.model.cfg.vocab_size), value=d.top_k, step=1,
-                              label="Top-k (0 = off)", elem_id="top_k")
-            top_p = gr.Slider(*slider_range("top_p", 0.01), value=d.top_p, step=0.01, label="Top-p", elem_id="top_p")
-        with gr.Row():
-            repetition_penalty = gr.Slider(*slider_range("repetition_penalty", 0.05), value=d.repetition_penalty,
-                                           step=0.05, label="Repetition penalty", elem_id="repetition_penalty")
-            max_new_tokens = gr.Slider(*slider_range("max_new_tokens", 1, top=serve.max_tokens),
-                                       value=min(d.max_new_tokens, serve.max_tokens), step=1, label="Max new tokens",
-                                       elem_id="max_new_tokens")
-            low, high = slider_range("seed", 1)
-            seed = gr.Number(value=d.seed, precision=0, minimum=low, maximum=high, label="Seed", elem_id="seed")
-        knobs = [temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed]
+        knobs = sampling_controls(engine, serve)
         with gr.Tabs():
             with gr.Tab("Complete"):
                 prompt = gr.Textbox(label="Prompt" if engine.tokenizer is not None else "Prompt (token ids)",
@@ -542,17 +575,9 @@ def build_demo(engine: Engine, serve: ServeConfig) -> Any:
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 output = gr.Textbox(label="Output", lines=12, interactive=False, elem_id="output")
                 speed = gr.Markdown(elem_id="speed")
-                button.click(run, [prompt, *knobs], [output, speed])
+                button.click(actions.run, [prompt, *knobs], [output, speed])
             if engine.chat is not None:  # the tokenizer has a chat template
-                with gr.Tab("Chat"):
-                    chatbot = gr.Chatbot(label="Conversation", elem_id="chatbot", height=360, render_markdown=False)
-                    system = gr.Textbox(label="System prompt", elem_id="system")
-                    message = gr.Textbox(label="Message", elem_id="message")
-                    with gr.Row():
-                        send = gr.Button("Send", variant="primary", elem_id="send")
-                        clear = gr.Button("New conversation", elem_id="clear")
-                    send.click(chat_turn, [message, chatbot, system, *knobs], [chatbot, message])
-                    clear.click(lambda: ([], ""), None, [chatbot, message])
+                chat_tab(actions, knobs)
     return demo
 
 

@@ -25,11 +25,13 @@ Hugging Face, rotate halves (x_i, x_{i+head_dim/2}), so q and k rows are permute
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import struct
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -182,6 +184,67 @@ def writing(out_dir: str | Path, step: int, main: bool = True,
         kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
         raise write_error(e, out_dir, needed, f"saving {final.name}", f"{kept}: free disk space (or make the "
                           f"folder writable) and resume with --resume", CheckpointError) from None
+
+
+# A run's folder holds one run. --overwrite sets the previous run aside (out_dir.replaced) before
+# the new one writes anything, deletes it once the new run has saved a checkpoint, and puts it
+# back if the new run fails before that: a failed start never costs the previous run.
+
+
+def replaced_path(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + ".replaced")
+
+
+def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Refuse to mix two runs in one folder unless asked to resume or overwrite; returns whether
+    a previous run must make way for this one."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"train.out_dir={out_dir} is a file, not a folder: pick another train.out_dir")
+    holds_run = (out_dir / "metrics.jsonl").exists() or any(out_dir.glob("ckpt-*"))
+    if not holds_run or resume:
+        return False
+    if not overwrite:
+        raise ConfigError(f"out_dir {out_dir} holds another run: pass --resume to continue it or "
+                          f"--overwrite to start afresh")
+    if replaced_path(out_dir).exists():
+        raise ConfigError(f"{replaced_path(out_dir)} holds a run an earlier --overwrite set aside and did not "
+                          f"get to delete: move it back to {out_dir} or delete it, then run again")
+    return True
+
+
+@dataclasses.dataclass
+class RunFolder:
+    """A run's out_dir, and the previous run it replaces until its first checkpoint."""
+    path: Path
+    replaced: Path | None = None
+
+    @classmethod
+    def claim(cls, out_dir: Path, overwrite: bool) -> RunFolder:
+        """Create out_dir; with `overwrite` (check_out_dir's answer), first move the previous run aside."""
+        folder = cls(out_dir, replaced_path(out_dir) if overwrite else None)
+        if folder.replaced is not None:
+            os.replace(out_dir, folder.replaced)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return folder
+
+    def checkpoint_saved(self) -> None:
+        """The new run now stands on its own: the previous one goes."""
+        if self.replaced is not None:
+            shutil.rmtree(self.replaced)
+            self.replaced = None
+
+    @contextlib.contextmanager
+    def previous_run_restored_on_failure(self) -> Iterator[None]:
+        """Around the run: on any failure before the first checkpoint, the previous run goes back."""
+        try:
+            yield
+        except BaseException:
+            if self.replaced is not None:
+                shutil.rmtree(self.path)
+                os.replace(self.replaced, self.path)
+                print(f"warning: the new run failed before its first checkpoint: the previous run is back in "
+                      f"{self.path}", file=sys.stderr, flush=True)
+            raise
 
 
 # The optimizer state is saved with torch.distributed.checkpoint (DCP): each process writes its own

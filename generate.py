@@ -175,6 +175,15 @@ class HostTokens:
         return self.buffer.tolist()
 
 
+def new_rows(prompts: Sequence[Sequence[int]], num_samples: int, context: int) -> list[Completion]:
+    """`num_samples` rows for each prompt; a ValueError when the longest prompt is empty or longer
+    than `context`."""
+    rows = [Completion(list(p), sample) for p in prompts for sample in range(num_samples)]
+    if (longest := max(len(r.prompt_ids) for r in rows)) == 0 or longest > context:
+        raise ValueError(f"prompts must hold 1 to {context} tokens, got {longest}")
+    return rows
+
+
 def row_seed(seed: int, prompt_ids: Sequence[int], sample: int) -> int:
     """The seed of one (prompt, sample) pair's random stream: a hash of the seed, the prompt's tokens
     and the sample index. Different prompts never share draws, and a row draws the same numbers
@@ -216,6 +225,28 @@ def decode_one(model: Llama, decode_step: DecodeStep | None, tokens: torch.Tenso
     return logits
 
 
+def prompt_tokens_seen(rows: list[Completion], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """(rows, vocab_size), True at the tokens of each row's prompt: where the repetition penalty starts."""
+    seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
+    for i, r in enumerate(rows):
+        seen[i, r.prompt_ids] = True
+    return seen
+
+
+def append_step(rows: list[Completion], windows: list[list[int]], tokens: list[int], eos: set[int],
+                last: bool) -> None:
+    """One step's tokens: every window reads its row's (finished rows too, as the batch does); a
+    row still decoding keeps it, or finishes at EOS or on the `last` step."""
+    for row, window, token in zip(rows, windows, tokens):
+        window.append(token)
+        if row.finish_reason is None:
+            if token in eos:
+                row.finish_reason = "eos"
+            else:
+                row.token_ids.append(token)
+                row.finish_reason = "length" if last else None
+
+
 def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, eos_ids: Sequence[int] = (), *,
              use_cache: bool = True, decode_step: DecodeStep | None = None,
              context: int | None = None) -> Iterator[list[Completion]]:
@@ -231,19 +262,15 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
     """
     device = model.embed_tokens.weight.device
     context = min(context or model.cfg.max_seq_len, model.cfg.max_seq_len)
-    rows = [Completion(list(p), sample) for p in prompts for sample in range(cfg.num_samples)]
+    rows = new_rows(prompts, cfg.num_samples, context)
     longest = max(len(r.prompt_ids) for r in rows)
-    if longest == 0 or longest > context:
-        raise ValueError(f"prompts must hold 1 to {context} tokens, got {longest}")
     windows = [list(r.prompt_ids) for r in rows]  # what the model reads for each row now
     generators = [torch.Generator(device).manual_seed(row_seed(cfg.seed, r.prompt_ids, r.sample)) for r in rows]
     eos, n_new = set(eos_ids), cfg.max_new_tokens
     # Inference mode is entered per step, never across a yield: the caller's code between steps
     # must not run in it.
     with torch.inference_mode():
-        seen = torch.zeros(len(rows), model.cfg.vocab_size, dtype=torch.bool, device=device)
-        for i, r in enumerate(rows):
-            seen[i, r.prompt_ids] = True
+        seen = prompt_tokens_seen(rows, model.cfg.vocab_size, device)
         if use_cache:
             model.setup_cache(len(rows), max_seq_len=cache_slots(longest + n_new - 1, context))
         logits, pad = prefill(model, windows)
@@ -264,15 +291,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, 
                 if ahead:
                     logits = decode_one(model, decode_step, next_tokens, length, position, pad)
                     length += 1
-            emitted = host.wait()
-            for row, window, token in zip(rows, windows, emitted):
-                window.append(token)
-                if row.finish_reason is None:
-                    if token in eos:
-                        row.finish_reason = "eos"
-                    else:
-                        row.token_ids.append(token)
-                        row.finish_reason = "length" if step == n_new - 1 else None
+            append_step(rows, windows, host.wait(), eos, last=step == n_new - 1)
             yield rows
             if all(r.finish_reason for r in rows) or step == n_new - 1:
                 break
@@ -328,9 +347,7 @@ def speculative_generate(target: Llama, draft: Llama, prompts: Sequence[Sequence
     (target, draft) from compile_decode_step; the window slides as in generate().
     """
     context = min(context or target.cfg.max_seq_len, target.cfg.max_seq_len, draft.cfg.max_seq_len)
-    rows = [Completion(list(p), sample) for p in prompts for sample in range(cfg.num_samples)]
-    if (longest := max(len(r.prompt_ids) for r in rows)) == 0 or longest > context:
-        raise ValueError(f"prompts must hold 1 to {context} tokens, got {longest}")
+    rows = new_rows(prompts, cfg.num_samples, context)
     stats = stats if stats is not None else Speculation()
     for row in rows:
         for _ in speculate_row(target, draft, row, cfg, set(eos_ids), k, steps or (None, None), context, stats):
@@ -378,34 +395,46 @@ def speculate_row(target: Llama, draft: Llama, row: Completion, cfg: SampleConfi
                         logits = read(draft, steps[1], [token], draft_len)[-1]
                         draft_len += 1
                 verified = read(target, steps[0], window[target_len:] + proposals, target_len)[-(n_draft + 1):]
-                kept, kept_seen = [], seen.clone()
-                for i, (token, q) in enumerate(zip(proposals, draft_probs)):
-                    p = next_token_probs(verified[i], kept_seen, cfg)
-                    if not torch.rand((), device=device, generator=generator) * q[token] < p[token]:
-                        residual = (p - q).clamp(min=0)
-                        extra = int(draw((residual / residual.sum())[None], [generator])[0])
-                        break
-                    kept.append(token)
-                    kept_seen[token] = True
-                else:
-                    extra = int(draw(next_token_probs(verified[n_draft], kept_seen, cfg)[None], [generator])[0])
+                kept, extra = judge_proposals(verified, proposals, draft_probs, seen, cfg, generator)
                 stats.rounds, stats.proposed, stats.accepted = (stats.rounds + 1, stats.proposed + n_draft,
                                                                 stats.accepted + len(kept))
                 target_len, draft_len = len(window) + len(kept), min(draft_len, len(window) + len(kept))
                 window += kept + [extra]
                 seen[kept + [extra]] = True
-            for token in kept + [extra]:
-                if token in eos:
-                    row.finish_reason = "eos"
-                    break
-                row.token_ids.append(token)
-                if len(row.token_ids) == cfg.max_new_tokens:
-                    row.finish_reason = "length"
-                    break
+            append_round(row, kept + [extra], eos, cfg.max_new_tokens)
             yield
     finally:
         target.clear_cache(keep=steps[0] is not None)
         draft.clear_cache(keep=steps[1] is not None)
+
+
+def judge_proposals(verified: torch.Tensor, proposals: list[int], draft_probs: list[torch.Tensor],
+                    seen: torch.Tensor, cfg: SampleConfig, generator: torch.Generator) -> tuple[list[int], int]:
+    """Speculative sampling's test of one round: the proposals the target keeps (each with probability
+    min(1, p / q)), then the token it adds: a draw from max(p - q, 0) at the first rejection, from
+    its own distribution after the last proposal when all are kept. `verified`: the target's logits
+    for every proposal and one past them."""
+    kept, kept_seen = [], seen.clone()
+    for i, (token, q) in enumerate(zip(proposals, draft_probs)):
+        p = next_token_probs(verified[i], kept_seen, cfg)
+        if not torch.rand((), device=verified.device, generator=generator) * q[token] < p[token]:
+            residual = (p - q).clamp(min=0)
+            return kept, int(draw((residual / residual.sum())[None], [generator])[0])
+        kept.append(token)
+        kept_seen[token] = True
+    return kept, int(draw(next_token_probs(verified[len(proposals)], kept_seen, cfg)[None], [generator])[0])
+
+
+def append_round(row: Completion, tokens: list[int], eos: set[int], max_new_tokens: int) -> None:
+    """A speculative round's tokens onto the row, up to EOS or max_new_tokens."""
+    for token in tokens:
+        if token in eos:
+            row.finish_reason = "eos"
+            return
+        row.token_ids.append(token)
+        if len(row.token_ids) == max_new_tokens:
+            row.finish_reason = "length"
+            return
 
 
 def generate_text(steps: Iterator[list[Completion]], render: Callable[[list[int]], str], stops: Sequence[str] = (),

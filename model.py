@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.checkpoint import checkpoint
+import torch.utils.checkpoint
 
 from config import ConfigError, ModelConfig, parse_cli, script
 
@@ -395,7 +395,7 @@ class Llama(nn.Module):
         with attention_order(tokens.device, fixed_shapes):
             for layer in self.layers:
                 if recompute:  # the backward pass runs the block again instead of keeping its activations
-                    x = checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)
+                    x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)
                 else:
                     x = layer(x, cos, sin, start_pos, mask)
         x = self.norm(x)

@@ -9,6 +9,10 @@ micro-step), the LR a function of the step, and every RNG state travels in the c
 CPU in fp32 the per-step losses are bit-identical. Exit codes: 0 done, 2 bad input,
 3 interrupted by SIGTERM/SIGINT (checkpoint saved; --resume continues), 4 stopped after repeated
 non-finite steps (last good state saved).
+
+The file reads top down: the run and its loop, one function per step; the LR schedules; setting
+up a run (its out_dir is claimed by checkpoint.RunFolder); then the plumbing: device and
+processes, RNG state, the records.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import math
 import os
 import platform
 import random
-import shutil
 import signal
 import sys
 import time
@@ -59,6 +62,305 @@ def warn(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The run: its state, the loop, then one function per step of the recipe
+
+
+@dataclasses.dataclass
+class Run:
+    """What the loop needs: what start_run sets up, then the state carried from one step to the next."""
+    cfg: Config
+    runtime: Runtime
+    folder: checkpoint.RunFolder  # out_dir, and the previous run --overwrite replaces
+    model: Llama  # the weights: what is saved, clipped and evaluated
+    optimizers: dict[str, torch.optim.Optimizer]  # by name: AdamW, and Muon when configured
+    scaler: torch.amp.GradScaler
+    train_batches: data.BatchSampler | data.ConversationSampler
+    val_batches: data.BatchSampler | data.ConversationSampler
+    accum: int  # micro-batches per optimizer step on each process
+    trained_context: int  # the longest window the weights have learned from (sampling stays inside)
+    carried: dict[str, bytes]  # tokenizer files and generation_config.json every checkpoint carries
+    adapters: Any = None  # LoRA: peft's wrapper around `model`, whose adapters are all that trains and is saved
+    tasks: TrainingEval | None = None  # [eval] data and tasks, scored at each evaluation (shared out under torchrun)
+    # The loop's state: restore() takes it from a checkpoint, the steps move it on.
+    step: int = 0  # optimizer steps taken
+    best_val: float = math.inf
+    nonfinite_streak: int = 0
+    wandb_id: str | None = None
+    wandb_run: Any = None
+    resumed_from: Path | None = None
+    eval_unrecorded: bool = False  # resumed at an evaluation step whose evaluation was never recorded
+    compiled: bool = False  # step_model runs torch.compile'd code
+    # What trains: the model, compiled (see compile_for_training) and/or wrapped in DDP; set once
+    # the weights are restored.
+    step_model: torch.nn.Module = dataclasses.field(init=False)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.folder.path
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.out_dir / "metrics.jsonl"
+
+    @property
+    def tokens_per_step(self) -> int:
+        tc = self.cfg.train
+        return self.accum * tc.micro_batch_size * tc.block_size * self.runtime.world
+
+
+@dataclasses.dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    applied: bool  # False: the loss or gradient was not finite and the update was skipped
+    seconds: float
+
+
+def train(cfg: Config) -> int:
+    """Run the configured training; returns the process exit code."""
+    run = start_run(cfg)
+    with run.folder.previous_run_restored_on_failure():
+        return train_loop(run)
+
+
+def train_loop(run: Run) -> int:
+    """The recipe: step, log, checkpoint, evaluate, until max_steps or a signal."""
+    tc = run.cfg.train
+    flops_per_token, peak = start_logging(run)
+    bar = tqdm(total=tc.max_steps, initial=run.step, disable=not run.runtime.is_main, dynamic_ncols=True, unit="step")
+    with StopRequest() as stop, bar:
+        exit_code = 0
+        run.step_model.train()
+        if run.resumed_from is not None and on_any_rank(run, run.eval_unrecorded):  # main knows; all evaluate
+            log_eval(run, evaluate(run), run.resumed_from, bar)
+        while run.step < tc.max_steps:
+            result = train_step(run)
+            log_step(run, result, flops_per_token, peak, bar)
+            if run.nonfinite_streak >= tc.max_nonfinite_skips:
+                ckpt = save_checkpoint(run)
+                if run.runtime.is_main:
+                    print(f"error: {run.nonfinite_streak} consecutive non-finite steps; no update was applied on "
+                          f"them and the weights in {ckpt} are the last good state. Likely causes: learning rate "
+                          f"too high (train.lr), fp16 overflow (use bf16 or float32), or bad data.", file=sys.stderr)
+                exit_code = EXIT_NONFINITE
+                break
+            eval_now = run.step % tc.eval_interval == 0 or run.step == tc.max_steps
+            stopping = on_any_rank(run, stop.signal is not None)
+            if stopping or eval_now or run.step % tc.ckpt_interval == 0:
+                ckpt = save_checkpoint(run)  # before an evaluation that may crash
+                if stopping:
+                    run.runtime.log(f"\nstopped by signal {stop.signal} at step {run.step}; checkpoint saved, "
+                                    f"continue with --resume")
+                    exit_code = EXIT_INTERRUPTED
+                    break
+            if eval_now:
+                log_eval(run, evaluate(run), ckpt, bar)
+    if run.wandb_run is not None:
+        run.wandb_run.finish()
+    if run.runtime.distributed:  # leave together: a rank that exits while another still talks can abort
+        dist.barrier()
+        dist.destroy_process_group()
+    return exit_code
+
+
+def train_step(run: Run) -> StepResult:
+    """One optimizer step: LR, gradients, clipping, and the update unless something is not finite."""
+    tc, start = run.cfg.train, time.perf_counter()
+    lr = lr_at(run.step, tc)
+    for name, optimizer in run.optimizers.items():
+        for group in optimizer.param_groups:
+            group["lr"] = LR_SCHEDULES[name](run.step, tc)
+    try:
+        loss = accumulate_gradients(run)
+    except Exception as e:  # compile="auto": a model dynamo cannot handle still trains, eagerly
+        if tc.compile != "auto" or not run.compiled:
+            raise
+        warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); continuing eagerly")
+        zero_grads(run)
+        run.compiled = False
+        run.step_model = wrap_for_training(uncompiled(run.model), run.runtime)
+        loss = accumulate_gradients(run)
+    for optimizer in run.optimizers.values():
+        run.scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else
+                                               float("inf"))
+    if isinstance(grad_norm, DTensor):  # FSDP: the norm over every process's shards
+        grad_norm = grad_norm.full_tensor()
+    loss_value, grad_norm_value = loss.item(), grad_norm.item()
+    # Under fp16 loss scaling an overflowing gradient is routine (the scaler skips and backs
+    # off); anywhere else a non-finite value means the step would poison the weights.
+    finite = math.isfinite(loss_value) and (run.scaler.is_enabled() or math.isfinite(grad_norm_value))
+    if finite:
+        for optimizer in run.optimizers.values():
+            run.scaler.step(optimizer)
+        run.scaler.update()
+        run.nonfinite_streak = 0
+    else:
+        run.nonfinite_streak += 1
+        warn(f"step {run.step}: non-finite loss {loss_value} or grad norm {grad_norm_value}; "
+             f"skipping the update ({run.nonfinite_streak}/{tc.max_nonfinite_skips})")
+    zero_grads(run)
+    run.step += 1
+    return StepResult(loss_value, grad_norm_value, lr, finite, time.perf_counter() - start)
+
+
+def accumulate_gradients(run: Run) -> torch.Tensor:
+    """Forward and backward over the step's micro-batches; returns the mean loss over processes."""
+    runtime, accum = run.runtime, run.accum
+    loss_sum = torch.zeros((), device=runtime.device)
+    for micro in range(accum):
+        # Each global micro-batch index (micro * world + rank) draws the same window whatever
+        # the world size, so 2 processes x accumulation A equal 1 process x accumulation 2A.
+        x, y = run.train_batches.get(run.step, micro * runtime.world + runtime.rank)
+        x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
+        sync = micro == accum - 1 or runtime.world == 1
+        if runtime.sharded:  # FSDP keeps the micro-batches' gradients unsharded until the last one
+            run.model.set_requires_gradient_sync(sync)
+        no_sync = contextlib.nullcontext() if sync or runtime.sharded else run.step_model.no_sync()
+        with no_sync, runtime.autocast():
+            _, loss = run.step_model(x, y)
+            loss = loss / accum
+        run.scaler.scale(loss).backward()
+        loss_sum += loss.detach().float()
+    if runtime.world > 1:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+    return loss_sum
+
+
+def zero_grads(run: Run) -> None:
+    for optimizer in run.optimizers.values():
+        optimizer.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def evaluate(run: Run) -> dict[str, float]:
+    """Mean loss over the same eval_iters batches of each split at every evaluation, and on the
+    main process the scores of [eval] data and task when set (eval.py's, with the live weights)."""
+    runtime, tc = run.runtime, run.cfg.train
+    run.step_model.eval()
+    losses = {}
+    for split, sampler in (("train", run.train_batches), ("val", run.val_batches)):
+        total = torch.zeros((), device=runtime.device)
+        for i in range(tc.eval_iters):
+            x, y = sampler.get_eval(i * runtime.world + runtime.rank)
+            with runtime.autocast():
+                total += run.model(x.to(runtime.device), y.to(runtime.device))[1].float()
+        if runtime.world > 1:
+            dist.all_reduce(total, op=dist.ReduceOp.AVG)
+        losses[split] = total.item() / tc.eval_iters
+    if run.tasks is not None:  # every process scores its share of the windows and examples
+        # ...except under FSDP, where every forward is a collective that all processes must
+        # make: each scores them all.
+        if runtime.sharded:
+            share = (0, 1, lambda values: values)
+        else:
+            share = (runtime.rank, runtime.world, functools.partial(sum_over_processes, runtime))
+        with runtime.autocast():
+            losses |= run.tasks.scores(*share)
+    run.step_model.train()
+    return losses
+
+
+def sum_over_processes(runtime: Runtime, values: list[float]) -> list[float]:
+    """Each value summed over all processes (in float64, so counts and sums stay exact)."""
+    if runtime.world == 1:
+        return values
+    total = torch.tensor(values, dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Every process writes its shard of the optimizer state; the main one writes the rest: the
+    weights whole (gathered first under FSDP), so every checkpoint is a plain model folder."""
+    runtime = run.runtime
+    state = {"step": run.step, "optimizers": list(run.optimizers),
+             "scaler": run.scaler.state_dict(), "rng": rng_state(), "best_val_loss": run.best_val,
+             "wandb_run_id": run.wandb_id or ""}
+    gathered = checkpoint.full_state_dict(run.model) if runtime.sharded else None  # all processes take part
+
+    def write_weights(folder: Path) -> None:
+        if run.adapters is not None:
+            base = checkpoint.resolve(Path(run.cfg.train.init_from))
+            checkpoint.save_lora(run.adapters, folder, base, run.trained_context)
+        else:
+            checkpoint.save_hf(run.model, folder, run.trained_context, gathered)
+
+    with checkpoint.writing(run.out_dir, run.step, runtime.is_main, runtime.barrier,
+                            needed=checkpoint_bytes(run)) as folder:
+        checkpoint.save_optimizer(run.model, list(run.optimizers.values()), folder, runtime.distributed)
+        if runtime.is_main:
+            checkpoint.write_contents(folder, state, to_toml(run.cfg), run.carried, write_weights)
+    if runtime.is_main:
+        checkpoint.prune(run.out_dir, run.cfg.train.keep_last)
+        if run.adapters is not None:
+            checkpoint.link_adapters(run.out_dir)
+        run.folder.checkpoint_saved()
+    return checkpoint.checkpoint_path(run.out_dir, run.step)
+
+
+def checkpoint_bytes(run: Run) -> int:
+    """About what one checkpoint takes on disk: the weights (a LoRA run's adapters alone) and the
+    optimizer state; the rest (config, tokenizer, RNG) is small beside them."""
+    weights = ([p for p in run.model.parameters() if p.requires_grad] if run.adapters is not None
+               else list(run.model.state_dict().values()))
+    moments = [t for o in run.optimizers.values() for s in o.state.values() for t in s.values()
+               if isinstance(t, torch.Tensor)]
+    return sum(t.numel() * t.element_size() for t in weights + moments)
+
+
+def on_any_rank(run: Run, flag: bool) -> bool:
+    """True on every process when `flag` is true on any: under torchrun all ranks must take the
+    same branch (stop at the same step, run the same evaluation)."""
+    return not on_all_processes(run.runtime, not flag)
+
+
+def on_all_processes(runtime: Runtime, flag: bool) -> bool:
+    """True on every process when `flag` is true on all of them."""
+    if runtime.world > 1:
+        value = torch.tensor(float(flag), device=runtime.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        flag = bool(value.item())
+    return flag
+
+
+def log_step(run: Run, result: StepResult, flops_per_token: int, peak: float, bar: tqdm) -> None:
+    if run.runtime.is_main:
+        tokens_per_s = run.tokens_per_step / result.seconds
+        mfu = flops_per_token * tokens_per_s / peak
+        record = {"kind": "train", "step": run.step, "loss": result.loss, "lr": result.lr,
+                  "grad_norm": result.grad_norm, "step_s": result.seconds, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                  "skipped": not result.applied}
+        if run.runtime.device.type == "cuda":  # what one process has held on its GPU at most so far
+            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(run.runtime.device) / 2**30
+        append_metric(run.metrics_path, record)
+        if run.wandb_run is not None:
+            run.wandb_run.log({k: v for k, v in record.items() if k not in ("kind", "step")}, step=run.step)
+        if run.step % run.cfg.train.log_interval == 0 or run.step == run.cfg.train.max_steps:
+            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                            mfu=f"{100 * mfu:.1f}%")
+    bar.update(1)
+
+
+def log_eval(run: Run, losses: dict[str, float], ckpt: Path, bar: tqdm) -> None:
+    """Record an evaluation, move the `best` pointer when val improved, redraw loss.png."""
+    if not run.runtime.is_main:
+        return
+    tasks = {k: v for k, v in losses.items() if k not in ("train", "val")}
+    append_metric(run.metrics_path, {"kind": "eval", "step": run.step, "train_loss": losses["train"],
+                                     "val_loss": losses["val"], **tasks})
+    if losses["val"] < run.best_val:
+        run.best_val = losses["val"]
+        checkpoint.write_pointer(run.out_dir, "best", ckpt.name)
+    if run.wandb_run is not None:
+        run.wandb_run.log({"val_loss": losses["val"], "train_loss_eval": losses["train"], **tasks}, step=run.step)
+    plot_curves(read_metrics(run.metrics_path), run.out_dir / "loss.png")
+    bar.write(f"step {run.step}: train {losses['train']:.4f} | val {losses['val']:.4f} | best val {run.best_val:.4f}"
+              + "".join(f" | {k} {v:.4f}" for k, v in tasks.items()))
+
+
+# ---------------------------------------------------------------------------------------------
 # Learning-rate schedules: pure functions of the (0-based) step about to be taken.
 
 
@@ -89,330 +391,55 @@ def muon_lr_at(step: int, cfg: TrainConfig) -> float:
     return lr_at(step, muon_schedule(cfg))
 
 
-# ---------------------------------------------------------------------------------------------
-# Device, precision and processes
-
-
-@dataclasses.dataclass
-class Runtime:
-    device: torch.device
-    amp_dtype: torch.dtype
-    rank: int = 0
-    world: int = 1
-    distributed: bool = False  # in a torchrun process group (a one-process group too, under fsdp)
-    sharded: bool = False  # the model is sharded with FSDP2 (train.parallel = "fsdp" under torchrun)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def log(self, message: str) -> None:
-        """Print on the main process only."""
-        if self.is_main:
-            print(message)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32)
-
-
-def setup_runtime(cfg: TrainConfig) -> Runtime:
-    """Pick device and precision (printed at start) and join the torchrun process group if any."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    # FSDP under `torchrun --nproc_per_node 1` still shards (over one process): the same code path,
-    # and its mixed-precision policy, as on many GPUs.
-    distributed = world > 1 or (cfg.parallel == "fsdp" and "RANK" in os.environ)
-    device = devices.resolve(cfg.device, "train.device")
-    if device.type == "mps" and "RANK" in os.environ:
-        raise ConfigError("train.device=mps runs one process: torchrun (DDP, FSDP) needs CUDA GPUs, or CPUs with "
-                          "--train.device cpu; on a Mac run python train.py without torchrun")
-    if device.type == "cuda":
-        local_rank, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
-        if (world > 1 or cfg.device in ("auto", "cuda")) and local_rank >= visible:
-            raise ConfigError(f"process {rank} (LOCAL_RANK {local_rank}) has no GPU of its own: this machine shows "
-                              f"{visible}; start at most {visible} per machine (torchrun --nproc_per_node "
-                              f"{visible}) or train on CPU with --train.device cpu")
-        if world > 1 or cfg.device in ("auto", "cuda"):
-            device = torch.device(f"cuda:{local_rank}")
-    amp_dtype = training_dtype(cfg, device)
-    if cfg.parallel == "fsdp" and amp_dtype == torch.float16:
-        raise ConfigError("train.parallel=fsdp needs bf16 or fp32, and this GPU does bf16 only by emulation: "
-                          "use parallel=ddp (fp16 with loss scaling) or --train.dtype float32")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if distributed:  # naming the GPU binds NCCL to it at once, instead of guessing from the rank
-        on_gpu = device.type == "cuda"
-        dist.init_process_group(backend="nccl" if on_gpu else "gloo", device_id=device if on_gpu else None)
-    return Runtime(device=device, amp_dtype=amp_dtype, rank=rank, world=world, distributed=distributed,
-                   sharded=distributed and cfg.parallel == "fsdp")
-
-
-def training_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
-    """The autocast dtype: the configured one where the device can train in it, else bf16 on GPUs
-    whose tensor cores do it natively, fp16 (with loss scaling) on other GPUs, fp32 on CPU and MPS."""
-    if cfg.dtype == "float16" and device.type == "mps":
-        raise ConfigError("train.dtype=float16 on mps: fp16 training needs loss scaling, untested on Apple GPUs "
-                          "here; use --train.dtype bfloat16 (macOS 14+) or float32")
-    if cfg.dtype != "auto":
-        return devices.checked_dtype(device, cfg.dtype, "train.dtype")
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return torch.float32  # CPU bf16 matmuls are emulated and ~30x slower; MPS: fp32 unless asked
-
-
-def peak_flops(cfg: TrainConfig, runtime: Runtime) -> float:
-    """The FLOP/s that MFU divides by: configured, a known GPU's peak, or a matmul measured now."""
-    if cfg.peak_tflops is not None:
-        return cfg.peak_tflops * 1e12
-    if runtime.device.type == "cuda":
-        name = torch.cuda.get_device_name(runtime.device)
-        for key, tflops in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
-    n, reps = 1024, 4
-    dtype = runtime.amp_dtype if runtime.device.type != "cpu" else torch.float32
-    # Constant operands: drawing random ones would move the RNG a resumed run has just restored
-    # (and with dropout, e.g. LoRA's, change what it trains on).
-    a = torch.full((n, n), 0.5, device=runtime.device, dtype=dtype)
-    b = torch.full((n, n), 0.5, device=runtime.device, dtype=dtype)
-    a @ b  # warm up
-    rates = []
-    for _ in range(3):  # the fastest round: other work on the machine only ever slows a round down
-        devices.synchronize(runtime.device)
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        devices.synchronize(runtime.device)
-        rates.append(2 * n ** 3 * reps / (time.perf_counter() - start))
-    return max(rates)
-
-
-def configure_optimizers(model: Llama, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
-    """AdamW with weight decay on the 2-D weights only (not on norm gains); with Muon, the 2-D
-    weights inside the blocks go to Muon instead (it orthogonalizes matrix updates, which suits
-    hidden projections; the embedding, LM head and gains stay with AdamW)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    to_muon = {n for n, p in named if cfg.optimizer == "muon" and n.startswith("layers.") and p.dim() == 2}
-    rest = [p for n, p in named if n not in to_muon]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-    fused = device.type == "cuda"
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=not fused)]
-    if to_muon:
-        ns_dtype = torch.bfloat16 if devices.bf16_matmul_is_native(device) else torch.float32
-        optimizers.append(Muon([p for n, p in named if n in to_muon], ns_dtype=ns_dtype, lr=cfg.muon_lr,
-                               momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay))
-    return optimizers
+# Each optimizer's schedule, by its name in configure_optimizers.
+LR_SCHEDULES = {"AdamW": lr_at, "Muon": muon_lr_at}
 
 
 # ---------------------------------------------------------------------------------------------
-# RNG state as plain tensors and numbers, so a checkpoint loads with weights_only=True
+# Setting up a run: checks, data, model, optimizers, a resumed run's state, compilation, the log
 
 
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    py_version, py_internal, py_gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        **({"mps": torch.mps.get_rng_state()} if torch.backends.mps.is_available() else {}),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "mps" in state and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(state["mps"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
-
-
-class StopRequest:
-    """While active, SIGTERM/SIGINT only set a flag; the loop saves and exits at the next step
-    boundary. The previous handlers come back on exit."""
-
-    def __enter__(self) -> "StopRequest":
-        self.signal: int | None = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-
-
-# ---------------------------------------------------------------------------------------------
-# Records: metrics.jsonl and loss.png
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
-
-
-def plot_curves(metrics: list[dict[str, Any]], png: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [m for m in metrics if m["kind"] == "train" and not m["skipped"]]
-    evals = [m for m in metrics if m["kind"] == "eval"]
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
-    ax_loss.plot([m["step"] for m in steps], [m["loss"] for m in steps], lw=0.8, alpha=0.6, label="train (batch)")
-    if evals:
-        ax_loss.plot([m["step"] for m in evals], [m["train_loss"] for m in evals], "o-", label="train (eval)")
-        ax_loss.plot([m["step"] for m in evals], [m["val_loss"] for m in evals], "o-", label="val")
-        if "text_loss" in evals[-1]:
-            ax_loss.plot([m["step"] for m in evals if "text_loss" in m],
-                         [m["text_loss"] for m in evals if "text_loss" in m], "o-", label="eval.data")
-    ax_loss.set_ylabel("cross-entropy loss")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    ax_lr.plot([m["step"] for m in steps], [m["lr"] for m in steps], color="tab:gray")
-    ax_lr.set_xlabel("step")
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.grid(alpha=0.3)
-    fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=110)
-    plt.close(fig)
-    replace_file(png, image.getvalue(), RESUME_ADVICE)
-
-
-# What a failed write of the run's records says: the records and checkpoints are whole as they were.
-RESUME_ADVICE = "the checkpoints and records so far are intact: free disk space (or make the folder writable) " \
-                "and resume with --resume"
-
-
-def append_metric(path: Path, record: dict[str, Any]) -> None:
-    """One line at the end of metrics.jsonl. A failed write cuts the file back to its last whole
-    line: a cut one would stop the resumed run from reading its records."""
-    line = (json.dumps(record) + "\n").encode()
-    with disk_write(path.parent, len(line), f"appending to {path.name}", RESUME_ADVICE):
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            end = os.lseek(fd, 0, os.SEEK_END)
-            try:
-                written = 0
-                while written < len(line):
-                    written += os.write(fd, line[written:])
-            except OSError:
-                os.ftruncate(fd, end)
-                raise
-        finally:
-            os.close(fd)
-
-
-# ---------------------------------------------------------------------------------------------
-# The run: its state, then one function per step of the recipe
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything a training run carries from one step to the next."""
-    cfg: Config
-    runtime: Runtime
-    out_dir: Path
-    dataset_dir: Path
-    model: Llama  # the weights: what is saved, clipped and evaluated
-    step_model: torch.nn.Module  # what trains: the model, compiled (see compile_for_training) and/or wrapped in DDP
-    optimizers: list[torch.optim.Optimizer]  # AdamW, then Muon when configured
-    scaler: torch.amp.GradScaler
-    train_batches: data.BatchSampler | data.ConversationSampler
-    val_batches: data.BatchSampler | data.ConversationSampler
-    accum: int  # micro-batches per optimizer step on each process
-    trained_context: int  # the longest window the weights have learned from (sampling stays inside)
-    carried: dict[str, bytes]  # tokenizer files and generation_config.json every checkpoint carries
-    adapters: Any = None  # LoRA: peft's wrapper around `model`, whose adapters are all that trains and is saved
-    step: int = 0  # optimizer steps taken
-    best_val: float = math.inf
-    nonfinite_streak: int = 0
-    wandb_id: str | None = None
-    wandb_run: Any = None
-    resumed_from: Path | None = None
-    eval_unrecorded: bool = False  # resumed at an evaluation step whose evaluation was never recorded
-    tasks: TrainingEval | None = None  # [eval] data and tasks, scored at each evaluation (shared out under torchrun)
-    replaced: Path | None = None  # --overwrite: the previous run, kept until this one's first checkpoint
-    compiled: bool = False  # step_model runs torch.compile'd code
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.out_dir / "metrics.jsonl"
-
-    @property
-    def tokens_per_step(self) -> int:
-        tc = self.cfg.train
-        return self.accum * tc.micro_batch_size * tc.block_size * self.runtime.world
-
-
-@dataclasses.dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    lr: float
-    applied: bool  # False: the loss or gradient was not finite and the update was skipped
-    seconds: float
-
-
-def check_out_dir(cfg: Config) -> bool:
-    """Refuse to mix two runs in one folder unless asked to resume or overwrite; returns whether
-    a previous run must make way for this one."""
-    out_dir = Path(cfg.train.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"train.out_dir={out_dir} is a file, not a folder: pick another train.out_dir")
-    holds_run = (out_dir / "metrics.jsonl").exists() or any(out_dir.glob("ckpt-*"))
-    if not holds_run or cfg.train.resume is not None:
-        return False
-    if not cfg.train.overwrite:
-        raise ConfigError(f"out_dir {out_dir} holds another run: pass --resume to continue it or "
-                          f"--overwrite to start afresh")
-    if replaced_path(out_dir).exists():
-        raise ConfigError(f"{replaced_path(out_dir)} holds a run an earlier --overwrite set aside and did not "
-                          f"get to delete: move it back to {out_dir} or delete it, then run again")
-    return True
-
-
-def replaced_path(out_dir: Path) -> Path:
-    return out_dir.with_name(out_dir.name + ".replaced")
-
-
-def claim_out_dir(out_dir: Path, overwrite: bool) -> Path | None:
-    """Create out_dir; with `overwrite`, first move the previous run aside (returned), to be deleted
-    once this run has saved a checkpoint, or put back if it fails before that."""
-    replaced = None
-    if overwrite:
-        replaced = replaced_path(out_dir)
-        os.replace(out_dir, replaced)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return replaced
-
-
-@contextlib.contextmanager
-def previous_run_restored_on_failure(run: Run) -> Iterator[None]:
-    try:
-        yield
-    except BaseException:
-        if run.replaced is not None:
-            shutil.rmtree(run.out_dir)
-            os.replace(run.replaced, run.out_dir)
-            warn(f"the new run failed before its first checkpoint: the previous run is back in {run.out_dir}")
-        raise
+def start_run(cfg: Config) -> Run:
+    """Device and processes, data, model, optimizer, and the state of a resumed run."""
+    tc = cfg.train
+    runtime = setup_runtime(tc)
+    out_dir = Path(tc.out_dir)
+    overwrite = checkpoint.check_out_dir(out_dir, resume=tc.resume is not None, overwrite=tc.overwrite)
+    dataset_dir = Path(cfg.data.data_dir) / cfg.data.dataset
+    train_tokens, val_tokens = data.open_split(dataset_dir, "train"), data.open_split(dataset_dir, "val")
+    resume_from = find_resume_checkpoint(cfg, out_dir)
+    pretrained = adopt_pretrained_config(cfg, runtime)
+    if resume_from is None and pretrained is None:
+        fit_vocab_to_data(cfg, train_tokens.vocab_size, runtime)
+    # A model comes with its tokenizer: training it on data from another one would train garbage.
+    data.check_compatible(train_tokens, val_tokens, model_vocab_size=cfg.model.vocab_size, block_size=tc.block_size,
+                          model_tokenizer=model_tokenizer(resume_from, pretrained),
+                          padded=data.is_conversations(dataset_dir))
+    model, adapters = build_model(cfg, pretrained)
+    model.to(runtime.device)
+    model.activation_checkpointing = tc.activation_checkpointing
+    with machine_main_first(runtime):  # [eval] task hellaswag is downloaded on first use
+        tasks = training_eval(cfg.eval, model, Tokenizer.load(dataset_dir), tc.block_size)
+    accum = accumulation_steps(tc, runtime.world)
+    # Everything is checked: only now may a previous run make way.
+    folder = checkpoint.RunFolder.claim(out_dir, overwrite) if runtime.is_main else checkpoint.RunFolder(out_dir)
+    runtime.barrier()
+    if runtime.distributed:
+        check_shared_out_dir(out_dir, runtime)
+    if runtime.sharded:
+        shard_model(model, runtime)
+    optimizers = configure_optimizers(model, tc, runtime.device)
+    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
+    train_batches, val_batches = batch_samplers(dataset_dir, train_tokens, val_tokens, tc, runtime)
+    run = Run(cfg=cfg, runtime=runtime, folder=folder, model=model, optimizers=optimizers, scaler=scaler,
+              train_batches=train_batches, val_batches=val_batches, accum=accum,
+              trained_context=trained_context(cfg, model, resume_from, pretrained),
+              carried=carried_files(dataset_dir, resume_from, pretrained), adapters=adapters, tasks=tasks)
+    if resume_from is not None:
+        restore(run, resume_from)
+    run.compiled = compiles(tc, runtime.device)
+    run.step_model = wrap_for_training(compile_for_training(model, runtime) if run.compiled else model, runtime)
+    return run
 
 
 def check_resume_compatible(cfg: Config, ckpt: Path) -> None:
@@ -576,45 +603,24 @@ def accumulation_steps(tc: TrainConfig, world: int) -> int:
     return tc.batch_tokens // per_micro
 
 
-def start_run(cfg: Config) -> Run:
-    """Device and processes, data, model, optimizer, and the state of a resumed run."""
-    tc = cfg.train
-    runtime = setup_runtime(tc)
-    out_dir, overwrite = Path(tc.out_dir), check_out_dir(cfg)
-    dataset_dir = Path(cfg.data.data_dir) / cfg.data.dataset
-    train_tokens, val_tokens = data.open_split(dataset_dir, "train"), data.open_split(dataset_dir, "val")
-    resume_from = find_resume_checkpoint(cfg, out_dir)
-    pretrained = adopt_pretrained_config(cfg, runtime)
-    if resume_from is None and pretrained is None:
-        fit_vocab_to_data(cfg, train_tokens.vocab_size, runtime)
-    # A model comes with its tokenizer: training it on data from another one would train garbage.
-    data.check_compatible(train_tokens, val_tokens, model_vocab_size=cfg.model.vocab_size, block_size=tc.block_size,
-                          model_tokenizer=model_tokenizer(resume_from, pretrained),
-                          padded=data.is_conversations(dataset_dir))
-    model, adapters = build_model(cfg, pretrained)
-    model.to(runtime.device)
-    model.activation_checkpointing = tc.activation_checkpointing
-    with machine_main_first(runtime):  # [eval] task hellaswag is downloaded on first use
-        tasks = training_eval(cfg.eval, model, Tokenizer.load(dataset_dir), tc.block_size)
-    accum = accumulation_steps(tc, runtime.world)
-    # Everything is checked: only now may a previous run make way.
-    replaced = claim_out_dir(out_dir, overwrite) if runtime.is_main else None
-    runtime.barrier()
-    if runtime.distributed:
-        check_shared_out_dir(out_dir, runtime)
-    if runtime.sharded:
-        shard_model(model, runtime)
-    optimizers = configure_optimizers(model, tc, runtime.device)
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=runtime.amp_dtype == torch.float16)
-    run = Run(cfg, runtime, out_dir, dataset_dir, model, model, optimizers, scaler,
-              *batch_samplers(dataset_dir, train_tokens, val_tokens, tc, runtime), accum,
-              trained_context(cfg, model, resume_from, pretrained), carried_files(dataset_dir, resume_from, pretrained),
-              adapters=adapters, replaced=replaced, tasks=tasks)
-    if resume_from is not None:
-        restore(run, resume_from)
-    run.compiled = compiles(tc, runtime.device)
-    run.step_model = wrap_for_training(compile_for_training(model, runtime) if run.compiled else model, runtime)
-    return run
+def configure_optimizers(model: Llama, cfg: TrainConfig, device: torch.device) -> dict[str, torch.optim.Optimizer]:
+    """The optimizers by name (the names checkpoints record, and LR_SCHEDULES keys): AdamW with
+    weight decay on the 2-D weights only (not on norm gains); with Muon, the 2-D weights inside the
+    blocks go to Muon instead (it orthogonalizes matrix updates, which suits hidden projections;
+    the embedding, LM head and gains stay with AdamW)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    to_muon = {n for n, p in named if cfg.optimizer == "muon" and n.startswith("layers.") and p.dim() == 2}
+    rest = [p for n, p in named if n not in to_muon]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    optimizers: dict[str, torch.optim.Optimizer] = {"AdamW": torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused, foreach=not fused)}
+    if to_muon:
+        ns_dtype = torch.bfloat16 if devices.bf16_matmul_is_native(device) else torch.float32
+        optimizers["Muon"] = Muon([p for n, p in named if n in to_muon], ns_dtype=ns_dtype, lr=cfg.muon_lr,
+                                  momentum=cfg.muon_momentum, weight_decay=cfg.muon_weight_decay)
+    return optimizers
 
 
 def restore_optimizers(run: Run, ckpt: Path, state: dict[str, Any]) -> None:
@@ -623,19 +629,20 @@ def restore_optimizers(run: Run, ckpt: Path, state: dict[str, Any]) -> None:
     training state."""
     whole = state.get("optimizer")  # checkpoints from before: one state dict, or a list of them
     whole = [whole] if isinstance(whole, dict) else whole
+    # Checkpoints from before the names were recorded held AdamW, then Muon when there was one.
     saved = state.get("optimizers") or ["AdamW", "Muon"][:len(whole)]
-    ours = [type(o).__name__ for o in run.optimizers]
+    ours = list(run.optimizers)
     if saved != ours:
         raise ConfigError(f"cannot resume {ckpt}: it was trained with {' + '.join(saved)} and train.optimizer="
                           f"{run.cfg.train.optimizer} needs {' + '.join(ours)}; keep the optimizer of the run")
     if (ckpt / checkpoint.OPTIMIZER_DIR).is_dir():
-        checkpoint.load_optimizer(run.model, run.optimizers, ckpt, run.runtime.distributed)
+        checkpoint.load_optimizer(run.model, list(run.optimizers.values()), ckpt, run.runtime.distributed)
     elif run.runtime.sharded:
         raise ConfigError(f"cannot resume {ckpt} under train.parallel=fsdp: it holds its optimizer state whole, as "
                           f"checkpoints did before sharding; resume it once with parallel=ddp, whose next "
                           f"checkpoint fsdp can resume")
     else:
-        for optimizer, optimizer_state in zip(run.optimizers, whole):
+        for optimizer, optimizer_state in zip(run.optimizers.values(), whole):
             optimizer.load_state_dict(optimizer_state)
 
 
@@ -767,8 +774,8 @@ def start_logging(run: Run) -> tuple[int, float]:
     runtime.log(f"optimizer {adamw}" if tc.optimizer == "adamw" else
                 f"optimizer muon lr {tc.muon_lr:g} ({muon_schedule(tc).lr_schedule}) momentum {tc.muon_momentum:g} "
                 f"decay {tc.muon_weight_decay:g} on "
-                f"{sum(p.numel() for p in run.optimizers[1].param_groups[0]['params']):,} block-matrix weights | "
-                f"{adamw} on the rest | newton-schulz in {str(run.optimizers[1].ns_dtype).removeprefix('torch.')}"
+                f"{sum(p.numel() for p in run.optimizers['Muon'].param_groups[0]['params']):,} block-matrix weights | "
+                f"{adamw} on the rest | newton-schulz in {str(run.optimizers['Muon'].ns_dtype).removeprefix('torch.')}"
                 f"{'' if devices.bf16_matmul_is_native(runtime.device) else ' (bf16 matmuls are not native here)'}")
     lora = (f" (LoRA rank {tc.lora_rank} on {tc.lora_targets}: {trainable_params(model):,} trainable)"
             if run.adapters is not None else "")
@@ -785,249 +792,215 @@ def start_logging(run: Run) -> tuple[int, float]:
     return flops_per_token, peak
 
 
-def accumulate_gradients(run: Run) -> torch.Tensor:
-    """Forward and backward over the step's micro-batches; returns the mean loss over processes."""
-    runtime, accum = run.runtime, run.accum
-    loss_sum = torch.zeros((), device=runtime.device)
-    for micro in range(accum):
-        # Each global micro-batch index (micro * world + rank) draws the same window whatever
-        # the world size, so 2 processes x accumulation A equal 1 process x accumulation 2A.
-        x, y = run.train_batches.get(run.step, micro * runtime.world + runtime.rank)
-        x, y = x.to(runtime.device, non_blocking=True), y.to(runtime.device, non_blocking=True)
-        sync = micro == accum - 1 or runtime.world == 1
-        if runtime.sharded:  # FSDP keeps the micro-batches' gradients unsharded until the last one
-            run.model.set_requires_gradient_sync(sync)
-        no_sync = contextlib.nullcontext() if sync or runtime.sharded else run.step_model.no_sync()
-        with no_sync, runtime.autocast():
-            _, loss = run.step_model(x, y)
-            loss = loss / accum
-        run.scaler.scale(loss).backward()
-        loss_sum += loss.detach().float()
-    if runtime.world > 1:
-        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-    return loss_sum
+# ---------------------------------------------------------------------------------------------
+# Device, precision and processes
 
 
-def train_step(run: Run) -> StepResult:
-    """One optimizer step: LR, gradients, clipping, and the update unless something is not finite."""
-    tc, start = run.cfg.train, time.perf_counter()
-    lr = lr_at(run.step, tc)
-    for optimizer in run.optimizers:
-        optimizer_lr = muon_lr_at(run.step, tc) if isinstance(optimizer, torch.optim.Muon) else lr
-        for group in optimizer.param_groups:
-            group["lr"] = optimizer_lr
-    try:
-        loss = accumulate_gradients(run)
-    except Exception as e:  # compile="auto": a model dynamo cannot handle still trains, eagerly
-        if tc.compile != "auto" or not run.compiled:
-            raise
-        warn(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); continuing eagerly")
-        zero_grads(run)
-        run.compiled = False
-        run.step_model = wrap_for_training(uncompiled(run.model), run.runtime)
-        loss = accumulate_gradients(run)
-    for optimizer in run.optimizers:
-        run.scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else
-                                               float("inf"))
-    if isinstance(grad_norm, DTensor):  # FSDP: the norm over every process's shards
-        grad_norm = grad_norm.full_tensor()
-    loss_value, grad_norm_value = loss.item(), grad_norm.item()
-    # Under fp16 loss scaling an overflowing gradient is routine (the scaler skips and backs
-    # off); anywhere else a non-finite value means the step would poison the weights.
-    finite = math.isfinite(loss_value) and (run.scaler.is_enabled() or math.isfinite(grad_norm_value))
-    if finite:
-        for optimizer in run.optimizers:
-            run.scaler.step(optimizer)
-        run.scaler.update()
-        run.nonfinite_streak = 0
-    else:
-        run.nonfinite_streak += 1
-        warn(f"step {run.step}: non-finite loss {loss_value} or grad norm {grad_norm_value}; "
-             f"skipping the update ({run.nonfinite_streak}/{tc.max_nonfinite_skips})")
-    zero_grads(run)
-    run.step += 1
-    return StepResult(loss_value, grad_norm_value, lr, finite, time.perf_counter() - start)
+@dataclasses.dataclass
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype
+    rank: int = 0
+    world: int = 1
+    distributed: bool = False  # in a torchrun process group (a one-process group too, under fsdp)
+    sharded: bool = False  # the model is sharded with FSDP2 (train.parallel = "fsdp" under torchrun)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def log(self, message: str) -> None:
+        """Print on the main process only."""
+        if self.is_main:
+            print(message)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32)
 
 
-def zero_grads(run: Run) -> None:
-    for optimizer in run.optimizers:
-        optimizer.zero_grad(set_to_none=True)
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    """Pick device and precision (printed at start) and join the torchrun process group if any."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    # FSDP under `torchrun --nproc_per_node 1` still shards (over one process): the same code path,
+    # and its mixed-precision policy, as on many GPUs.
+    distributed = world > 1 or (cfg.parallel == "fsdp" and "RANK" in os.environ)
+    device = devices.resolve(cfg.device, "train.device")
+    if device.type == "mps" and "RANK" in os.environ:
+        raise ConfigError("train.device=mps runs one process: torchrun (DDP, FSDP) needs CUDA GPUs, or CPUs with "
+                          "--train.device cpu; on a Mac run python train.py without torchrun")
+    if device.type == "cuda":
+        local_rank, visible = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if (world > 1 or cfg.device in ("auto", "cuda")) and local_rank >= visible:
+            raise ConfigError(f"process {rank} (LOCAL_RANK {local_rank}) has no GPU of its own: this machine shows "
+                              f"{visible}; start at most {visible} per machine (torchrun --nproc_per_node "
+                              f"{visible}) or train on CPU with --train.device cpu")
+        if world > 1 or cfg.device in ("auto", "cuda"):
+            device = torch.device(f"cuda:{local_rank}")
+    amp_dtype = training_dtype(cfg, device)
+    if cfg.parallel == "fsdp" and amp_dtype == torch.float16:
+        raise ConfigError("train.parallel=fsdp needs bf16 or fp32, and this GPU does bf16 only by emulation: "
+                          "use parallel=ddp (fp16 with loss scaling) or --train.dtype float32")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if distributed:  # naming the GPU binds NCCL to it at once, instead of guessing from the rank
+        on_gpu = device.type == "cuda"
+        dist.init_process_group(backend="nccl" if on_gpu else "gloo", device_id=device if on_gpu else None)
+    return Runtime(device=device, amp_dtype=amp_dtype, rank=rank, world=world, distributed=distributed,
+                   sharded=distributed and cfg.parallel == "fsdp")
 
 
-@torch.no_grad()
-def evaluate(run: Run) -> dict[str, float]:
-    """Mean loss over the same eval_iters batches of each split at every evaluation, and on the
-    main process the scores of [eval] data and task when set (eval.py's, with the live weights)."""
-    runtime, tc = run.runtime, run.cfg.train
-    run.step_model.eval()
-    losses = {}
-    for split, sampler in (("train", run.train_batches), ("val", run.val_batches)):
-        total = torch.zeros((), device=runtime.device)
-        for i in range(tc.eval_iters):
-            x, y = sampler.get_eval(i * runtime.world + runtime.rank)
-            with runtime.autocast():
-                total += run.model(x.to(runtime.device), y.to(runtime.device))[1].float()
-        if runtime.world > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG)
-        losses[split] = total.item() / tc.eval_iters
-    if run.tasks is not None:  # every process scores its share of the windows and examples
-        # ...except under FSDP, where every forward is a collective that all processes must
-        # make: each scores them all.
-        if runtime.sharded:
-            share = (0, 1, lambda values: values)
-        else:
-            share = (runtime.rank, runtime.world, functools.partial(sum_over_processes, runtime))
-        with runtime.autocast():
-            losses |= run.tasks.scores(*share)
-    run.step_model.train()
-    return losses
+def training_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The autocast dtype: the configured one where the device can train in it, else bf16 on GPUs
+    whose tensor cores do it natively, fp16 (with loss scaling) on other GPUs, fp32 on CPU and MPS."""
+    if cfg.dtype == "float16" and device.type == "mps":
+        raise ConfigError("train.dtype=float16 on mps: fp16 training needs loss scaling, untested on Apple GPUs "
+                          "here; use --train.dtype bfloat16 (macOS 14+) or float32")
+    if cfg.dtype != "auto":
+        return devices.checked_dtype(device, cfg.dtype, "train.dtype")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.float32  # CPU bf16 matmuls are emulated and ~30x slower; MPS: fp32 unless asked
 
 
-def sum_over_processes(runtime: Runtime, values: list[float]) -> list[float]:
-    """Each value summed over all processes (in float64, so counts and sums stay exact)."""
-    if runtime.world == 1:
-        return values
-    total = torch.tensor(values, dtype=torch.float64, device=runtime.device)
-    dist.all_reduce(total)
-    return total.tolist()
+def peak_flops(cfg: TrainConfig, runtime: Runtime) -> float:
+    """The FLOP/s that MFU divides by: configured, a known GPU's peak, or a matmul measured now."""
+    if cfg.peak_tflops is not None:
+        return cfg.peak_tflops * 1e12
+    if runtime.device.type == "cuda":
+        name = torch.cuda.get_device_name(runtime.device)
+        for key, tflops in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    n, reps = 1024, 4
+    dtype = runtime.amp_dtype if runtime.device.type != "cpu" else torch.float32
+    # Constant operands: drawing random ones would move the RNG a resumed run has just restored
+    # (and with dropout, e.g. LoRA's, change what it trains on).
+    a = torch.full((n, n), 0.5, device=runtime.device, dtype=dtype)
+    b = torch.full((n, n), 0.5, device=runtime.device, dtype=dtype)
+    a @ b  # warm up
+    rates = []
+    for _ in range(3):  # the fastest round: other work on the machine only ever slows a round down
+        devices.synchronize(runtime.device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        devices.synchronize(runtime.device)
+        rates.append(2 * n ** 3 * reps / (time.perf_counter() - start))
+    return max(rates)
 
 
-def save_checkpoint(run: Run) -> Path:
-    """Every process writes its shard of the optimizer state; the main one writes the rest: the
-    weights whole (gathered first under FSDP), so every checkpoint is a plain model folder."""
-    runtime = run.runtime
-    state = {"step": run.step, "optimizers": [type(o).__name__ for o in run.optimizers],
-             "scaler": run.scaler.state_dict(), "rng": rng_state(), "best_val_loss": run.best_val,
-             "wandb_run_id": run.wandb_id or ""}
-    gathered = checkpoint.full_state_dict(run.model) if runtime.sharded else None  # all processes take part
-
-    def write_weights(folder: Path) -> None:
-        if run.adapters is not None:
-            base = checkpoint.resolve(Path(run.cfg.train.init_from))
-            checkpoint.save_lora(run.adapters, folder, base, run.trained_context)
-        else:
-            checkpoint.save_hf(run.model, folder, run.trained_context, gathered)
-
-    with checkpoint.writing(run.out_dir, run.step, runtime.is_main, runtime.barrier,
-                            needed=checkpoint_bytes(run)) as folder:
-        checkpoint.save_optimizer(run.model, run.optimizers, folder, runtime.distributed)
-        if runtime.is_main:
-            checkpoint.write_contents(folder, state, to_toml(run.cfg), run.carried, write_weights)
-    if runtime.is_main:
-        checkpoint.prune(run.out_dir, run.cfg.train.keep_last)
-        if run.adapters is not None:
-            checkpoint.link_adapters(run.out_dir)
-        if run.replaced is not None:  # the new run now stands on its own
-            shutil.rmtree(run.replaced)
-            run.replaced = None
-    return checkpoint.checkpoint_path(run.out_dir, run.step)
+# ---------------------------------------------------------------------------------------------
+# RNG state as plain tensors and numbers, so a checkpoint loads with weights_only=True
 
 
-def checkpoint_bytes(run: Run) -> int:
-    """About what one checkpoint takes on disk: the weights (a LoRA run's adapters alone) and the
-    optimizer state; the rest (config, tokenizer, RNG) is small beside them."""
-    weights = ([p for p in run.model.parameters() if p.requires_grad] if run.adapters is not None
-               else list(run.model.state_dict().values()))
-    moments = [t for o in run.optimizers for s in o.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    return sum(t.numel() * t.element_size() for t in weights + moments)
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        **({"mps": torch.mps.get_rng_state()} if torch.backends.mps.is_available() else {}),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_version, "internal": list(py_internal), "gauss": py_gauss},
+    }
 
 
-def on_any_rank(run: Run, flag: bool) -> bool:
-    """True on every process when `flag` is true on any: under torchrun all ranks must take the
-    same branch (stop at the same step, run the same evaluation)."""
-    return not on_all_processes(run.runtime, not flag)
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
 
 
-def on_all_processes(runtime: Runtime, flag: bool) -> bool:
-    """True on every process when `flag` is true on all of them."""
-    if runtime.world > 1:
-        value = torch.tensor(float(flag), device=runtime.device)
-        dist.all_reduce(value, op=dist.ReduceOp.MIN)
-        flag = bool(value.item())
-    return flag
+class StopRequest:
+    """While active, SIGTERM/SIGINT only set a flag; the loop saves and exits at the next step
+    boundary. The previous handlers come back on exit."""
+
+    def __enter__(self) -> "StopRequest":
+        self.signal: int | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
 
 
-def log_step(run: Run, result: StepResult, flops_per_token: int, peak: float, bar: tqdm) -> None:
-    if run.runtime.is_main:
-        tokens_per_s = run.tokens_per_step / result.seconds
-        mfu = flops_per_token * tokens_per_s / peak
-        record = {"kind": "train", "step": run.step, "loss": result.loss, "lr": result.lr,
-                  "grad_norm": result.grad_norm, "step_s": result.seconds, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                  "skipped": not result.applied}
-        if run.runtime.device.type == "cuda":  # what one process has held on its GPU at most so far
-            record["peak_memory_gib"] = torch.cuda.max_memory_allocated(run.runtime.device) / 2**30
-        append_metric(run.metrics_path, record)
-        if run.wandb_run is not None:
-            run.wandb_run.log({k: v for k, v in record.items() if k not in ("kind", "step")}, step=run.step)
-        if run.step % run.cfg.train.log_interval == 0 or run.step == run.cfg.train.max_steps:
-            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{result.lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                            mfu=f"{100 * mfu:.1f}%")
-    bar.update(1)
+# ---------------------------------------------------------------------------------------------
+# Records: metrics.jsonl and loss.png
 
 
-def log_eval(run: Run, losses: dict[str, float], ckpt: Path, bar: tqdm) -> None:
-    """Record an evaluation, move the `best` pointer when val improved, redraw loss.png."""
-    if not run.runtime.is_main:
-        return
-    tasks = {k: v for k, v in losses.items() if k not in ("train", "val")}
-    append_metric(run.metrics_path, {"kind": "eval", "step": run.step, "train_loss": losses["train"],
-                                     "val_loss": losses["val"], **tasks})
-    if losses["val"] < run.best_val:
-        run.best_val = losses["val"]
-        checkpoint.write_pointer(run.out_dir, "best", ckpt.name)
-    if run.wandb_run is not None:
-        run.wandb_run.log({"val_loss": losses["val"], "train_loss_eval": losses["train"], **tasks}, step=run.step)
-    plot_curves(read_metrics(run.metrics_path), run.out_dir / "loss.png")
-    bar.write(f"step {run.step}: train {losses['train']:.4f} | val {losses['val']:.4f} | best val {run.best_val:.4f}"
-              + "".join(f" | {k} {v:.4f}" for k, v in tasks.items()))
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
-def train(cfg: Config) -> int:
-    """Run the configured training; returns the process exit code."""
-    run = start_run(cfg)
-    with previous_run_restored_on_failure(run):
-        return train_loop(run)
+def plot_curves(metrics: list[dict[str, Any]], png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m for m in metrics if m["kind"] == "train" and not m["skipped"]]
+    evals = [m for m in metrics if m["kind"] == "eval"]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, height_ratios=(3, 1))
+    ax_loss.plot([m["step"] for m in steps], [m["loss"] for m in steps], lw=0.8, alpha=0.6, label="train (batch)")
+    if evals:
+        ax_loss.plot([m["step"] for m in evals], [m["train_loss"] for m in evals], "o-", label="train (eval)")
+        ax_loss.plot([m["step"] for m in evals], [m["val_loss"] for m in evals], "o-", label="val")
+        if "text_loss" in evals[-1]:
+            ax_loss.plot([m["step"] for m in evals if "text_loss" in m],
+                         [m["text_loss"] for m in evals if "text_loss" in m], "o-", label="eval.data")
+    ax_loss.set_ylabel("cross-entropy loss")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot([m["step"] for m in steps], [m["lr"] for m in steps], color="tab:gray")
+    ax_lr.set_xlabel("step")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    image = io.BytesIO()
+    fig.savefig(image, format="png", dpi=110)
+    plt.close(fig)
+    replace_file(png, image.getvalue(), RESUME_ADVICE)
 
 
-def train_loop(run: Run) -> int:
-    """The recipe: step, log, checkpoint, evaluate, until max_steps or a signal."""
-    tc = run.cfg.train
-    flops_per_token, peak = start_logging(run)
-    bar = tqdm(total=tc.max_steps, initial=run.step, disable=not run.runtime.is_main, dynamic_ncols=True, unit="step")
-    with StopRequest() as stop, bar:
-        exit_code = 0
-        run.step_model.train()
-        if run.resumed_from is not None and on_any_rank(run, run.eval_unrecorded):  # main knows; all evaluate
-            log_eval(run, evaluate(run), run.resumed_from, bar)
-        while run.step < tc.max_steps:
-            result = train_step(run)
-            log_step(run, result, flops_per_token, peak, bar)
-            if run.nonfinite_streak >= tc.max_nonfinite_skips:
-                ckpt = save_checkpoint(run)
-                if run.runtime.is_main:
-                    print(f"error: {run.nonfinite_streak} consecutive non-finite steps; no update was applied on "
-                          f"them and the weights in {ckpt} are the last good state. Likely causes: learning rate "
-                          f"too high (train.lr), fp16 overflow (use bf16 or float32), or bad data.", file=sys.stderr)
-                exit_code = EXIT_NONFINITE
-                break
-            eval_now = run.step % tc.eval_interval == 0 or run.step == tc.max_steps
-            stopping = on_any_rank(run, stop.signal is not None)
-            if stopping or eval_now or run.step % tc.ckpt_interval == 0:
-                ckpt = save_checkpoint(run)  # before an evaluation that may crash
-                if stopping:
-                    run.runtime.log(f"\nstopped by signal {stop.signal} at step {run.step}; checkpoint saved, "
-                                    f"continue with --resume")
-                    exit_code = EXIT_INTERRUPTED
-                    break
-            if eval_now:
-                log_eval(run, evaluate(run), ckpt, bar)
-    if run.wandb_run is not None:
-        run.wandb_run.finish()
-    if run.runtime.distributed:  # leave together: a rank that exits while another still talks can abort
-        dist.barrier()
-        dist.destroy_process_group()
-    return exit_code
+# What a failed write of the run's records says: the records and checkpoints are whole as they were.
+RESUME_ADVICE = "the checkpoints and records so far are intact: free disk space (or make the folder writable) " \
+                "and resume with --resume"
+
+
+def append_metric(path: Path, record: dict[str, Any]) -> None:
+    """One line at the end of metrics.jsonl. A failed write cuts the file back to its last whole
+    line: a cut one would stop the resumed run from reading its records."""
+    line = (json.dumps(record) + "\n").encode()
+    with disk_write(path.parent, len(line), f"appending to {path.name}", RESUME_ADVICE):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            end = os.lseek(fd, 0, os.SEEK_END)
+            try:
+                written = 0
+                while written < len(line):
+                    written += os.write(fd, line[written:])
+            except OSError:
+                os.ftruncate(fd, end)
+                raise
+        finally:
+            os.close(fd)
 
 
 ALIASES = {"--resume": "--train.resume", "--init_from": "--train.init_from", "--overwrite": "--train.overwrite"}

@@ -286,6 +286,27 @@ def test_cli_api_and_demo_agree_on_every_knob(char_checkpoint):
     assert controls["max_new_tokens"].maximum == serve.max_tokens
 
 
+def test_the_demos_generate_button_streams_what_generate_py_makes(char_checkpoint):
+    """The demo's Generate action without a browser (the browser test needs chromium): the prompt
+    and a growing continuation that ends as generate.py's, then the speed; a bad prompt is one
+    Gradio error naming the problem."""
+    gradio = pytest.importorskip("gradio")
+    engine = app.Engine(SampleConfig(checkpoint=str(char_checkpoint), eos="none"), ServeConfig())
+    actions, d = app.DemoActions(engine), SampleConfig()
+
+    async def shown(prompt: str) -> list[tuple[str, str]]:
+        return [s async for s in actions.run(prompt, 0.9, d.top_k, 0.95, d.repetition_penalty, 24, 5)]
+
+    texts, speeds = zip(*asyncio.run(shown("First")))
+    assert texts[-1] == "First" + reference(char_checkpoint, "First", max_new_tokens=24, seed=5, temperature=0.9,
+                                            top_p=0.95)
+    assert len(texts) >= 2 and all(texts[-1].startswith(t) for t in texts)
+    assert speeds[-1].startswith("24 tokens in ") and speeds[-1].endswith("tokens/s · finished (length)")
+    with pytest.raises(gradio.Error) as refused:
+        asyncio.run(shown("All: ~"))
+    assert "character '~'" in refused.value.message
+
+
 # --- bad requests ---------------------------------------------------------------------------
 
 

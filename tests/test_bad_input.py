@@ -246,15 +246,15 @@ def test_overwrite_that_fails_before_its_first_checkpoint_puts_the_previous_run_
     root = corrupt_dataset(world, tmp_path)  # passes every check at start, fails at the first batch
     code = train.main(train_args(root, run, "--overwrite", "--train.max_steps", "2"))
     assert_one_line_error(capsys, code, "holds token id")
-    assert file_hashes(run) == before and not train.replaced_path(run).exists()
+    assert file_hashes(run) == before and not checkpoint.replaced_path(run).exists()
 
 
 def test_a_run_set_aside_and_never_deleted_is_not_overwritten(world, tmp_path, capsys):
     run = copy(world, "run", tmp_path)
-    shutil.copytree(run, train.replaced_path(run))  # as a killed --overwrite would leave it
+    shutil.copytree(run, checkpoint.replaced_path(run))  # as a killed --overwrite would leave it
     code = train.main(train_args(world, run, "--overwrite", "--train.max_steps", "2"))
     assert_one_line_error(capsys, code, "holds a run an earlier --overwrite set aside")
-    assert file_hashes(train.replaced_path(run)) == file_hashes(run)
+    assert file_hashes(checkpoint.replaced_path(run)) == file_hashes(run)
 
 
 def test_a_config_json_that_is_not_an_object(world, tmp_path, capsys):
@@ -268,4 +268,4 @@ def test_overwrite_replaces_the_previous_run_once_the_new_one_has_a_checkpoint(w
     run = copy(world, "run", tmp_path)
     assert train.main(train_args(world, run, "--overwrite", "--train.max_steps", "2", "--train.lr", "1e-4")) == 0
     assert [m["step"] for m in train.read_metrics(run / "metrics.jsonl") if m["kind"] == "train"] == [1, 2]
-    assert not train.replaced_path(run).exists()
+    assert not checkpoint.replaced_path(run).exists()

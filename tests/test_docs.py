@@ -313,7 +313,7 @@ def test_muon_update_singular_values():
 def test_muon_takes_the_block_matrices():
     from train import configure_optimizers
     model = Llama(ModelConfig(vocab_size=66, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=64))
-    adamw, muon = configure_optimizers(model, TrainConfig(optimizer="muon"), torch.device("cpu"))
+    adamw, muon = configure_optimizers(model, TrainConfig(optimizer="muon"), torch.device("cpu")).values()
     assert isinstance(muon, torch.optim.Muon)
     count = lambda opt: sum(p.numel() for g in opt.param_groups for p in g["params"])  # noqa: E731
     assert (count(muon), count(adamw), model.num_params()) == (737_280, 18_048, 755_328)

@@ -54,7 +54,8 @@ def test_avx2_only_cpu_orthogonalizes_in_fp32_and_warns_of_bf16():
     a bf16 matmul is emulated: training picks fp32 for Muon, and a bf16 request gets one warning line."""
     code = ("import torch, train, devices; from config import TrainConfig; from model import Llama, ModelConfig\n"
             "model = Llama(ModelConfig(vocab_size=16, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, max_seq_len=8))\n"
-            "print(train.configure_optimizers(model, TrainConfig(optimizer='muon'), torch.device('cpu'))[1].ns_dtype)\n"
+            "optimizers = train.configure_optimizers(model, TrainConfig(optimizer='muon'), torch.device('cpu'))\n"
+            "print(optimizers['Muon'].ns_dtype)\n"
             "devices.checked_dtype(torch.device('cpu'), 'bfloat16', 'train.dtype')")
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "DNNL_MAX_CPU_ISA": "AVX2"}
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)

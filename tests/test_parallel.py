@@ -227,10 +227,10 @@ def as_written_before_sharding(ckpt: Path) -> None:
     cfg = build_config(load_toml(ckpt / "config.toml"))
     model = checkpoint.load_hf(ckpt)
     optimizers = train.configure_optimizers(model, cfg.train, torch.device("cpu"))
-    checkpoint.load_optimizer(model, optimizers, ckpt, distributed=False)
+    checkpoint.load_optimizer(model, list(optimizers.values()), ckpt, distributed=False)
     state = checkpoint.load_training_state(ckpt)
     del state["optimizers"]
-    state["optimizer"] = [o.state_dict() for o in optimizers]
+    state["optimizer"] = [o.state_dict() for o in optimizers.values()]
     torch.save(state, ckpt / checkpoint.STATE_FILE)
     shutil.rmtree(ckpt / checkpoint.OPTIMIZER_DIR)
     files = sorted(p for p in ckpt.iterdir() if p.is_file() and p.name != checkpoint.MARKER)
