@@ -265,7 +265,7 @@ def make_run(out_dir: Path, tokenizer_folder: Path) -> None:
     model = Llama(ModelConfig(vocab_size=Tokenizer.load(tokenizer_folder).vocab_size, dim=32, n_layers=1, n_heads=4,
                               n_kv_heads=2, max_seq_len=64))
     carried = {f.name: f.read_bytes() for f in Tokenizer.files(tokenizer_folder)}
-    with checkpoint.writing(out_dir, 1) as folder:
+    with checkpoint.writing(out_dir, 1, needed=1_000_000) as folder:
         checkpoint.write_contents(folder, {"step": 1}, "", carried, lambda f: checkpoint.save_hf(model, f, 64))
 
 
@@ -319,6 +319,10 @@ def test_command_on_a_run(page, line, argv, runs):
         return
     if argv[1] not in READERS:
         pytest.skip("writes its run (checked by test_command_runs)")
+    if "mps" in argv:
+        import torch
+        if not torch.backends.mps.is_available():
+            pytest.skip("needs an Apple GPU (test_command_runs checks its arguments)")
     if "gguf" in argv:
         pytest.importorskip("gguf")  # the optional GGUF writer
     if argv[1] == "app.py":
