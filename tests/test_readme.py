@@ -1,9 +1,9 @@
-"""The README and bench/README.md are runnable: every command in their ```bash blocks runs.
+"""The README, bench/ and docs/ pages are runnable: every command in their ```bash blocks runs.
 
-A command that names a path under out/ (README, bench/README.md and docs/) reads a run: it runs for
-real, with the tool it names, on tiny runs made at those paths (test_command_on_a_run); lm_eval,
-which is optional and downloads its tasks, is checked by loading its `pretrained=` path as its
-`hf` model does, with transformers' AutoModelForCausalLM and AutoTokenizer.
+A command that names a path under out/ reads a run: it runs for real, with the tool it names, on
+tiny runs made at those paths (test_command_on_a_run); lm_eval, which is optional and downloads its
+tasks, is checked by loading its `pretrained=` path as its `hf` model does, with transformers'
+AutoModelForCausalLM and AutoTokenizer.
 
 Any other command cannot do its real work here (train, download, serve), so each runs in the form that
 checks everything but the work: train.py, model.py, generate.py, app.py and prepare_data.py take
@@ -33,8 +33,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-PAGES = [ROOT / "README.md", ROOT / "bench" / "README.md"]
-LINKED_PAGES = PAGES + sorted((ROOT / "docs").glob("*.md"))
+# The front door first, then every page it hands the detail to: the same checks on all of them.
+PAGES = [ROOT / "README.md", *sorted((ROOT / "bench").glob("*.md")), *sorted((ROOT / "docs").glob("*.md"))]
 
 # The exact line CI's .ci/run executes as "the README's test command".
 TEST_COMMAND = ("python3 -m venv .venv && .venv/bin/pip install -r requirements-dev.txt "
@@ -144,6 +144,26 @@ def test_readme_holds_the_test_command_ci_runs():
     assert TEST_COMMAND in (ROOT / ".ci" / "run").read_text()
 
 
+def readme_section(title: str) -> str:
+    """The README's text under `## title`, up to the next `## ` heading."""
+    return re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", (ROOT / "README.md").read_text(), re.S | re.M)[1]
+
+
+def test_readme_layout_names_every_top_level_module():
+    named = set(re.findall(r"^\| `([\w.]+\.py)` \|", readme_section("Layout"), flags=re.M))
+    assert named == {p.name for p in ROOT.glob("*.py")}, "README's Layout table and the top-level modules differ"
+
+
+def test_readme_stays_a_front_door():
+    """The README is a front door of about 250 lines: a new capability gets a docs page and a row
+    in "What else it does", never more README paragraphs."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 260, "README.md grew past ~250 lines: move the detail to a docs/ page"
+    pages = re.findall(r"\]\((docs/\w+\.md)\)", readme_section("What else it does"))
+    assert {"docs/finetuning.md", "docs/chat.md", "docs/evaluation.md", "docs/pretraining.md", "docs/serving.md",
+            "docs/sweeps.md", "docs/export.md", "docs/configs.md"} <= set(pages)
+
+
 def test_only_known_fence_languages():
     for page in PAGES:
         for language, _ in fenced_blocks(page):
@@ -196,10 +216,10 @@ def broken_links(page: Path) -> list[str]:
     broken = []
     text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)  # links in code are code
     for target in re.findall(r"\]\(([^)\s]+)\)", text):
-        if re.match(r"[a-z]+:", target) or target.startswith("#"):
+        if re.match(r"[a-z]+:", target):
             continue
         path, _, anchor = target.partition("#")
-        file = (page.parent / path).resolve()
+        file = (page.parent / path).resolve() if path else page  # "#heading": this page's own
         if not file.exists():
             broken.append(f"{page.name} -> {target}")
         elif anchor and file.suffix == ".md":
@@ -209,14 +229,13 @@ def broken_links(page: Path) -> list[str]:
     return broken
 
 
-@pytest.mark.parametrize("page", LINKED_PAGES, ids=[str(p.relative_to(ROOT)) for p in LINKED_PAGES])
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(ROOT)) for p in PAGES])
 def test_relative_links_resolve(page):
     assert not broken_links(page)
 
 
 # --- commands that read a run under out/ ---------------------------------------------------------
 
-OUT_PAGES = [*PAGES, *sorted((ROOT / "docs").glob("*.md"))]
 READERS = {"generate.py", "eval.py", "app.py", "convert.py"}
 
 
@@ -225,7 +244,7 @@ def run_paths(argv: list[str]) -> list[str]:
     return [m[1] for w in argv for m in [re.fullmatch(r"(?:pretrained=)?(out/\S*)", w)] if m]
 
 
-OUT_COMMANDS = [(page, line, argv) for page in OUT_PAGES for line in command_lines(page)
+OUT_COMMANDS = [(page, line, argv) for page in PAGES for line in command_lines(page)
                 for argv in segments(words(line)) if run_paths(argv)]
 
 
@@ -301,6 +320,10 @@ def test_command_on_a_run(page, line, argv, runs):
         return
     if argv[1] not in READERS:
         pytest.skip("writes its run (checked by test_command_runs)")
+    if "mps" in argv:
+        import torch
+        if not torch.backends.mps.is_available():
+            pytest.skip("needs an Apple GPU (test_command_runs checks its arguments)")
     if "gguf" in argv:
         pytest.importorskip("gguf")  # the optional GGUF writer
     if argv[1] == "app.py":
