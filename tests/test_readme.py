@@ -320,10 +320,6 @@ def test_command_on_a_run(page, line, argv, runs):
         return
     if argv[1] not in READERS:
         pytest.skip("writes its run (checked by test_command_runs)")
-    if "mps" in argv:
-        import torch
-        if not torch.backends.mps.is_available():
-            pytest.skip("needs an Apple GPU (test_command_runs checks its arguments)")
     if "gguf" in argv:
         pytest.importorskip("gguf")  # the optional GGUF writer
     if argv[1] == "app.py":
