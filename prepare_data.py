@@ -65,7 +65,7 @@ SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 DATASETS = {
     "shakespeare_char": NamedDataset(SHAKESPEARE_URL, SHAKESPEARE_SHA256, "char"),
     "shakespeare": NamedDataset(SHAKESPEARE_URL, SHAKESPEARE_SHA256, "bpe"),
-    # Tiny Shakespeare as "continue the verse" conversations, for the chat walk-through (README).
+    # Tiny Shakespeare as "continue the verse" conversations, for the chat walk-through (docs/chat.md).
     "shakespeare_lines": NamedDataset(SHAKESPEARE_URL, SHAKESPEARE_SHA256, "conversations"),
     "tinystories": NamedDataset(
         "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-train.txt",

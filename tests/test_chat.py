@@ -397,7 +397,7 @@ def test_the_chat_tab_holds_a_two_turn_conversation_in_a_browser(browser, tmp_pa
 
 @pytest.mark.slow
 def test_the_chat_walk_through_runs_on_tiny_settings(tmp_path):
-    """README's chat walk-through on Tiny Shakespeare (../shared), shortened: a chat BPE, a base
+    """docs/chat.md's walk-through on Tiny Shakespeare (../shared), shortened: a chat BPE, a base
     model, "continue the verse" conversations, supervised fine-tuning, then generate.py --chat."""
     source = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
     if not source.is_file():
