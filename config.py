@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import errno
 import functools
+import io
 import json
 import math
 import os
@@ -127,6 +128,15 @@ def replace_file(path: Path, contents: str | bytes, after: str) -> None:
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def replace_png(path: Path, figure: Any, dpi: int, after: str) -> None:
+    """A matplotlib figure saved as `path` by replace_file (whole or not at all), then closed."""
+    import matplotlib.pyplot as plt
+    image = io.BytesIO()
+    figure.savefig(image, format="png", dpi=dpi)
+    plt.close(figure)
+    replace_file(path, image.getvalue(), after)
 
 
 def _bytes(n: int) -> str:

@@ -80,7 +80,7 @@ from typing import Any
 
 import checkpoint
 import data
-from config import Config, ConfigError, build_config, disk_write, load_toml, replace_file, script
+from config import Config, ConfigError, build_config, disk_write, load_toml, replace_file, replace_png, script
 from train import EXIT_INTERRUPTED, StopRequest, read_metrics
 
 ROOT = Path(__file__).resolve().parent
@@ -547,10 +547,7 @@ def plot_val_curves(sweep: Sweep, trials: list[Trial], png: Path) -> None:
     if ax.lines:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=90)
-    plt.close(fig)
-    replace_file(png, image.getvalue(), RUN_AGAIN)
+    replace_png(png, fig, 90, RUN_AGAIN)
 
 
 # ---------------------------------------------------------------------------------------------

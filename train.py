@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import io
 import json
 import math
 import os
@@ -42,8 +41,8 @@ from tqdm import tqdm
 import checkpoint
 import data
 import devices
-from config import (Config, ConfigError, TrainConfig, build_config, disk_write, load_toml, parse_cli, replace_file, script,
-                    to_toml)
+from config import (Config, ConfigError, TrainConfig, build_config, disk_write, load_toml, parse_cli, replace_file,
+                    replace_png, script, to_toml)
 from eval import TrainingEval, training_eval
 from model import Llama
 from muon import Muon
@@ -973,10 +972,7 @@ def plot_curves(metrics: list[dict[str, Any]], png: Path) -> None:
     ax_lr.set_ylabel("learning rate")
     ax_lr.grid(alpha=0.3)
     fig.tight_layout()
-    image = io.BytesIO()
-    fig.savefig(image, format="png", dpi=110)
-    plt.close(fig)
-    replace_file(png, image.getvalue(), RESUME_ADVICE)
+    replace_png(png, fig, 110, RESUME_ADVICE)
 
 
 # What a failed write of the run's records says: the records and checkpoints are whole as they were.
