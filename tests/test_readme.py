@@ -310,7 +310,10 @@ def serves(argv: list[str], cwd: Path) -> None:
         process.wait()
 
 
-@pytest.mark.parametrize("page, line, argv", OUT_COMMANDS, ids=[_id(p, line) for p, line, _ in OUT_COMMANDS])
+@pytest.mark.parametrize("page, line, argv", [
+    # a compiled command spends its time compiling, which test_decode covers: with the slow tests
+    pytest.param(page, line, argv, marks=[pytest.mark.slow] if "--compile" in argv else [])
+    for page, line, argv in OUT_COMMANDS], ids=[_id(p, line) for p, line, _ in OUT_COMMANDS])
 def test_command_on_a_run(page, line, argv, runs):
     if argv[0] == "lm_eval":  # what its hf model does with pretrained=
         transformers = pytest.importorskip("transformers")
