@@ -71,6 +71,7 @@ def run_train(*extra: str) -> subprocess.CompletedProcess:
                      "--train.ckpt_interval", "4", "--train.max_steps", "8", *extra)
 
 
+@pytest.mark.slow  # the default suite's longest test (~25 s): CI runs it with the slow ones
 def test_lora_fine_tune_resumes_exactly_samples_and_converts(pretrained, tmp_path):
     prepare(DataConfig(dataset="docs", data_dir=str(tmp_path / "data"), input=str(corpus(tmp_path)),
                        tokenizer=str(pretrained), workers=1, val_fraction=0.25))

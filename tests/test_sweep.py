@@ -88,6 +88,7 @@ def test_parallel_gives_the_serial_results(serial, data_dir, tmp_path):
     assert results(tmp_path / "out") == results(serial)
 
 
+@pytest.mark.slow  # the default suite's longest test (~25 s): CI runs it with the slow ones
 def test_interrupted_and_killed_sweep_resumes_to_the_same_results(serial, data_dir, tmp_path, capsys):
     path = write_sweep(tmp_path, data_dir)
     first, second, third, _ = (tmp_path / "out" / name for name in GRID_NAMES)
