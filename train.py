@@ -863,7 +863,7 @@ def training_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
     if cfg.dtype != "auto":
         return devices.checked_dtype(device, cfg.dtype, "train.dtype")
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        return torch.bfloat16 if devices.bf16_matmul_is_native(device) else torch.float16
     return torch.float32  # CPU bf16 matmuls are emulated and ~30x slower; MPS: fp32 unless asked
 
 
