@@ -34,6 +34,7 @@ import checkpoint
 import devices
 from chat import ChatFormat, chat_template
 from config import ConfigError, EvalConfig, SampleConfig, expand_short_flags, load_json, parse_cli, script
+from decoding import prepare_for_decoding
 from model import Llama
 from tokenizer import Tokenizer
 
@@ -527,21 +528,6 @@ def decoding_quantization(cfg: SampleConfig, device: torch.device, dtype: torch.
               f"(add --compile for int8)", file=sys.stderr)
         return "none"
     return cfg.quantize
-
-
-def prepare_for_decoding(model: Llama, quantize: str = "none", compiled: bool = False) -> None:
-    """The load-time transformations that make decoding faster: fused projections; on CPU, for
-    eager decoding the transposed layout of widening weights (faster under BLAS) and for compiled
-    decoding one-row matmuls as multiply-and-sum passes (faster than BLAS once compiled); then
-    optionally int8 weights. Outputs are unchanged up to float rounding (int8: up to its
-    quantization error)."""
-    model.fuse_projections()
-    if model.embed_tokens.weight.device.type == "cpu" and compiled:
-        model.use_rowwise_matmuls()
-    elif model.embed_tokens.weight.device.type == "cpu":
-        model.use_decoding_layout()
-    if quantize == "int8":
-        model.quantize_int8()
 
 
 def detokenize(tokenizer: Tokenizer | None, ids: list[int]) -> str:

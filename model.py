@@ -149,7 +149,7 @@ def attention_order(device: torch.device, fixed_shapes: bool) -> contextlib.Abst
 
 
 class Attention(nn.Module):
-    FUSED, PARTS = "qkv_proj", ("q_proj", "k_proj", "v_proj")  # see Llama.fuse_projections
+    FUSED, PARTS = "qkv_proj", ("q_proj", "k_proj", "v_proj")  # see decoding.fuse_projections
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -197,7 +197,7 @@ class Attention(nn.Module):
 
 class FeedForward(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
-    FUSED, PARTS = "gate_up_proj", ("gate_proj", "up_proj")  # see Llama.fuse_projections
+    FUSED, PARTS = "gate_up_proj", ("gate_proj", "up_proj")  # see decoding.fuse_projections
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -213,89 +213,6 @@ class FeedForward(nn.Module):
         else:
             gate, up = self.gate_up_proj(x).split(self.part_sizes, dim=-1)
         return self.down_proj(F.silu(gate) * up)
-
-
-def linear_from(weight: torch.Tensor, requires_grad: bool, cls: type[nn.Linear] = nn.Linear) -> nn.Linear:
-    """A bias-free nn.Linear (or subclass) holding `weight` (out, in) itself, without initializing another first."""
-    with torch.device("meta"):
-        linear = cls(weight.shape[1], weight.shape[0], bias=False)
-    linear.weight = nn.Parameter(weight, requires_grad=requires_grad)
-    return linear
-
-
-def one_row_matmul(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T for an x holding one row, as a multiply-and-sum in fp32. Compiled, it is one
-    vectorized pass over the weight (an int8 weight converted inside it), which on CPU streams
-    memory 1.5-3x faster than the BLAS matrix-vector product; eager, it would build the whole
-    product first, so it is for compiled decoding only."""
-    return (weight * x.unsqueeze(-2).float()).sum(-1).to(x.dtype)
-
-
-class RowwiseLinear(nn.Linear):
-    """nn.Linear that computes a single input row with one_row_matmul (Llama.use_rowwise_matmuls)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return one_row_matmul(x, self.weight) if x.shape[:-1].numel() == 1 else super().forward(x)
-
-
-def pack_int8_columns(q: torch.Tensor) -> torch.Tensor:
-    """An (out, in) int8 matrix as (out, ceil(in / 4)) int32 words: byte b of word j in a row holds
-    column b * words + j (zero-padded). The one-row matmul then reads whole 32-bit words, which every
-    x86 ISA loads in one instruction; AVX2 cannot load fewer than 32 bytes under a mask, and Inductor's
-    pass over plain int8 rows copied each 8 of them through a buffer (7x slower than fp32 there)."""
-    words = -(-q.shape[1] // 4)
-    quarters = F.pad(q, (0, 4 * words - q.shape[1])).view(q.shape[0], 4, words).to(torch.int32)
-    return (quarters[:, 0] & 255) | ((quarters[:, 1] & 255) << 8) | ((quarters[:, 2] & 255) << 16) | (quarters[:, 3] << 24)
-
-
-def int8_quarter(packed: torch.Tensor, b: int) -> torch.Tensor:
-    """Byte b of every word, sign-extended: shifted to the top of the word and back."""
-    return (packed << (24 - 8 * b)) >> 24
-
-
-def unpack_int8_columns(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """pack_int8_columns undone: the (out, in) int8 matrix."""
-    return torch.cat([int8_quarter(packed, b) for b in range(4)], dim=1)[:, :in_features].to(torch.int8)
-
-
-def packed_one_row_matmul(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-    """x @ q.T for one row x and q = unpack_int8_columns(packed), in fp32: the four bytes of a word
-    meet the four quarters of x, and their products are summed before the row's reduction (one
-    accumulator per row, not four: 1.6-1.8x fp32 per decoding step instead of 1.3-1.4x). For
-    compiled decoding only (eager, it would build four products the size of the weight)."""
-    quarters = F.pad(x.reshape(-1).float(), (0, 4 * packed.shape[1] - x.shape[-1])).view(4, -1)
-    total = sum(int8_quarter(packed, b) * quarters[b] for b in range(4)).sum(-1)
-    return total.view(*x.shape[:-1], -1).to(x.dtype)
-
-
-class Int8Linear(nn.Module):
-    """A bias-free linear layer with int8 weights and one scale per output row (weight-only
-    quantization: activations stay floating point). Each row is scaled so that its largest
-    magnitude becomes 127. Compiled, the int8-to-float conversion fuses into the matmul (a single
-    row goes through a one-row multiply-and-sum), so a decoding step reads one byte per weight. On
-    CPU the bytes are kept four to a 32-bit word (pack_int8_columns); int8_weight() reads either
-    layout back as the (out, in) matrix."""
-
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        w = weight.detach().float()
-        scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127
-        q = (w / scales[:, None]).round().to(torch.int8)
-        self.in_features = weight.shape[1]
-        self.register_buffer("weight", pack_int8_columns(q) if weight.device.type == "cpu" else q)
-        self.register_buffer("scales", scales.to(weight.dtype))
-
-    def int8_weight(self) -> torch.Tensor:
-        if self.weight.dtype == torch.int8:
-            return self.weight
-        return unpack_int8_columns(self.weight, self.in_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[:-1].numel() > 1:
-            return F.linear(x, self.int8_weight().to(x.dtype)) * self.scales
-        if self.weight.dtype == torch.int32:
-            return packed_one_row_matmul(x, self.weight) * self.scales
-        return one_row_matmul(x, self.weight) * self.scales
 
 
 class Block(nn.Module):
@@ -460,74 +377,16 @@ class Llama(nn.Module):
         for layer in self.layers:
             layer.self_attn.cache = None
 
-    def use_decoding_layout(self) -> None:
-        """Store every widening projection (gate, up, the LM head) transposed in memory: the same
-        (out, in) parameter and values, viewed from an (in, out) row-major buffer.
-
-        At batch 1 a projection is a vector-matrix product bound by reading the weight. Over the
-        standard layout the CPU BLAS takes a dot product per output, each over a short row of `in`
-        floats; over the transposed one it streams long rows of `out` floats and reads memory
-        faster (bench/generate_speed.py runs both layouts). Narrowing projections are
-        already faster as they are. Meant for inference; the math and the parameter names do
-        not change, and checkpoint.save_hf writes the standard layout.
-        """
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.out_features > module.in_features:
-                module.weight = nn.Parameter(module.weight.detach().t().contiguous().t(),
-                                             requires_grad=module.weight.requires_grad)
-        if self.cfg.tie_embeddings:
-            self.embed_tokens.weight = self.lm_head.weight
-
-    def fuse_projections(self) -> None:
-        """Compute q, k, v with one matmul and gate, up with another, from their weights
-        concatenated along the output dimension: a decoding step then runs 4 matmuls per layer
-        instead of 7, each over one longer weight. The function is unchanged;
-        unfuse_projections() restores the separate layers and standard_state_dict() (what save_hf
-        writes) always holds them separately."""
-        for module in self.modules():
-            if isinstance(module, (Attention, FeedForward)) and getattr(module, module.FUSED) is None:
-                parts = [getattr(module, name) for name in module.PARTS]
-                fused = torch.cat([p.weight.detach() for p in parts])
-                setattr(module, module.FUSED, linear_from(fused, parts[0].weight.requires_grad))
-                for name in module.PARTS:
-                    setattr(module, name, None)
-
-    def unfuse_projections(self) -> None:
-        for module in self.modules():
-            if isinstance(module, (Attention, FeedForward)) and (fused := getattr(module, module.FUSED)) is not None:
-                if not isinstance(fused, nn.Linear):
-                    raise ValueError("a quantized model cannot be unfused: reload it")
-                for name, weight in zip(module.PARTS, fused.weight.detach().split(module.part_sizes)):
-                    setattr(module, name, linear_from(weight, fused.weight.requires_grad))
-                setattr(module, module.FUSED, None)
-
     def standard_state_dict(self) -> dict[str, torch.Tensor]:
         """state_dict() with every fused projection split back into its parts: the checkpoint layout."""
-        if any(isinstance(m, Int8Linear) for m in self.modules()):
-            raise ValueError("an int8 model has no standard checkpoint layout: save the model before quantizing it")
         state = self.state_dict()
+        if any(not tensor.is_floating_point() for tensor in state.values()):  # only int8 weights (decoding.quantize_int8) are integers
+            raise ValueError("an int8 model has no standard checkpoint layout: save the model before quantizing it")
         for prefix, module in self.named_modules():
             if isinstance(module, (Attention, FeedForward)) and getattr(module, module.FUSED) is not None:
                 fused = state.pop(f"{prefix}.{module.FUSED}.weight")
                 state.update({f"{prefix}.{name}.weight": w for name, w in zip(module.PARTS, fused.split(module.part_sizes))})
         return state
-
-    def use_rowwise_matmuls(self) -> None:
-        """Make every nn.Linear a RowwiseLinear (same parameter): for compiled decoding on CPU."""
-        for module in list(self.modules()):
-            for name, child in module.named_children():
-                if type(child) is nn.Linear:
-                    setattr(module, name, linear_from(child.weight, child.weight.requires_grad, RowwiseLinear))
-        if self.cfg.tie_embeddings:  # one parameter object again, as before
-            self.embed_tokens.weight = self.lm_head.weight
-
-    def quantize_int8(self) -> None:
-        """Replace every linear layer (the LM head too, the embedding not) with Int8Linear: a
-        quarter of fp32's weight bytes, half of bf16's. Meant for inference; there is no way back."""
-        for module in list(self.modules()):
-            for name, child in module.named_children():
-                if isinstance(child, nn.Linear):
-                    setattr(module, name, Int8Linear(child.weight))
 
     # --- accounting ----------------------------------------------------------------------------
 

@@ -33,7 +33,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import ModelConfig  # noqa: E402
-from generate import compile_decode_step, decode_compile_options, prepare_for_decoding  # noqa: E402
+from decoding import prepare_for_decoding, quantize_int8  # noqa: E402
+from generate import compile_decode_step, decode_compile_options  # noqa: E402
 from generate_speed import (NEW_TOKENS, PROMPT_LEN, REFERENCE, TINYLLAMA, bench_cache_slots, decode_limits,  # noqa: E402
                             kernel_profile, ours_runner, read_bandwidth, seconds_per_call, step_alone_seconds, step_bytes)
 from model import Llama  # noqa: E402
@@ -113,7 +114,7 @@ def bench_shape(name: str, cfg: ModelConfig, device: str, rounds: int, gpt_fast=
     result = {"shape": name, "params": model.num_params(), "kv_bytes": decode_limits(model)["kv_bytes"], "rows": []}
     for variant in (str(dtype).removeprefix("torch."), "int8"):
         if variant == "int8":
-            model.quantize_int8()
+            quantize_int8(model)
         row = {"variant": variant, **measure(model, device, rounds)}
         print(f"[{name}] {variant}: {row}", file=sys.stderr, flush=True)
         result["rows"].append(row)

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import checkpoint  # noqa: E402
 from config import SampleConfig  # noqa: E402
-from generate import (Speculation, compile_decode_step, generate, prepare_for_decoding,  # noqa: E402
-                      speculative_generate)
+from decoding import prepare_for_decoding  # noqa: E402
+from generate import Speculation, compile_decode_step, generate, speculative_generate  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from train_speed import benchmark_args  # noqa: E402
 

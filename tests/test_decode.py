@@ -16,10 +16,11 @@ from torch.nn.attention import SDPBackend
 import checkpoint
 import data
 from config import SampleConfig
+from decoding import (Int8Linear, RowwiseLinear, fuse_projections, linear_from, pack_int8_columns, packed_one_row_matmul,
+                      prepare_for_decoding, unfuse_projections, unpack_int8_columns)
 from generate import (Speculation, main, compile_decode_step, decode_compile_options, generate, next_token_probs,
-                      prepare_for_decoding, row_seed, speculative_generate)
-from model import (Int8Linear, RowwiseLinear, attention_order, linear_from, pack_int8_columns, packed_one_row_matmul,
-                   unpack_int8_columns)
+                      row_seed, speculative_generate)
+from model import attention_order
 from test_convert import STORIES
 from test_model import make_model
 from tokenizer import Tokenizer
@@ -92,7 +93,7 @@ def test_fused_projections_keep_logits_tokens_and_the_checkpoint_layout(tmp_path
     state = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = SampleConfig(temperature=0.0, max_new_tokens=32)
     before, greedy = model(tokens)[0], last_rows(model, [tokens[0].tolist()], cfg)[0].token_ids
-    model.fuse_projections()
+    fuse_projections(model)
     assert model.layers[0].self_attn.q_proj is None and model.layers[0].mlp.gate_up_proj is not None
     assert set(model.standard_state_dict()) == set(state)
     assert all(torch.equal(v, state[k]) for k, v in model.standard_state_dict().items())
@@ -100,7 +101,7 @@ def test_fused_projections_keep_logits_tokens_and_the_checkpoint_layout(tmp_path
     assert last_rows(model, [tokens[0].tolist()], cfg)[0].token_ids == greedy
     checkpoint.save_hf(model, tmp_path)  # the checkpoint format does not change
     torch.testing.assert_close(checkpoint.load_hf(tmp_path)(tokens)[0], before, atol=1e-5, rtol=0)
-    model.unfuse_projections()
+    unfuse_projections(model)
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 

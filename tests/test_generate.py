@@ -12,6 +12,7 @@ import torch
 
 from config import ConfigError, SampleConfig, build_config, expand_short_flags
 from checkpoint import read_llama2c, save_hf, write_llama2c
+from decoding import use_decoding_layout
 from generate import (Completion, apply_repetition_penalty, compile_decode_step, generate,
                       hold_back, main, min_p_filter, sample_next, top_k_filter, top_p_filter)
 from test_convert import STORIES
@@ -87,7 +88,7 @@ def test_decoding_layout_keeps_logits_and_tokens(tied):
     tokens = torch.tensor([[5, 17, 3, 60, 22, 9, 41]])
     before, greedy = model(tokens)[0], decode(model, [tokens[0].tolist()], max_new_tokens=32)[0].token_ids
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    model.use_decoding_layout()
+    use_decoding_layout(model)
     assert not model.layers[0].mlp.up_proj.weight.is_contiguous()  # widening: transposed in memory
     assert model.layers[0].mlp.down_proj.weight.is_contiguous()  # narrowing: as it was
     assert (model.lm_head.weight is model.embed_tokens.weight) == tied
