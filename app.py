@@ -14,9 +14,11 @@ tokenizer has a chat template, `POST /v1/chat/completions` (messages instead of 
     client.completions.create(model="shakespeare_char_cpu", prompt="ROMEO:", max_tokens=64)
     client.chat.completions.create(model="smol-chat", messages=[{"role": "user", "content": "Hi!"}])
 
-top_k, min_p and repetition_penalty go through the client's `extra_body`. One thread owns the
-model and decodes one request at a time (the KV cache lives on the model), so concurrent requests
-wait their turn instead of sharing a cache. Both front ends decode with generate.py's sampler.
+top_k, min_p and repetition_penalty go through the client's `extra_body`. Requests share one
+decoding engine (engine.py) of `--max_batch` slots: concurrent requests decode in one batch, each
+streaming on its own; rows that find every slot busy wait in a queue of `--max_queue`, and past it
+a request gets a 429 with Retry-After. A client that disconnects frees its slots at the next step.
+`GET /metrics` reports slots in use, queue length and tokens/s (docs/serving.md).
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import itertools
 import json
+import math
 import os
 import queue
 import secrets
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,8 +43,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 
 from chat import ChatError, ChatFormat, chat_template
 from config import SampleConfig, ServeConfig, UserError, bounds_of, expand_short_flags, parse_cli, script
-from generate import (Loaded, compile_decode_step, detokenize, generate, generate_text, load_for_sampling,
-                      start_prompt, visible_text, with_generation_defaults)
+from engine import Completion, Engine, Request, compile_decode_step
+from generate import (Loaded, detokenize, generate_text, load_for_sampling, start_prompt, visible_text,
+                      with_generation_defaults)
 
 try:
     import fastapi
@@ -56,17 +61,19 @@ class RequestError(UserError):
     """A bad request: answered with an OpenAI-style error body naming the field at fault."""
 
     def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 code: str | None = None):
+                 code: str | None = None, retry_after: int | None = None):
         super().__init__(message)
-        self.param, self.status, self.code = param, status, code
+        self.param, self.status, self.code, self.retry_after = param, status, code, retry_after
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": str(self), "type": "invalid_request_error", "param": self.param,
-                                       "code": self.code}}, status_code=self.status)
+        kind = "rate_limit_error" if self.status == 429 else "invalid_request_error"
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
+        return JSONResponse({"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}},
+                            status_code=self.status, headers=headers)
 
 
 # ---------------------------------------------------------------------------------------------
-# The engine: one model, one thread that decodes on it
+# The server: one model, one decoding engine, one thread that steps it
 
 
 @dataclasses.dataclass
@@ -82,17 +89,23 @@ class RowText:
 @dataclasses.dataclass
 class Update:
     rows: list[RowText]
-    elapsed_s: float  # since the request's decoding began
+    elapsed_s: float  # since the request arrived
 
 
 @dataclasses.dataclass
 class Job:
-    prompts: list[list[int]]
+    """One request: its rows (prompts x n), each a request to the engine once the thread takes it."""
+    rows: list[Completion]
     cfg: SampleConfig
     stops: list[str]
     live: bool  # render every row's text after every token (streaming), or only when it finishes
     emit: Callable[[Update | BaseException | None], None]  # None: the job is over
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    arrived: float = dataclasses.field(default_factory=time.perf_counter)
+    requests: list[Request] = dataclasses.field(default_factory=list)
+    queued: int = 0  # of its rows, how many still wait for a slot (counted in Server.queued)
+    texts: Iterator[tuple[list[Completion], list[str]]] | None = None
+    shown: list[tuple[int, str | None]] = dataclasses.field(default_factory=list)  # what the last update said
 
 
 def chat_format(loaded: Loaded) -> ChatFormat | None:
@@ -117,8 +130,10 @@ def poster(loop: asyncio.AbstractEventLoop, updates: asyncio.Queue) -> Callable[
     return post
 
 
-class Engine:
-    """Loads a checkpoint and decodes requests on it one at a time, in arrival order."""
+class Server:
+    """Loads a checkpoint and serves every request on one engine of serve.max_batch slots: the
+    rows of all requests decode together, each streaming on its own. Rows that find every slot
+    busy wait in a queue of at most serve.max_queue; past it a request is refused with a 429."""
 
     def __init__(self, sample: SampleConfig, serve: ServeConfig, chosen: set[str] = frozenset()):
         loaded = load_for_sampling(sample)
@@ -134,8 +149,13 @@ class Engine:
         # Sampling settings the command line or the checkpoint's generation_config.json chose: a
         # request that omits one gets it, instead of the API's neutral default.
         self.chosen = chosen
-        self.decode_step = compile_decode_step(self.model) if sample.compile else None
+        steps = [compile_decode_step(self.model)] if sample.compile else []
+        self.engine = Engine(self.model, serve.max_batch, context=self.context, steps=steps,
+                             prefill_chunk=serve.prefill_chunk)
         self.render = functools.partial(detokenize, self.tokenizer)
+        self.max_queue, self.lock = serve.max_queue, threading.Lock()
+        self.queued = 0  # rows accepted that have no slot yet
+        self.meter = Meter(serve.max_batch)
         self.jobs: queue.Queue[Job] = queue.Queue()
         threading.Thread(target=self._work, name="decoder", daemon=True).start()
 
@@ -167,14 +187,32 @@ class Engine:
                                f"accepts: shorten it", field)
         return ids
 
-    async def stream(self, prompts: list[list[int]], cfg: SampleConfig, stops: list[str],
-                     live: bool) -> AsyncIterator[Update]:
-        """Queue a request and yield its progress after every decoded token (with `live`, every
-        row's text so far; else a row's text once it has finished); leaving early (a client that
-        went away) cancels it at the next token."""
+    def admit(self, job: Job) -> None:
+        """Count a request's rows into the queue, or refuse it (429) when they would not fit."""
+        with self.lock:
+            waiting = self.queued + len(job.rows) - self.meter.free_slots
+            if waiting > self.max_queue:
+                raise RequestError(f"the server is busy: every slot is taken and {self.queued} completion(s) are "
+                                   f"queued (limit {self.max_queue}); retry later", status=429,
+                                   code="rate_limit_exceeded", retry_after=self.meter.retry_after(waiting))
+            self.queued += len(job.rows)
+            job.queued = len(job.rows)
+
+    def stream(self, prompts: list[list[int]], cfg: SampleConfig, stops: list[str],
+               live: bool) -> AsyncIterator[Update]:
+        """Queue a request, or refuse it now (RequestError, 429) when the queue is full; its
+        progress comes as it decodes (with `live`, every row's text so far; else a row's text once
+        it has finished). Leaving the iterator early (a client that went away) cancels the request
+        and frees its slots at the next step. Call it from the request's event loop."""
         updates: asyncio.Queue = asyncio.Queue()
-        job = Job(prompts, cfg, stops, live, poster(asyncio.get_running_loop(), updates))
+        rows = [Completion(list(p), sample) for p in prompts for sample in range(cfg.num_samples)]
+        job = Job(rows, cfg, stops, live, poster(asyncio.get_running_loop(), updates))
+        self.admit(job)
         self.jobs.put(job)
+        return self.updates(job, updates)
+
+    @staticmethod
+    async def updates(job: Job, updates: asyncio.Queue) -> AsyncIterator[Update]:
         try:
             while (item := await updates.get()) is not None:
                 if isinstance(item, BaseException):
@@ -184,23 +222,97 @@ class Engine:
             job.cancelled.set()
 
     def _work(self) -> None:
+        active: list[Job] = []
         while True:
-            job = self.jobs.get()
-            if job.cancelled.is_set():
-                continue
+            self.take_jobs(active)
+            for job in active:
+                if job.cancelled.is_set():
+                    for request in job.requests:
+                        self.engine.cancel(request)
             try:
-                start = time.perf_counter()
-                steps = generate(self.model, job.prompts, job.cfg, self.eos, decode_step=self.decode_step,
-                                 context=self.context)
-                for rows, texts in generate_text(steps, self.render, job.stops, live=job.live):
+                self.engine.step()
+            except Exception as e:  # reported to the requests decoding now; the server goes on
+                for job in list(active):
+                    for request in job.requests:
+                        self.engine.cancel(request)
+                    job.emit(e)
+                    self.finish(job, active)
+            self.report(active)
+
+    def take_jobs(self, active: list[Job]) -> None:
+        """New requests onto the engine: wait for one while nothing decodes, else take what came."""
+        while True:
+            try:
+                job = self.jobs.get(block=not active and not self.engine.busy)
+            except queue.Empty:
+                return
+            job.requests = [self.engine.submit(row, job.cfg, self.eos) for row in job.rows]
+            job.texts = generate_text(itertools.repeat(job.rows), self.render, job.stops, live=job.live)
+            active.append(job)
+
+    def report(self, active: list[Job]) -> None:
+        """After a step: each request's new text, or its end; then the queue and speed counts."""
+        for job in list(active):
+            self.count_queued(job, sum(not (r.started or r.done) for r in job.requests))
+            if not job.cancelled.is_set():
+                rows, texts = next(job.texts)
+                shown = [(len(r.token_ids), r.finish_reason) for r in rows]
+                if shown != job.shown:
+                    job.shown = shown
                     job.emit(Update([RowText(visible_text(text, row.finish_reason, job.stops), row.finish_reason,
                                              len(row.token_ids)) for row, text in zip(rows, texts)],
-                                    time.perf_counter() - start))
-                    if job.cancelled.is_set():
-                        break
-            except Exception as e:  # reported to the request that caused it; the server goes on
-                job.emit(e)
-            job.emit(None)
+                                    time.perf_counter() - job.arrived))
+            if all(r.done for r in job.requests):
+                self.meter.finished(time.perf_counter() - job.arrived)
+                self.finish(job, active)
+        self.meter.stepped(self.engine.generated, self.engine.in_use, self.queued)
+
+    def count_queued(self, job: Job, queued: int) -> None:
+        with self.lock:
+            self.queued += queued - job.queued
+            job.queued = queued
+
+    def finish(self, job: Job, active: list[Job]) -> None:
+        self.count_queued(job, 0)
+        job.emit(None)
+        active.remove(job)
+
+
+class Meter:
+    """What /metrics and the periodic log line say: slots in use, rows queued, tokens/s over the
+    last LOG_EVERY_S seconds; and how long a refused client should wait before retrying."""
+    LOG_EVERY_S = 10.0
+
+    def __init__(self, slots: int):
+        self.slots, self.in_use, self.queued = slots, 0, 0
+        self.request_s = 1.0  # a running mean of request durations (for Retry-After)
+        self.window_start, self.window_generated, self.tokens_per_s = time.perf_counter(), 0, 0.0
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots - self.in_use
+
+    def retry_after(self, waiting: int) -> int:
+        """Seconds until about `waiting` rows ahead have been served, at least 1."""
+        return max(1, math.ceil(self.request_s * waiting / self.slots))
+
+    def finished(self, seconds: float) -> None:
+        self.request_s = 0.9 * self.request_s + 0.1 * seconds
+
+    def stepped(self, generated: int, in_use: int, queued: int) -> None:
+        """After a step: `generated`, the engine's count of tokens so far."""
+        self.in_use, self.queued = in_use, queued
+        now = time.perf_counter()
+        if now - self.window_start >= self.LOG_EVERY_S:
+            self.tokens_per_s = (generated - self.window_generated) / (now - self.window_start)
+            if self.tokens_per_s or in_use or queued:
+                print(f"serving: {in_use}/{self.slots} slots in use, {queued} queued, "
+                      f"{self.tokens_per_s:.1f} tokens/s", file=sys.stderr, flush=True)
+            self.window_start, self.window_generated = now, generated
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"slots": self.slots, "slots_in_use": self.in_use, "queued": self.queued,
+                "tokens_per_s": round(self.tokens_per_s, 1)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,13 +373,13 @@ class CompletionRequest(SamplingRequest):
     best_of: Literal[1] | None = None
     suffix: None = None
 
-    def prompt_ids(self, engine: Engine) -> list[list[int]]:
+    def prompt_ids(self, server: Server) -> list[list[int]]:
         """Each prompt's ids: a string or a token-id list is one prompt."""
         if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
-            return [engine.encode(self.prompt)]
+            return [server.encode(self.prompt)]
         if not self.prompt:
             raise RequestError("prompt is an empty list: send a string, token ids, or a list of either", "prompt")
-        return [engine.encode(p) for p in self.prompt]
+        return [server.encode(p) for p in self.prompt]
 
 
 class Message(pydantic.BaseModel):
@@ -282,8 +394,8 @@ class ChatRequest(SamplingRequest):
     messages: list[Message] = pydantic.Field(min_length=1)
     logprobs: Literal[False] | None = None
 
-    def prompt_ids(self, engine: Engine) -> list[list[int]]:
-        return [engine.encode_chat([{"role": m.role, "content": m.content} for m in self.messages])]
+    def prompt_ids(self, server: Server) -> list[list[int]]:
+        return [server.encode_chat([{"role": m.role, "content": m.content} for m in self.messages])]
 
 
 UNSUPPORTED = {"echo": "false", "logprobs": "null", "best_of": "1", "suffix": "null", "frequency_penalty": "0",
@@ -307,7 +419,7 @@ def describe_validation_error(error: pydantic.ValidationError) -> RequestError:
                         field)
 
 
-def parse_request(body: bytes, engine: Engine, serve: ServeConfig, kind: type[SamplingRequest] = CompletionRequest
+def parse_request(body: bytes, server: Server, serve: ServeConfig, kind: type[SamplingRequest] = CompletionRequest
                   ) -> tuple[SamplingRequest, list[list[int]], SampleConfig, list[str]]:
     """Validate a completions (or, with kind=ChatRequest, chat) request: (request, prompt ids,
     sampling config, stop strings). Raises RequestError."""
@@ -321,23 +433,23 @@ def parse_request(body: bytes, engine: Engine, serve: ServeConfig, kind: type[Sa
         request = kind.model_validate(data)
     except pydantic.ValidationError as e:
         raise describe_validation_error(e) from None
-    if request.model != engine.name:
-        raise RequestError(f"the model {request.model!r} does not exist: this server serves {engine.name!r}",
+    if request.model != server.name:
+        raise RequestError(f"the model {request.model!r} does not exist: this server serves {server.name!r}",
                            "model", status=404, code="model_not_found")
     if request.max_tokens > serve.max_tokens:
         raise RequestError(f"max_tokens={request.max_tokens} is more than this server's limit of {serve.max_tokens}",
                            "max_tokens")
-    ids = request.prompt_ids(engine)
-    if len(ids) * request.n > serve.max_batch:
+    ids = request.prompt_ids(server)
+    if len(ids) * request.n > serve.max_choices:
         raise RequestError(f"{len(ids)} prompt(s) x n={request.n} is more than this server's limit of "
-                           f"{serve.max_batch} completions per request", "n")
+                           f"{serve.max_choices} completions per request", "n")
     stops = request.stop_strings()
-    if stops and engine.tokenizer is None:
-        raise RequestError(f"{engine.name} has no tokenizer, so it cannot watch for stop strings", "stop")
+    if stops and server.tokenizer is None:
+        raise RequestError(f"{server.name} has no tokenizer, so it cannot watch for stop strings", "stop")
     knobs = {ours: getattr(request, field) for field, ours in API_KNOBS.items()
-             if field in request.model_fields_set or ours not in engine.chosen}
+             if field in request.model_fields_set or ours not in server.chosen}
     knobs["seed"] = secrets.randbits(31) if request.seed is None else request.seed  # fresh draws per request
-    cfg = dataclasses.replace(engine.defaults, **knobs)
+    cfg = dataclasses.replace(server.defaults, **knobs)
     try:
         cfg.validate()
     except UserError as e:
@@ -362,7 +474,7 @@ def usage_of(prompts: list[list[int]], rows: list[RowText]) -> dict[str, int]:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def build_api(engine: Engine, serve: ServeConfig) -> fastapi.FastAPI:
+def build_api(server: Server, serve: ServeConfig) -> fastapi.FastAPI:
     api = fastapi.FastAPI(title="nanollama", docs_url=None, redoc_url=None)
 
     @api.exception_handler(RequestError)
@@ -371,42 +483,53 @@ def build_api(engine: Engine, serve: ServeConfig) -> fastapi.FastAPI:
 
     @api.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": engine.name, "object": "model", "created": int(time.time()),
-                                            "owned_by": "nanollama", "max_model_len": engine.context}]}
+        return {"object": "list", "data": [{"id": server.name, "object": "model", "created": int(time.time()),
+                                            "owned_by": "nanollama", "max_model_len": server.context}]}
+
+    @api.get("/metrics")
+    async def metrics() -> dict[str, Any]:
+        return server.meter.snapshot()
 
     @api.post("/v1/completions")
     async def completions(raw: fastapi.Request) -> Any:
-        request, prompts, cfg, stops = parse_request(await raw.body(), engine, serve)
+        request, prompts, cfg, stops = parse_request(await raw.body(), server, serve)
         request_id, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
-        updates = engine.stream(prompts, cfg, stops, live=request.stream)
+        updates = server.stream(prompts, cfg, stops, live=request.stream)
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
-            return StreamingResponse(sse_events(updates, request_id, created, engine.name, prompts, include_usage),
+            return StreamingResponse(sse_events(updates, request_id, created, server.name, prompts, include_usage),
                                      media_type="text/event-stream")
-        rows: list[RowText] = []
-        async for update in updates:
-            rows = update.rows
+        rows = await last_rows(updates, raw)
         choices = [{"text": r.text, "index": i, "logprobs": None, "finish_reason": OPENAI_FINISH[r.finish_reason]}
                    for i, r in enumerate(rows)]
-        return completion_body(request_id, created, engine.name, choices, usage_of(prompts, rows))
+        return completion_body(request_id, created, server.name, choices, usage_of(prompts, rows))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(raw: fastapi.Request) -> Any:
-        request, prompts, cfg, stops = parse_request(await raw.body(), engine, serve, ChatRequest)
+        request, prompts, cfg, stops = parse_request(await raw.body(), server, serve, ChatRequest)
         request_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-        updates = engine.stream(prompts, cfg, stops, live=request.stream)
+        updates = server.stream(prompts, cfg, stops, live=request.stream)
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
-            return StreamingResponse(sse_events(updates, request_id, created, engine.name, prompts, include_usage,
+            return StreamingResponse(sse_events(updates, request_id, created, server.name, prompts, include_usage,
                                                 chat=True), media_type="text/event-stream")
-        rows: list[RowText] = []
-        async for update in updates:
-            rows = update.rows
+        rows = await last_rows(updates, raw)
         choices = [{"index": i, "message": {"role": "assistant", "content": r.text}, "logprobs": None,
                     "finish_reason": OPENAI_FINISH[r.finish_reason]} for i, r in enumerate(rows)]
-        return completion_body(request_id, created, engine.name, choices, usage_of(prompts, rows), "chat.completion")
+        return completion_body(request_id, created, server.name, choices, usage_of(prompts, rows), "chat.completion")
 
     return api
+
+
+async def last_rows(updates: AsyncIterator[Update], raw: fastapi.Request) -> list[RowText]:
+    """A request's final rows; a client that has gone meanwhile cancels it (the next update notices)."""
+    rows: list[RowText] = []
+    async for update in updates:
+        rows = update.rows
+        if await raw.is_disconnected():
+            break
+    await updates.aclose()
+    return rows
 
 
 async def sse_events(updates: AsyncIterator[Update], request_id: str, created: int, model: str,
@@ -474,14 +597,14 @@ def chat_messages(system: str, history: list[dict[str, Any]], message: str) -> l
 class DemoActions:
     """What the demo's buttons do: read the sampling controls, then stream a generation."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, server: Server):
+        self.server = server
 
     def sampling(self, temperature: float, top_k: float, top_p: float, repetition_penalty: float,
                  max_new_tokens: float, seed: float) -> SampleConfig:
         # A slider's value is min + k * step in binary floating point (1.0 can arrive as
         # 1.0000000000000002, which would switch the repetition penalty on): round to the steps.
-        cfg = dataclasses.replace(self.engine.defaults, temperature=round(temperature, 4), top_k=int(top_k),
+        cfg = dataclasses.replace(self.server.defaults, temperature=round(temperature, 4), top_k=int(top_k),
                                   top_p=round(top_p, 4), repetition_penalty=round(repetition_penalty, 4),
                                   max_new_tokens=int(max_new_tokens), num_samples=1, seed=int(seed))
         cfg.validate()
@@ -491,13 +614,13 @@ class DemoActions:
                   max_new_tokens: float, seed: float) -> AsyncIterator[tuple[str, str]]:
         """Generate: the prompt and its continuation as it streams, and the speed."""
         import gradio as gr
-        engine = self.engine
+        server = self.server
         try:
-            ids = engine.encode(prompt if engine.tokenizer is not None else [int(t) for t in prompt.split()])
+            ids = server.encode(prompt if server.tokenizer is not None else [int(t) for t in prompt.split()])
             cfg = self.sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed)
         except (UserError, ValueError) as e:
             raise gr.Error(str(e)) from None
-        async for update in engine.stream([ids], cfg, [], live=True):
+        async for update in server.stream([ids], cfg, [], live=True):
             row = update.rows[0]
             speed = (f"{row.n_tokens} tokens in {update.elapsed_s:.2f} s · "
                      f"{row.n_tokens / update.elapsed_s:,.1f} tokens/s")
@@ -510,24 +633,24 @@ class DemoActions:
         import gradio as gr
         try:
             messages = chat_messages(system, history, message)
-            ids = self.engine.encode_chat(messages)
+            ids = self.server.encode_chat(messages)
             cfg = self.sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens, seed)
         except (UserError, ValueError) as e:
             raise gr.Error(str(e)) from None
         shown = [m for m in messages if m["role"] != "system"] + [{"role": "assistant", "content": ""}]
-        async for update in self.engine.stream([ids], cfg, [], live=True):
+        async for update in self.server.stream([ids], cfg, [], live=True):
             shown[-1]["content"] = update.rows[0].text
             yield shown, ""
 
 
-def sampling_controls(engine: Engine, serve: ServeConfig) -> list[Any]:
+def sampling_controls(server: Server, serve: ServeConfig) -> list[Any]:
     """The demo's sampling controls, in DemoActions.sampling's order, each within SampleConfig's bounds."""
     import gradio as gr
-    d = engine.defaults
+    d = server.defaults
     with gr.Row():
         temperature = gr.Slider(*slider_range("temperature", 0.05), value=d.temperature, step=0.05,
                                 label="Temperature (0 = greedy)", elem_id="temperature")
-        top_k = gr.Slider(*slider_range("top_k", 1, top=engine.model.cfg.vocab_size), value=d.top_k, step=1,
+        top_k = gr.Slider(*slider_range("top_k", 1, top=server.model.cfg.vocab_size), value=d.top_k, step=1,
                           label="Top-k (0 = off)", elem_id="top_k")
         top_p = gr.Slider(*slider_range("top_p", 0.01), value=d.top_p, step=0.01, label="Top-p", elem_id="top_p")
     with gr.Row():
@@ -555,28 +678,28 @@ def chat_tab(actions: DemoActions, knobs: list[Any]) -> None:
         clear.click(lambda: ([], ""), None, [chatbot, message])
 
 
-def build_demo(engine: Engine, serve: ServeConfig) -> Any:
+def build_demo(server: Server, serve: ServeConfig) -> Any:
     """A Gradio page: sampling controls, then a tab to continue a prompt (streamed output and speed)
     and, when the tokenizer has a chat template, a chat tab; None without Gradio."""
     try:
         import gradio as gr
     except ImportError:
         return None
-    kind = engine.tokenizer.kind if engine.tokenizer is not None else "token ids"
-    actions = DemoActions(engine)
-    with gr.Blocks(title=f"nanollama · {engine.name}") as demo:
-        gr.Markdown(f"## nanollama · {engine.name}\n{engine.model.num_params():,} parameters · {kind} tokenizer · "
-                    f"context {engine.context} tokens", elem_id="model-info")
-        knobs = sampling_controls(engine, serve)
+    kind = server.tokenizer.kind if server.tokenizer is not None else "token ids"
+    actions = DemoActions(server)
+    with gr.Blocks(title=f"nanollama · {server.name}") as demo:
+        gr.Markdown(f"## nanollama · {server.name}\n{server.model.num_params():,} parameters · {kind} tokenizer · "
+                    f"context {server.context} tokens", elem_id="model-info")
+        knobs = sampling_controls(server, serve)
         with gr.Tabs():
             with gr.Tab("Complete"):
-                prompt = gr.Textbox(label="Prompt" if engine.tokenizer is not None else "Prompt (token ids)",
+                prompt = gr.Textbox(label="Prompt" if server.tokenizer is not None else "Prompt (token ids)",
                                     lines=3, elem_id="prompt")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
                 output = gr.Textbox(label="Output", lines=12, interactive=False, elem_id="output")
                 speed = gr.Markdown(elem_id="speed")
                 button.click(actions.run, [prompt, *knobs], [output, speed])
-            if engine.chat is not None:  # the tokenizer has a chat template
+            if server.chat is not None:  # the tokenizer has a chat template
                 chat_tab(actions, knobs)
     return demo
 
@@ -588,10 +711,10 @@ def build_demo(engine: Engine, serve: ServeConfig) -> Any:
 def build_app(sample: SampleConfig, serve: ServeConfig,
               chosen: set[str] = frozenset()) -> tuple[fastapi.FastAPI, bool]:
     """The server (API, plus the demo at / when Gradio is installed) and whether the demo is on.
-    `chosen`: the sampling settings requests default to (see Engine)."""
-    engine = Engine(sample, serve, chosen)
-    api = build_api(engine, serve)
-    demo = build_demo(engine, serve)
+    `chosen`: the sampling settings requests default to (see Server)."""
+    server = Server(sample, serve, chosen)
+    api = build_api(server, serve)
+    demo = build_demo(server, serve)
     if demo is None:
         return api, False
     import gradio as gr

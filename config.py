@@ -488,7 +488,11 @@ class ServeConfig:
     model_name: str | None = _field(None, "model id the API answers to (default: the checkpoint's folder or file name)")
     max_prompt_tokens: int = _field(0, "longest prompt a request may send, in tokens (0 = the model's context)", ge=0)
     max_tokens: int = _field(512, "most new tokens a request may ask for", gt=0)
-    max_batch: int = _field(32, "most completions in one request (prompts x n)", gt=0)
+    max_choices: int = _field(32, "most completions in one request (prompts x n)", gt=0)
+    max_batch: int = _field(8, "slots: completions decoded at once, all requests together (docs/serving.md)",
+                            ge=1, le=256)
+    max_queue: int = _field(64, "completions that may wait for a slot; past that a request gets a 429", ge=0)
+    prefill_chunk: int = _field(256, "most prompt tokens read per step while other slots decode", ge=1)
 
     def validate(self) -> None:
         check_fields(self, "serve")

@@ -5,12 +5,11 @@
     echo "To be" | python generate.py --checkpoint out/run --json --num_samples 3
     python generate.py --help                     # every option (also spelled --sample.<key>)
 
-The prompt is prefilled in one forward into a pre-allocated KV cache, then each step feeds one
-token and sends only the last position through the LM head. Prompts of different lengths share a
-batch left-padded: the model masks each row's padding and shifts its RoPE positions, so every row
-decodes as it would alone, and every (prompt, sample) pair draws from a generator of its own, seeded
-from (seed, prompt tokens, sample index) by row_seed.
-The sampling functions are plain functions of (batch, vocab) logits, for reuse by other front ends.
+Decoding runs on engine.py's Engine: each (prompt, sample) row gets a slot of a pre-allocated KV
+cache, its prompt is read in one forward, then every step feeds each row one token at its own
+position and sends only the last position through the LM head, so every row decodes as it would
+alone. Every row draws from a generator of its own, seeded from (seed, prompt tokens, sample index)
+by engine.row_seed.
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import stat
@@ -35,145 +33,13 @@ import devices
 from chat import ChatFormat, chat_template
 from config import ConfigError, EvalConfig, SampleConfig, expand_short_flags, load_json, parse_cli, script
 from decoding import prepare_for_decoding
+from engine import (Completion, DecodeStep, Engine, Request, Speculation, compile_decode_step, kept_on_slide,
+                    row_seed, sample_next)
 from model import Llama
 from tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------------------------
-# Sampling: each function maps (batch, vocab) logits to logits, -inf marking what was dropped
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """Hugging Face's rule on every token already in the prompt or output (`seen`, a (batch, vocab)
-    bool mask): positive logits are divided by the penalty, negative ones multiplied."""
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    return torch.where(seen, penalized, logits)
-
-
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep exactly the k largest logits (ties broken by topk, so never more than k)."""
-    if k >= logits.shape[-1]:
-        return logits
-    values, indices = logits.topk(k, dim=-1)
-    return torch.full_like(logits, float("-inf")).scatter(-1, indices, values)
-
-
-def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose probability mass reaches p."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # 0 for the top token, so it always stays
-    sorted_logits = sorted_logits.masked_fill(mass_before >= p, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-
-
-def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Drop tokens less likely than min_p times the most likely one."""
-    probs = logits.softmax(dim=-1)
-    return logits.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), float("-inf"))
-
-
-def filtered_logits(logits: torch.Tensor, seen: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
-    """The logits sampling draws from, in Hugging Face's order: repetition penalty, temperature,
-    top-k, top-p, min-p (cfg.temperature > 0)."""
-    logits = logits.float()
-    if cfg.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-    logits = logits / cfg.temperature
-    if cfg.top_k > 0:
-        logits = top_k_filter(logits, cfg.top_k)
-    if cfg.top_p < 1.0:
-        logits = top_p_filter(logits, cfg.top_p)
-    if cfg.min_p > 0.0:
-        logits = min_p_filter(logits, cfg.min_p)
-    return logits
-
-
-def draw(probs: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """One token per row of (batch, vocab) probabilities, row i drawing from generators[i].
-
-    argmax(p / E) with E ~ Exp(1) picks token i with probability p_i (the exponential race);
-    unlike torch.multinomial it never syncs with the device. One generator per row keeps a row's
-    draws independent of what else shares the batch."""
-    noise = torch.stack([torch.empty_like(probs[0]).exponential_(generator=g) for g in generators])
-    return (probs / noise).argmax(dim=-1)
-
-
-def sample_next(logits: torch.Tensor, seen: torch.Tensor, cfg: SampleConfig,
-                generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """The next token of each row, (batch,). Stays on the device: nothing here waits for the GPU."""
-    if cfg.temperature == 0:
-        logits = logits.float()
-        if cfg.repetition_penalty != 1.0:
-            logits = apply_repetition_penalty(logits, seen, cfg.repetition_penalty)
-        return logits.argmax(dim=-1)
-    return draw(filtered_logits(logits, seen, cfg).softmax(dim=-1), generators)
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding
-
-
-@dataclasses.dataclass
-class Completion:
-    """One row of a batch: a prompt, which of its samples this is, and what was generated.
-    finish_reason is None while decoding, then "eos", "length" or "stop"."""
-    prompt_ids: list[int]
-    sample: int = 0
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None
-
-
-DecodeStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-
-def compile_decode_step(model: Llama) -> DecodeStep:
-    """A compiled step, (batch, T) tokens at a 0-d position tensor -> (batch, T, vocab) logits (T is 1
-    when decoding, k + 1 when a speculative round verifies k drafted tokens).
-
-    The position is a tensor and attention spans the whole cache, so every step has the same shapes
-    and compiles once per batch size and cache length (gpt-fast's recipe); on GPUs CUDA graphs then
-    remove the kernel-launch overhead. (Inductor's weight freezing with max_autotune decodes over
-    twice as fast on CPU, but gave wrong tokens on stories260K in torch 2.13, so it stays off.)
-    """
-    def step(tokens: torch.Tensor, position: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
-        return model(tokens, start_pos=position, pad=pad)[0]
-
-    return torch.compile(step, fullgraph=True, options=decode_compile_options(model.embed_tokens.weight.is_cuda))
-
-
-def decode_compile_options(on_gpu: bool) -> dict[str, bool]:
-    """Inductor options for a compiled decoding step, given to that compile alone (a later compile
-    in the process, a training step say, keeps the defaults).
-
-    On GPUs: CUDA graphs (what mode="reduce-overhead" turns on) remove the kernel-launch overhead;
-    with coordinate-descent tuning Inductor rewrites a one-row matmul as a reduction it can fuse
-    with its neighbours (the norm before it, int8's conversion); max_autotune_pointwise starts that
-    tuning from the best of several reduction shapes (+5% on an H100, bf16)."""
-    if not on_gpu:
-        return {}
-    return {"triton.cudagraphs": True, "coordinate_descent_tuning": True, "max_autotune_pointwise": True}
-
-
-class HostTokens:
-    """Each step's tokens copied to the host without stopping the device: copy() queues the copy
-    into pinned memory behind the step's kernels, and wait() waits for that copy alone, so work
-    queued after it (the next step's forward) keeps the device busy meanwhile. Finished rows stay
-    in the batch; the host ignores their tokens."""
-
-    def __init__(self, batch: int, device: torch.device):
-        self.on_gpu = device.type == "cuda"
-        self.buffer = torch.empty(batch, dtype=torch.long, pin_memory=self.on_gpu)
-        self.copied = torch.cuda.Event() if self.on_gpu else None
-
-    def copy(self, tokens: torch.Tensor) -> None:
-        self.buffer.copy_(tokens, non_blocking=self.on_gpu)
-        if self.copied is not None:
-            self.copied.record()
-
-    def wait(self) -> list[int]:
-        if self.copied is not None:
-            self.copied.synchronize()
-        return self.buffer.tolist()
+# Decoding: batches of prompts on the engine
 
 
 def new_rows(prompts: Sequence[Sequence[int]], num_samples: int, context: int) -> list[Completion]:
@@ -185,151 +51,78 @@ def new_rows(prompts: Sequence[Sequence[int]], num_samples: int, context: int) -
     return rows
 
 
-def row_seed(seed: int, prompt_ids: Sequence[int], sample: int) -> int:
-    """The seed of one (prompt, sample) pair's random stream: a hash of the seed, the prompt's tokens
-    and the sample index. Different prompts never share draws, and a row draws the same numbers
-    whatever else shares its batch, so a batch reproduces its rows' solo runs."""
-    key = f"{seed}:{sample}:{','.join(map(str, prompt_ids))}".encode()
-    return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1  # 63 bits: manual_seed's range
-
-
 def cache_slots(needed: int, context: int) -> int:
     """KV-cache positions for a call that needs `needed`: rounded up to a multiple of 256 (at most
     the context), so that calls of other lengths reuse the compiled step instead of recompiling it."""
     return min(context, -(-needed // 256) * 256)
 
 
-def kept_on_slide(context: int) -> int:
-    """How many of its last tokens a full window keeps when it slides."""
-    return max(1, context // 2)
-
-
-def prefill(model: Llama, windows: Sequence[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Read every row's window in one forward from position 0 (into the KV cache, when set up),
-    rows left-padded to the longest; returns the last position's logits and the padding counts
-    (None when no row is padded)."""
-    device, longest = model.embed_tokens.weight.device, max(map(len, windows))
-    padding = [longest - len(w) for w in windows]
-    tokens = torch.tensor([[0] * n + list(w) for n, w in zip(padding, windows)], device=device)
-    pad = torch.tensor(padding, device=device) if any(padding) else None
-    return model(tokens, last_only=True, pad=pad)[0][:, -1], pad
-
-
-def decode_one(model: Llama, decode_step: DecodeStep | None, tokens: torch.Tensor, length: int,
-               position: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
-    """The next logits (batch, vocab) after feeding tokens (batch,) at slot `length` of the cache;
-    the compiled step reads the slot from `position`, which moves on by one."""
-    if decode_step is None:
-        return model(tokens[:, None], start_pos=length, last_only=True, pad=pad)[0][:, -1]
-    logits = decode_step(tokens[:, None], position, pad)[:, -1]
-    position += 1
-    return logits
-
-
-def prompt_tokens_seen(rows: list[Completion], vocab_size: int, device: torch.device) -> torch.Tensor:
-    """(rows, vocab_size), True at the tokens of each row's prompt: where the repetition penalty starts."""
-    seen = torch.zeros(len(rows), vocab_size, dtype=torch.bool, device=device)
-    for i, r in enumerate(rows):
-        seen[i, r.prompt_ids] = True
-    return seen
-
-
-def append_step(rows: list[Completion], windows: list[list[int]], tokens: list[int], eos: set[int],
-                last: bool) -> None:
-    """One step's tokens: every window reads its row's (finished rows too, as the batch does); a
-    row still decoding keeps it, or finishes at EOS or on the `last` step."""
-    for row, window, token in zip(rows, windows, tokens):
-        window.append(token)
-        if row.finish_reason is None:
-            if token in eos:
-                row.finish_reason = "eos"
-            else:
-                row.token_ids.append(token)
-                row.finish_reason = "length" if last else None
+def run_engine(engine: Engine, rows: list[Completion], cfg: SampleConfig,
+               eos_ids: Sequence[int]) -> Iterator[list[Completion]]:
+    """Every row submitted to `engine`, then the rows after each of its steps until all finish."""
+    for row in rows:
+        engine.submit(row, cfg, eos_ids)
+    try:
+        while engine.busy:
+            engine.step()
+            yield rows
+    finally:
+        engine.close()
 
 
 def generate(model: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig, eos_ids: Sequence[int] = (), *,
              use_cache: bool = True, decode_step: DecodeStep | None = None,
              context: int | None = None) -> Iterator[list[Completion]]:
-    """Decode cfg.num_samples samples of every prompt as one batch, yielding the rows after each step.
+    """Decode cfg.num_samples samples of every prompt, one engine slot each, yielding the rows after
+    each step.
 
     A row's token_ids grow by one per step until it finishes (EOS or max_new_tokens); a caller may
     end a row early by setting its finish_reason (stop strings do). `context` (default and at most
     the model's max_seq_len) is the longest window the model reads: a row that reaches it slides,
-    keeping its last context // 2 tokens (all rows are read again in one forward), so no position
-    past what the model was trained on is ever used and every row still decodes as it would alone.
-    Without the cache every step re-reads the whole window (the baseline the cache is measured
-    against); `decode_step` comes from compile_decode_step.
+    keeping its last context // 2 tokens, so no position past what the model was trained on is ever
+    used and every row still decodes as it would alone. Without the cache every step re-reads the
+    whole window (reread_generate: the baseline the cache is measured against); `decode_step`
+    comes from compile_decode_step.
     """
-    device = model.embed_tokens.weight.device
     context = min(context or model.cfg.max_seq_len, model.cfg.max_seq_len)
     rows = new_rows(prompts, cfg.num_samples, context)
+    if not use_cache:
+        yield from reread_generate(model, rows, cfg, set(eos_ids), context)
+        return
     longest = max(len(r.prompt_ids) for r in rows)
-    windows = [list(r.prompt_ids) for r in rows]  # what the model reads for each row now
+    engine = Engine(model, len(rows), context=context, cache_len=cache_slots(longest + cfg.max_new_tokens - 1, context),
+                    steps=[decode_step])
+    yield from run_engine(engine, rows, cfg, eos_ids)
+
+
+def reread_generate(model: Llama, rows: list[Completion], cfg: SampleConfig, eos: set[int],
+                    context: int) -> Iterator[list[Completion]]:
+    """Decoding without a KV cache, the reference: every step reads each row's whole window again
+    (sliding as the engine does), and samples as the engine does."""
+    device = model.embed_tokens.weight.device
+    windows = [list(r.prompt_ids) for r in rows]
     generators = [torch.Generator(device).manual_seed(row_seed(cfg.seed, r.prompt_ids, r.sample)) for r in rows]
-    eos, n_new = set(eos_ids), cfg.max_new_tokens
-    # Inference mode is entered per step, never across a yield: the caller's code between steps
-    # must not run in it.
-    with torch.inference_mode():
-        seen = prompt_tokens_seen(rows, model.cfg.vocab_size, device)
-        if use_cache:
-            model.setup_cache(len(rows), max_seq_len=cache_slots(longest + n_new - 1, context))
-        logits, pad = prefill(model, windows)
-        length = longest  # slots of the window in use; the next token goes to slot `length`
-        position = torch.tensor(length, device=device)  # the same, for the compiled step
-    host = HostTokens(len(rows), device)
-    try:
-        for step in range(n_new):
+    seen = torch.zeros(len(rows), model.cfg.vocab_size, dtype=torch.bool, device=device)
+    for i, window in enumerate(windows):
+        seen[i, window] = True
+    while not all(r.finish_reason for r in rows):
+        for i, (row, window) in enumerate(zip(rows, windows)):
+            if row.finish_reason:
+                continue
             with torch.inference_mode():
-                next_tokens = sample_next(logits, seen, cfg, generators)
-                seen.scatter_(1, next_tokens[:, None], True)
-                host.copy(next_tokens)
-                # A slide, and every step without the cache, re-reads windows that the host holds.
-                reread = length == context or not use_cache
-                # After the first token (shown as soon as it exists), the next step is queued before
-                # the host waits for this one's tokens: the device computes it while the host emits.
-                ahead = 0 < step < n_new - 1 and not reread
-                if ahead:
-                    logits = decode_one(model, decode_step, next_tokens, length, position, pad)
-                    length += 1
-            append_step(rows, windows, host.wait(), eos, last=step == n_new - 1)
-            yield rows
-            if all(r.finish_reason for r in rows) or step == n_new - 1:
-                break
-            with torch.inference_mode():
-                if reread:
-                    if length == context:  # the longest rows are full: each of them keeps its last half
-                        windows = [w[-kept_on_slide(context):] if len(w) > context else w for w in windows]
-                    logits, pad = prefill(model, windows)
-                    length = max(map(len, windows))
-                    position.fill_(length)
-                elif not ahead:
-                    logits = decode_one(model, decode_step, next_tokens, length, position, pad)
-                    length += 1
-    finally:
-        model.clear_cache(keep=decode_step is not None)  # the compiled step's next call finds the same buffers
-
-
-@dataclasses.dataclass
-class Speculation:
-    """What speculative decoding did: rounds, tokens the draft proposed, and how many the target kept."""
-    rounds: int = 0
-    proposed: int = 0
-    accepted: int = 0
-
-    @property
-    def acceptance_rate(self) -> float:
-        return self.accepted / max(1, self.proposed)
-
-
-def next_token_probs(logits: torch.Tensor, seen: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
-    """The distribution sample_next draws from, (vocab,) from (vocab,) logits; greedy decoding's is
-    all on its argmax."""
-    if cfg.temperature > 0:
-        return filtered_logits(logits[None], seen[None], cfg)[0].softmax(dim=-1)
-    if cfg.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits.float(), seen, cfg.repetition_penalty)
-    return torch.nn.functional.one_hot(logits.argmax(), logits.shape[-1]).float()
+                logits = model(torch.tensor([window], device=device), last_only=True)[0][:, -1]
+                token = int(sample_next(logits, seen[i:i + 1], cfg, [generators[i]])[0])
+            seen[i, token] = True
+            if token in eos:
+                row.finish_reason = "eos"
+                continue
+            row.token_ids.append(token)
+            window.append(token)
+            if len(row.token_ids) == cfg.max_new_tokens:
+                row.finish_reason = "length"
+            elif len(window) > context:
+                windows[i] = window[-kept_on_slide(context):]
+        yield rows
 
 
 def speculative_generate(target: Llama, draft: Llama, prompts: Sequence[Sequence[int]], cfg: SampleConfig,
@@ -337,7 +130,7 @@ def speculative_generate(target: Llama, draft: Llama, prompts: Sequence[Sequence
                          steps: tuple[DecodeStep, DecodeStep] | None = None, context: int | None = None,
                          stats: Speculation | None = None) -> Iterator[list[Completion]]:
     """generate() through speculative decoding (Leviathan et al., 2023), yielding the rows after each
-    round; rows decode one after another, each at batch 1.
+    round; every row has a slot, and the rounds of all rows share their forwards.
 
     Each round the draft proposes k tokens one at a time; the target reads them all in one forward
     and keeps proposal i with probability min(1, p_i / q_i) (p: the target's sampling distribution,
@@ -349,93 +142,10 @@ def speculative_generate(target: Llama, draft: Llama, prompts: Sequence[Sequence
     """
     context = min(context or target.cfg.max_seq_len, target.cfg.max_seq_len, draft.cfg.max_seq_len)
     rows = new_rows(prompts, cfg.num_samples, context)
-    stats = stats if stats is not None else Speculation()
-    for row in rows:
-        for _ in speculate_row(target, draft, row, cfg, set(eos_ids), k, steps or (None, None), context, stats):
-            yield rows
-
-
-def speculate_row(target: Llama, draft: Llama, row: Completion, cfg: SampleConfig, eos: set[int], k: int,
-                  steps: tuple[DecodeStep | None, DecodeStep | None], context: int, stats: Speculation) -> Iterator[None]:
-    device = target.embed_tokens.weight.device
-    generator = torch.Generator(device).manual_seed(row_seed(cfg.seed, row.prompt_ids, row.sample))
-    window = list(row.prompt_ids)  # what both models read; target_len and draft_len of it are in their caches
-    target_len = draft_len = 0
-
-    def read(model: Llama, step: DecodeStep | None, ids: list[int], start: int) -> torch.Tensor:
-        """Logits (len(ids), vocab) for ids continuing the model's cache at position start."""
-        tokens = torch.tensor([ids], device=device)
-        if step is not None and len(ids) in (1, k + 1):  # the shapes compiled steps are recorded for
-            return step(tokens, torch.tensor(start, device=device), None)[0]
-        return model(tokens, start_pos=start)[0][0]
-
-    slots = cache_slots(len(window) + cfg.max_new_tokens + k, context)
-    try:
-        with torch.inference_mode():
-            target.setup_cache(1, max_seq_len=slots)
-            draft.setup_cache(1, max_seq_len=slots)
-            seen = torch.zeros(target.cfg.vocab_size, dtype=torch.bool, device=device)
-            seen[window] = True
-        while row.finish_reason is None:
-            with torch.inference_mode():
-                if len(window) > context:  # slide where generate() does: both models read the kept tokens again
-                    window, target_len, draft_len = window[-kept_on_slide(context):], 0, 0
-                # Every token is predicted from at most `context` tokens, so a round stops at the context.
-                n_draft = min(k, context - len(window))
-                proposals, draft_probs, proposal_seen = [], [], seen.clone()
-                if n_draft:
-                    logits = read(draft, steps[1], window[draft_len:], draft_len)[-1]
-                    draft_len = len(window)
-                for i in range(n_draft):
-                    q = next_token_probs(logits, proposal_seen, cfg)
-                    token = int(draw(q[None], [generator])[0])
-                    proposals.append(token)
-                    draft_probs.append(q)
-                    proposal_seen[token] = True
-                    if i < n_draft - 1:
-                        logits = read(draft, steps[1], [token], draft_len)[-1]
-                        draft_len += 1
-                verified = read(target, steps[0], window[target_len:] + proposals, target_len)[-(n_draft + 1):]
-                kept, extra = judge_proposals(verified, proposals, draft_probs, seen, cfg, generator)
-                stats.rounds, stats.proposed, stats.accepted = (stats.rounds + 1, stats.proposed + n_draft,
-                                                                stats.accepted + len(kept))
-                target_len, draft_len = len(window) + len(kept), min(draft_len, len(window) + len(kept))
-                window += kept + [extra]
-                seen[kept + [extra]] = True
-            append_round(row, kept + [extra], eos, cfg.max_new_tokens)
-            yield
-    finally:
-        target.clear_cache(keep=steps[0] is not None)
-        draft.clear_cache(keep=steps[1] is not None)
-
-
-def judge_proposals(verified: torch.Tensor, proposals: list[int], draft_probs: list[torch.Tensor],
-                    seen: torch.Tensor, cfg: SampleConfig, generator: torch.Generator) -> tuple[list[int], int]:
-    """Speculative sampling's test of one round: the proposals the target keeps (each with probability
-    min(1, p / q)), then the token it adds: a draw from max(p - q, 0) at the first rejection, from
-    its own distribution after the last proposal when all are kept. `verified`: the target's logits
-    for every proposal and one past them."""
-    kept, kept_seen = [], seen.clone()
-    for i, (token, q) in enumerate(zip(proposals, draft_probs)):
-        p = next_token_probs(verified[i], kept_seen, cfg)
-        if not torch.rand((), device=verified.device, generator=generator) * q[token] < p[token]:
-            residual = (p - q).clamp(min=0)
-            return kept, int(draw((residual / residual.sum())[None], [generator])[0])
-        kept.append(token)
-        kept_seen[token] = True
-    return kept, int(draw(next_token_probs(verified[len(proposals)], kept_seen, cfg)[None], [generator])[0])
-
-
-def append_round(row: Completion, tokens: list[int], eos: set[int], max_new_tokens: int) -> None:
-    """A speculative round's tokens onto the row, up to EOS or max_new_tokens."""
-    for token in tokens:
-        if token in eos:
-            row.finish_reason = "eos"
-            return
-        row.token_ids.append(token)
-        if len(row.token_ids) == max_new_tokens:
-            row.finish_reason = "length"
-            return
+    longest = max(len(r.prompt_ids) for r in rows)
+    engine = Engine(target, len(rows), context=context, cache_len=cache_slots(longest + cfg.max_new_tokens, context),
+                    steps=steps or (), draft=draft, k=k, stats=stats)
+    yield from run_engine(engine, rows, cfg, eos_ids)
 
 
 def generate_text(steps: Iterator[list[Completion]], render: Callable[[list[int]], str], stops: Sequence[str] = (),
@@ -707,23 +417,22 @@ def load_draft(cfg: SampleConfig, loaded: Loaded) -> Llama:
 
 
 class ChatSession:
-    """A conversation kept in the KV cache between turns. Each turn renders the whole conversation
-    with the chat template and feeds the model only what the cache does not already hold (the new
-    message and the reply's header), so the time to the first token does not grow with the history.
-    When the conversation would not leave room for a reply, its oldest turns go (the system prompt
-    stays) and the cache is read again from where the text first differs."""
+    """A conversation kept in the KV cache of a one-slot engine between turns. Each turn renders the
+    whole conversation with the chat template; the engine reads only what its slot's cache does not
+    already hold (the new message and the reply's header), so the time to the first token does not
+    grow with the history. When the conversation would not leave room for a reply, its oldest turns
+    go (the system prompt stays) and the cache is read again from where the text first differs."""
 
     def __init__(self, loaded: Loaded, chat: ChatFormat, cfg: SampleConfig, system: str | None = None):
-        self.model, self.chat, self.cfg, self.system = loaded.model, chat, cfg, system
+        self.chat, self.cfg, self.system = chat, cfg, system
         self.context = loaded.context
         self.eos = {*loaded.eos, *chat.turn_end_ids()}
         self.room = min(cfg.max_new_tokens, self.context // 2)  # kept free for the reply
+        self.engine = Engine(loaded.model, 1, context=self.context)
         self.reset()
 
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
-        self.cached: list[int] = []  # the ids whose keys and values the cache holds, from slot 0
-        self.model.setup_cache(1, max_seq_len=self.context)
 
     def _fit(self) -> tuple[list[int], int]:
         """The conversation's ids up to the reply, and how many turns had to go to leave room."""
@@ -750,40 +459,26 @@ class ChatSession:
                               f"the template): shorten it; the conversation so far is kept")
         if dropped:
             yield f"[the context is full: dropped the oldest {dropped} exchange(s)]\n"
-        # The cache is valid up to the first position where it and the new rendering differ.
-        same = next((i for i, (a, b) in enumerate(zip(self.cached, ids)) if a != b), min(len(self.cached), len(ids)))
-        same = min(same, len(ids) - 1)  # at least one token is fed, for the logits
+        # The reply may fill the context, never slide past it.
+        cfg = dataclasses.replace(self.cfg, max_new_tokens=min(self.cfg.max_new_tokens, self.context - len(ids)))
+        request = self.engine.submit(Completion(ids), cfg, sorted(self.eos), slide=False)
         try:
-            out = yield from self._decode(ids, same)
-        except BaseException:  # the cache beyond `same` may hold this turn's half-written keys
-            self.messages, self.cached = before, self.cached[:same]
+            out = yield from self._decode(request)
+        except BaseException:  # the slot keeps what it had read: the next turn reads on from there
+            self.engine.cancel(request)
+            self.messages = before
             raise
         self.messages.append({"role": "assistant", "content": self.chat.tokenizer.decode(out)})
 
-    def _decode(self, ids: list[int], same: int) -> Generator[str, None, list[int]]:
-        """Feed ids[same:] after the cached ones, then sample the reply; yields its text as it
-        grows and returns its ids."""
-        device = self.model.embed_tokens.weight.device
-        seen = torch.zeros(1, self.model.cfg.vocab_size, dtype=torch.bool, device=device)
-        generator = torch.Generator(device).manual_seed(row_seed(self.cfg.seed, ids, 0))
-        out: list[int] = []
-        shown = ""
-        with torch.inference_mode():
-            logits = self.model(torch.tensor([ids[same:]], device=device), start_pos=same, last_only=True)[0][:, -1]
-            self.cached = list(ids)
-            for _ in range(self.cfg.max_new_tokens):
-                token = int(sample_next(logits, seen, self.cfg, [generator])[0])
-                if token in self.eos or len(self.cached) >= self.context:
-                    break
-                seen[0, token] = True
-                out.append(token)
-                decoded = self.chat.tokenizer.decode(out)
-                if not decoded.endswith("\ufffd"):  # not in the middle of a character's bytes
-                    yield decoded[len(shown):]
-                    shown = decoded
-                logits = self.model(torch.tensor([[token]], device=device), start_pos=len(self.cached),
-                                    last_only=True)[0][:, -1]
-                self.cached.append(token)
+    def _decode(self, request: Request) -> Generator[str, None, list[int]]:
+        """Step the engine until the reply is done; yields its text as it grows and returns its ids."""
+        out, shown = request.row.token_ids, ""
+        while not request.done:
+            self.engine.step()
+            decoded = self.chat.tokenizer.decode(out)
+            if decoded != shown and not decoded.endswith("\ufffd"):  # not in the middle of a character's bytes
+                yield decoded[len(shown):]
+                shown = decoded
         if (decoded := self.chat.tokenizer.decode(out)) != shown:
             yield decoded[len(shown):]
         return out

@@ -74,12 +74,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-# Two kernels below have misbehaved on PyTorch's MPS backend: index_copy_, the compiled cache
-# write (missing on MPS for a while, which made LitGPT drop MPS; ~100x slower than the CPU until
-# pytorch#185750), and SDPA's is_causal, which in fp16/bf16 masked only every fourth query row
-# (pytorch#195910, silent). On these device types the cache is written by indexed assignment and
-# the causal mask is always passed explicitly (autocast may run fp32 weights' attention in half
-# precision); both give the same numbers as the usual path.
+# SDPA's is_causal misbehaved on PyTorch's MPS backend: in fp16/bf16 it masked only every fourth
+# query row (pytorch#195910, silent). On these device types the causal mask is always passed
+# explicitly (autocast may run fp32 weights' attention in half precision); it gives the same
+# numbers as the usual path. (The cache is written by indexed assignment, not index_copy_, which
+# was missing on MPS for a while and then ~100x slower than the CPU until pytorch#185750.)
 MPS_SAFE_DEVICES = {"mps"}
 
 
@@ -93,25 +92,28 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v at positions start_pos.. and return every key and value so far.
+    def update(self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, heads, T, head_dim) at positions start_pos.. and return the keys and values
+        the queries attend over.
 
-        A tensor start_pos (compiled decoding) returns the whole cache instead, so every step has
-        the same shapes; the caller's mask hides the slots not yet written.
+        An int start_pos: every row continues at the same position, written into cache rows
+        row..row + B (the engine prefills one slot at a time); the keys and values so far come back.
+        A (B,) tensor start_pos: row b continues at its own position start_pos[b] (every slot of the
+        decoding engine is at its own length). The whole cache comes back, so every step has the
+        same shapes (torch.compile); the caller's mask hides what a row has not written.
         """
         if isinstance(start_pos, torch.Tensor):
-            slots = start_pos + torch.arange(k.shape[2], device=k.device)
-            if k.device.type in MPS_SAFE_DEVICES:  # an indexed assignment: index_put_
-                self.k[:, :, slots] = k
-                self.v[:, :, slots] = v
-            else:
-                self.k.index_copy_(2, slots, k)
-                self.v.index_copy_(2, slots, v)
+            positions = start_pos[:, None] + torch.arange(k.shape[2], device=k.device)  # (B, T)
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            # An indexed assignment (index_put_): one write per (row, position), on every device type.
+            self.k[rows, :, positions] = k.transpose(1, 2)
+            self.v[rows, :, positions] = v.transpose(1, 2)
             return self.k, self.v
-        batch, end = k.shape[0], start_pos + k.shape[2]
-        self.k[:batch, :, start_pos:end] = k
-        self.v[:batch, :, start_pos:end] = v
-        return self.k[:batch, :, :end], self.v[:batch, :, :end]
+        rows, end = slice(row, row + k.shape[0]), start_pos + k.shape[2]
+        self.k[rows, :, start_pos:end] = k
+        self.v[rows, :, start_pos:end] = v
+        return self.k[rows, :, :end], self.v[rows, :, :end]
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -169,7 +171,7 @@ class Attention(nn.Module):
         return self.qkv_proj(x).split(self.part_sizes, dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache_row: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -177,7 +179,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
-            k, v = self.cache.update(start_pos, k, v)
+            k, v = self.cache.update(start_pos, k, v, cache_row)
         is_causal = False  # a mask from the caller (padded rows, fixed-size cache) says it all
         if mask is None:
             # A query block that starts at position 0 is plain causal; after a cached prefix the mask
@@ -224,8 +226,8 @@ class Block(nn.Module):
         self.mlp = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask)
+                mask: torch.Tensor | None = None, cache_row: int = 0) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask, cache_row)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -291,30 +293,31 @@ class Llama(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 start_pos: int | torch.Tensor = 0, last_only: bool = False,
-                pad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache_row: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) and, with targets (-100 = ignore), the mean cross-entropy.
 
-        With a KV cache set up, `tokens` continue the sequence at `start_pos`. `last_only` sends
-        only the final position through the LM head, which is all that decoding needs. `pad` (B,)
-        counts the filler tokens each row was left-padded with, so prompts of different lengths
-        share a batch. A 0-d tensor start_pos makes every decoding step the same shape (torch.compile).
+        With a KV cache set up, `tokens` continue the sequence at `start_pos`: an int for every
+        row (written into cache rows cache_row.., so the engine can fill one slot), or a (B,)
+        tensor, each row at its own position over the whole cache (every step the same shape,
+        for torch.compile). `last_only` sends only the final position through the LM head, which
+        is all that decoding needs.
         """
         T = tokens.shape[1]
-        fixed_shapes = isinstance(start_pos, torch.Tensor)
-        if not fixed_shapes and start_pos + T > self.cfg.max_seq_len:
+        per_row = isinstance(start_pos, torch.Tensor)
+        if not per_row and start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        if pad is None and not fixed_shapes:
-            cos, sin, mask = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T], None
+        if per_row:
+            cos, sin, mask = self.per_row_rope_and_mask(start_pos, T)
         else:
-            cos, sin, mask = self.padded_rope_and_mask(tokens.shape[0], T, start_pos, pad)
+            cos, sin, mask = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T], None
         x = self.embed_tokens(tokens)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
-        with attention_order(tokens.device, fixed_shapes):
+        with attention_order(tokens.device, per_row):
             for layer in self.layers:
                 if recompute:  # the backward pass runs the block again instead of keeping its activations
                     x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)
                 else:
-                    x = layer(x, cos, sin, start_pos, mask)
+                    x = layer(x, cos, sin, start_pos, mask, cache_row)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
@@ -324,23 +327,19 @@ class Llama(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-    def padded_rope_and_mask(self, batch: int, T: int, start_pos: int | torch.Tensor,
-                             pad: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-row RoPE tables (B, 1, T, head_dim) and attention mask (B, 1, T, keys).
+    def per_row_rope_and_mask(self, start_pos: torch.Tensor,
+                              T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RoPE tables (B, 1, T, head_dim) and attention mask (B, 1, T, cache length) for T tokens
+        per row, row b's at positions start_pos[b]..: a query sees the cache up to its own position.
 
-        Row b's real tokens start at slot pad[b], so its RoPE positions are slot - pad[b] and its
-        queries never see the filler slots: each row computes what it would alone. A filler query
-        sees itself, so no softmax row is empty (an empty one would be NaN, and NaN leaks through
-        a zero weight). A tensor start_pos attends over the whole cache, unwritten slots masked.
+        Positions past the RoPE table (a speculative round's proposals beyond the context, whose
+        outputs are never read) take the table's last row rather than fail.
         """
-        device = self.rope_cos.device
-        slots = start_pos + torch.arange(T, device=device)
-        pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else pad
-        n_keys = self.layers[0].self_attn.cache.k.shape[2] if isinstance(start_pos, torch.Tensor) else start_pos + T
-        keys = torch.arange(n_keys, device=device)
-        positions = (slots[None, :] - pad[:, None]).clamp(min=0)
-        visible = (keys <= slots[:, None]) & ((keys >= pad[:, None, None]) | (keys == slots[:, None]))
-        return self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1), visible.unsqueeze(1)
+        positions = start_pos[:, None] + torch.arange(T, device=start_pos.device)  # (B, T)
+        keys = torch.arange(self.layers[0].self_attn.cache.k.shape[2], device=start_pos.device)
+        visible = keys <= positions[:, :, None]
+        table = positions.clamp(max=self.rope_cos.shape[0] - 1)
+        return self.rope_cos[table].unsqueeze(1), self.rope_sin[table].unsqueeze(1), visible.unsqueeze(1)
 
     # --- KV cache ------------------------------------------------------------------------------
 

@@ -43,7 +43,7 @@ def conversation(session: ChatSession, messages: list[str], forget: bool) -> lis
     ttft = []
     for text in messages:
         if forget:
-            session.cached = []
+            session.engine.forget()
         start = time.perf_counter()
         pieces = session.reply(text)
         next(pieces, None)

@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import ModelConfig  # noqa: E402
 from decoding import prepare_for_decoding, quantize_int8  # noqa: E402
-from generate import compile_decode_step, decode_compile_options  # noqa: E402
+from engine import compile_decode_step, decode_compile_options  # noqa: E402
 from generate_speed import (NEW_TOKENS, PROMPT_LEN, REFERENCE, TINYLLAMA, bench_cache_slots, decode_limits,  # noqa: E402
                             kernel_profile, ours_runner, read_bandwidth, seconds_per_call, step_alone_seconds, step_bytes)
 from model import Llama  # noqa: E402

@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import ModelConfig, SampleConfig  # noqa: E402
 from checkpoint import read_llama2c  # noqa: E402
 from decoding import Int8Linear, prepare_for_decoding  # noqa: E402
-from generate import DecodeStep, cache_slots, compile_decode_step, generate  # noqa: E402
+from engine import DecodeStep, compile_decode_step  # noqa: E402
+from generate import cache_slots, generate  # noqa: E402
 from model import Llama, RMSNorm  # noqa: E402
 from train_speed import REFERENCE as TRAINING_REFERENCE  # noqa: E402
 from train_speed import benchmark_args, describe_machine, hf_model, machine, matmul_flops_per_s, synchronize  # noqa: E402

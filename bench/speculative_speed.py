@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT))
 import checkpoint  # noqa: E402
 from config import SampleConfig  # noqa: E402
 from decoding import prepare_for_decoding  # noqa: E402
-from generate import Speculation, compile_decode_step, generate, speculative_generate  # noqa: E402
+from engine import Speculation, compile_decode_step  # noqa: E402
+from generate import generate, speculative_generate  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from train_speed import benchmark_args  # noqa: E402
 

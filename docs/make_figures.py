@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from checkpoint import read_llama2c  # noqa: E402
 from config import ModelConfig, TrainConfig  # noqa: E402
 from decoding import Int8Linear  # noqa: E402
-from generate import min_p_filter, top_k_filter, top_p_filter  # noqa: E402
+from engine import min_p_filter, top_k_filter, top_p_filter  # noqa: E402
 from model import FeedForward, Llama, RMSNorm, apply_rope, causal_mask, reference_attention, rope_cos_sin, rope_frequencies  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 from train import lr_at  # noqa: E402

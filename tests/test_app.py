@@ -185,7 +185,7 @@ def test_a_client_that_leaves_mid_stream_frees_the_model(server, char_checkpoint
 
 
 def test_a_failed_decode_reaches_its_request_and_the_engine_goes_on(char_checkpoint):
-    engine = app.Engine(SampleConfig(checkpoint=str(char_checkpoint), eos="none"), ServeConfig())
+    engine = app.Server(SampleConfig(checkpoint=str(char_checkpoint), eos="none"), ServeConfig())
     cfg = SampleConfig(max_new_tokens=4, eos="none")
     prompt = [engine.encode("All:")]
 
@@ -214,12 +214,12 @@ def test_a_failed_decode_reaches_its_request_and_the_engine_goes_on(char_checkpo
 def test_a_request_whose_event_loop_closed_does_not_stop_the_engine(char_checkpoint):
     """The decoding thread once died posting to a request's closed event loop (a request that had
     raised, under load), and every later request waited forever."""
-    engine = app.Engine(SampleConfig(checkpoint=str(char_checkpoint), eos="none"), ServeConfig())
+    engine = app.Server(SampleConfig(checkpoint=str(char_checkpoint), eos="none"), ServeConfig())
     cfg = SampleConfig(max_new_tokens=4, eos="none")
     prompt = [engine.encode("All:")]
     gone = asyncio.new_event_loop()
     gone.close()
-    engine.jobs.put(app.Job(prompt, cfg, [], True, app.poster(gone, asyncio.Queue())))
+    engine.jobs.put(app.Job([app.Completion(prompt[0])], cfg, [], True, app.poster(gone, asyncio.Queue())))
 
     async def collect() -> list[app.Update]:
         return [update async for update in engine.stream(prompt, cfg, [], live=True)]
@@ -229,7 +229,7 @@ def test_a_request_whose_event_loop_closed_does_not_stop_the_engine(char_checkpo
 
 
 def test_the_prompt_cap_never_exceeds_the_context(char_checkpoint):
-    engine = app.Engine(SampleConfig(checkpoint=str(char_checkpoint)), ServeConfig(max_prompt_tokens=10_000))
+    engine = app.Server(SampleConfig(checkpoint=str(char_checkpoint)), ServeConfig(max_prompt_tokens=10_000))
     assert engine.max_prompt_tokens == engine.context == 128
     with pytest.raises(app.RequestError, match="more than the 128 this server accepts") as e:
         engine.encode("a" * 200)
@@ -259,7 +259,7 @@ def test_cli_api_and_demo_agree_on_every_knob(char_checkpoint):
     """SampleConfig declares each knob's range once: the command line, the OpenAI schema and the
     demo's controls must all take exactly that range."""
     serve = ServeConfig(max_tokens=300)
-    engine = app.Engine(SampleConfig(checkpoint=str(char_checkpoint)), serve)
+    engine = app.Server(SampleConfig(checkpoint=str(char_checkpoint)), serve)
     controls = {block.elem_id: block for block in app.build_demo(engine, serve).blocks.values()
                 if getattr(block, "elem_id", None)}
     integer = {"max_new_tokens", "num_samples", "seed", "top_k"}
@@ -291,7 +291,7 @@ def test_the_demos_generate_button_streams_what_generate_py_makes(char_checkpoin
     and a growing continuation that ends as generate.py's, then the speed; a bad prompt is one
     Gradio error naming the problem."""
     gradio = pytest.importorskip("gradio")
-    engine = app.Engine(SampleConfig(checkpoint=str(char_checkpoint), eos="none"), ServeConfig())
+    engine = app.Server(SampleConfig(checkpoint=str(char_checkpoint), eos="none"), ServeConfig())
     actions, d = app.DemoActions(engine), SampleConfig()
 
     async def shown(prompt: str) -> list[tuple[str, str]]:

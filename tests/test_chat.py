@@ -288,7 +288,7 @@ def test_chat_completions_need_a_chat_template(tmp_path):
     from config import SampleConfig, ServeConfig
     from tokenizer import Tokenizer
     folder = save_checkpoint(tmp_path / "char", Tokenizer.train_char(TEXT))
-    engine = app.Engine(SampleConfig(checkpoint=str(folder)), ServeConfig())
+    engine = app.Server(SampleConfig(checkpoint=str(folder)), ServeConfig())
     body = json.dumps({"model": engine.name, "messages": [{"role": "user", "content": "First"}]}).encode()
     with pytest.raises(app.RequestError, match="has no chat template: use /v1/completions") as error:
         app.parse_request(body, engine, ServeConfig(), app.ChatRequest)
@@ -357,7 +357,7 @@ def test_a_full_context_drops_the_oldest_turns_and_keeps_the_system_prompt(chat_
     session = ChatSession(loaded, ChatFormat.load(folder), SampleConfig(temperature=0.0, max_new_tokens=8), "Be brief.")
     notes = ["".join(session.reply(f"Question number {i}: what comes next?")) for i in range(6)]
     assert any("the context is full: dropped the oldest" in n for n in notes)
-    assert session.messages[0] == {"role": "system", "content": "Be brief."} and len(session.cached) <= 96
+    assert session.messages[0] == {"role": "system", "content": "Be brief."} and len(session.engine.slots[0].cached[0]) <= 96
     before = list(session.messages)
     with pytest.raises(UserError, match=r"this message alone fills the 96-token context \(\d+ tokens with the "
                                          r"template\): shorten it; the conversation so far is kept"):

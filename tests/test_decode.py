@@ -18,8 +18,8 @@ import data
 from config import SampleConfig
 from decoding import (Int8Linear, RowwiseLinear, fuse_projections, linear_from, pack_int8_columns, packed_one_row_matmul,
                       prepare_for_decoding, unfuse_projections, unpack_int8_columns)
-from generate import (Speculation, main, compile_decode_step, decode_compile_options, generate, next_token_probs,
-                      row_seed, speculative_generate)
+from engine import Speculation, compile_decode_step, decode_compile_options, next_token_probs, row_seed
+from generate import main, generate, speculative_generate
 from model import attention_order
 from test_convert import STORIES
 from test_model import make_model
@@ -224,7 +224,7 @@ def test_a_decode_step_finds_the_same_cache_buffers_on_every_call():
     the next one, and between calls the layers hold no cache, so a plain forward uses none."""
     model = make_model(**GQA)
     prepare_for_decoding(model, compiled=True)
-    step = lambda tokens, position, pad: model(tokens, start_pos=position, pad=pad)[0]  # the step, uncompiled
+    step = lambda tokens, positions: model(tokens, start_pos=positions)[0]  # the step, uncompiled
     cfg = SampleConfig(temperature=0.0, max_new_tokens=10)
     addresses = lambda caches: [c.k.data_ptr() for c in caches] + [c.v.data_ptr() for c in caches]
     first = last_rows(model, [[5, 6, 7, 8, 9, 10]], cfg, decode_step=step)
@@ -258,7 +258,7 @@ def test_the_gpu_steps_compile_options_stay_with_that_compile(monkeypatch):
     gpu_options = decode_compile_options(on_gpu=True)
     assert gpu_options == {"triton.cudagraphs": True} | {name: True for name in names}
     assert decode_compile_options(on_gpu=False) == {}
-    monkeypatch.setattr("generate.decode_compile_options", lambda on_gpu: gpu_options)
+    monkeypatch.setattr("engine.decode_compile_options", lambda on_gpu: gpu_options)
     model = make_model(**GQA)
     prepare_for_decoding(model, compiled=True)
     cfg = SampleConfig(temperature=0.0, max_new_tokens=4)
@@ -270,7 +270,7 @@ def test_the_gpu_steps_compile_options_stay_with_that_compile(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("compiled", [False, True])
 def test_the_decoding_loop_never_waits_for_the_gpu(compiled):
-    """Sampling, EOS bookkeeping and the next step's launch need no device-to-host sync: the
+    """Sampling, EOS bookkeeping and the next step's inputs need no device-to-host sync: the
     only wait is the host's own, on the event after each step's token copy."""
     model = make_model(**GQA).cuda()
     prepare_for_decoding(model)

@@ -22,7 +22,7 @@ import data
 from config import ModelConfig, SampleConfig, TrainConfig
 from checkpoint import rope_permute
 from decoding import Int8Linear
-from generate import apply_repetition_penalty, min_p_filter, sample_next, top_k_filter, top_p_filter
+from engine import apply_repetition_penalty, min_p_filter, sample_next, top_k_filter, top_p_filter
 from model import FeedForward, Llama, RMSNorm, apply_rope, reference_attention, rope_cos_sin, rope_frequencies
 from tokenizer import Tokenizer
 from train import lr_at, rng_state, set_rng_state

@@ -13,8 +13,9 @@ import torch
 from config import ConfigError, SampleConfig, build_config, expand_short_flags
 from checkpoint import read_llama2c, save_hf, write_llama2c
 from decoding import use_decoding_layout
-from generate import (Completion, apply_repetition_penalty, compile_decode_step, generate,
-                      hold_back, main, min_p_filter, sample_next, top_k_filter, top_p_filter)
+from engine import (Completion, apply_repetition_penalty, compile_decode_step, min_p_filter, sample_next, top_k_filter,
+                    top_p_filter)
+from generate import generate, hold_back, main
 from test_convert import STORIES
 from test_model import make_model
 
@@ -54,8 +55,8 @@ def test_cached_uncached_and_fixed_shape_decoding_agree():
         cached = [r.token_ids for r in rows]
     uncached = [r.token_ids for r in list(generate(model, prompts, cfg, use_cache=False))[-1]]
     # The compiled step's code path (tensor position, whole-cache attention), run eagerly here.
-    def fixed_shape_step(tokens, position, pad):
-        return model(tokens, start_pos=position, pad=pad)[0]
+    def fixed_shape_step(tokens, positions):
+        return model(tokens, start_pos=positions)[0]
     fixed = [r.token_ids for r in list(generate(model, prompts, cfg, decode_step=fixed_shape_step))[-1]]
     assert cached == uncached == fixed and len(cached[0]) == 24
 
@@ -104,11 +105,14 @@ def test_batched_rows_of_different_lengths_equal_solo_runs():
         batched = decode(model, prompts, **sample)
         solo = [row for p in prompts for row in decode(model, [p], **sample)]
         assert [r.token_ids for r in batched] == [r.token_ids for r in solo]
-    with torch.no_grad():  # and the logits themselves, padding masked and RoPE shifted per row
-        padded = torch.tensor([[0, 0, 0, 0, 0, 1, 2, 3], [7, 8, 9, 10, 11, 12, 13, 14]])
-        logits = model(padded, pad=torch.tensor([5, 0]))[0]
-        torch.testing.assert_close(logits[0, 5:], model(padded[:1, 5:])[0][0], atol=1e-5, rtol=0)
-        torch.testing.assert_close(logits[1], model(padded[1:])[0][0], atol=1e-5, rtol=0)
+    with torch.no_grad():  # and the logits themselves: two cache rows at their own positions
+        model.setup_cache(2, max_seq_len=16)
+        model(torch.tensor([[1, 2]]), start_pos=0, cache_row=0)
+        model(torch.tensor([[7, 8, 9, 10, 11, 12, 13]]), start_pos=0, cache_row=1)
+        logits = model(torch.tensor([[3, 4], [14, 15]]), start_pos=torch.tensor([2, 7]))[0]
+        model.clear_cache()
+        torch.testing.assert_close(logits[0], model(torch.tensor([[1, 2, 3, 4]]))[0][0, 2:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(logits[1], model(torch.tensor([prompts[1] + [15]]))[0][0, 7:], atol=1e-5, rtol=0)
 
 
 def test_every_prompt_and_sample_draws_its_own_stream():
@@ -144,8 +148,8 @@ def test_decoding_slides_past_the_context():
     model = make_model(**{**GQA, "max_seq_len": 10})
     prompts, cfg = [[1, 2, 3, 4, 5, 6], [7, 8], [9, 10, 11]], SampleConfig(temperature=0.0, max_new_tokens=30)
 
-    def fixed_shape_step(tokens, position, pad):
-        return model(tokens, start_pos=position, pad=pad)[0]
+    def fixed_shape_step(tokens, positions):
+        return model(tokens, start_pos=positions)[0]
 
     runs = [list(generate(model, prompts, cfg, **kw))[-1] for kw in ({}, {"use_cache": False},
                                                                      {"decode_step": fixed_shape_step})]
