@@ -6,8 +6,9 @@ saved with its own tokenizer (char level for the API tests, BPE for the browser 
 (`--eos none`) so that every completion runs to its max_tokens whatever the random weights say."""
 
 import asyncio
-import dataclasses
 import concurrent.futures
+import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -175,13 +176,54 @@ def test_twenty_concurrent_requests_are_unmixed(client, char_checkpoint):
         assert list(pool.map(lambda job: run(*job), jobs)) == expected
 
 
-def test_a_client_that_leaves_mid_stream_frees_the_model(server, char_checkpoint, client):
-    with httpx.stream("POST", f"{server}/v1/completions", json={
-            "model": char_checkpoint.name, "prompt": "All:", "max_tokens": MAX_TOKENS, "stream": True}) as response:
-        next(response.iter_lines())
-    start = time.monotonic()
-    client.completions.create(model=char_checkpoint.name, prompt="All:", max_tokens=3)
-    assert time.monotonic() - start < 30
+def slots_in_use_becomes(url: str, wanted: int, timeout_s: float = 30) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if httpx.get(f"{url}/metrics").json()["slots_in_use"] == wanted:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_slot(server, char_checkpoint, client):
+    for stream in (True, False):
+        body = {"model": char_checkpoint.name, "prompt": "All:", "max_tokens": MAX_TOKENS, "stream": stream}
+        with pytest.raises(httpx.ReadTimeout) if not stream else contextlib.nullcontext():
+            with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=0.5) as response:
+                next(response.iter_lines())
+        assert slots_in_use_becomes(server, 0)  # long before its 200 tokens would have finished
+    metrics = httpx.get(f"{server}/metrics").json()
+    assert metrics["slots"] == 8 and metrics["queued"] == 0
+    assert client.completions.create(model=char_checkpoint.name, prompt="All:", max_tokens=3).choices[0].text
+
+
+def test_a_full_server_says_429_and_keeps_serving(char_checkpoint):
+    """One slot and no queue: a request while the slot is busy gets a 429 with Retry-After (the
+    openai client's RateLimitError); a prompt over the context, half a request and a client that
+    leaves get their own answers; the request that holds the slot runs on untouched, and when it
+    ends the next request is served."""
+    process, url = start_server(char_checkpoint, "--max_batch", "1", "--max_queue", "0")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    model = char_checkpoint.name
+    try:
+        expected = client.completions.create(model=model, prompt="First", max_tokens=MAX_TOKENS, seed=3).choices[0].text
+        stream = client.completions.create(model=model, prompt="First", max_tokens=MAX_TOKENS, seed=3, stream=True)
+        pieces = [next(stream).choices[0].text]
+        with pytest.raises(openai.RateLimitError, match="the server is busy") as refused:
+            client.completions.create(model=model, prompt="All:", max_tokens=3)
+        assert int(refused.value.response.headers["retry-after"]) >= 1
+        with pytest.raises(openai.BadRequestError, match="more than the 64 this server accepts"):
+            client.completions.create(model=model, prompt="a" * 100, max_tokens=3)
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as half:
+            half.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 500\r\n\r\n{\"model\": ")
+        pieces += [c.choices[0].text for c in stream]
+        assert "".join(pieces) == expected
+        assert slots_in_use_becomes(url, 0)
+        assert client.completions.create(model=model, prompt="All:", max_tokens=3).choices[0].text
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def test_a_failed_decode_reaches_its_request_and_the_engine_goes_on(char_checkpoint):
@@ -351,6 +393,9 @@ def test_bad_command_lines_fail_in_one_line(char_checkpoint):
     for args, message in [([], "no checkpoint given"),
                           (["--checkpoint", str(char_checkpoint), "--port", "0"], "serve.port=0 must lie in"),
                           (["--checkpoint", str(char_checkpoint), "--max_tokens", "0"], "serve.max_tokens=0 must be"),
+                          (["--checkpoint", str(char_checkpoint), "--max_batch", "0"], "serve.max_batch=0 must lie in"),
+                          (["--checkpoint", str(char_checkpoint), "--max_batch", "1000"],
+                           "serve.max_batch=1000 must lie in"),
                           (["--checkpoint", str(char_checkpoint), "--hots", "x"], "did you mean 'serve.host'")]:
         done = subprocess.run([sys.executable, "app.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -135,16 +135,17 @@ def refused(name: str):
     return call
 
 
-def test_the_mps_cache_write_equals_index_copy(monkeypatch):
+def test_the_per_row_cache_write_is_an_indexed_assignment(monkeypatch):
+    """index_copy_ was missing, then ~100x slow, on MPS: the engine's per-row write never calls it."""
     torch.manual_seed(0)
     k, v = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
-    usual, safe = KVCache(2, 2, 8, 4, torch.float32), KVCache(2, 2, 8, 4, torch.float32)
-    expected = usual.update(torch.tensor(2), k, v)
-    monkeypatch.setattr(model_py, "MPS_SAFE_DEVICES", {"cpu"})
+    cache = KVCache(2, 2, 8, 4, torch.float32)
     monkeypatch.setattr(torch.Tensor, "index_copy_", refused("index_copy_"))
-    got = safe.update(torch.tensor(2), k, v)
-    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
-    assert torch.equal(safe.k[:, :, 2:5], k) and not safe.k[:, :, 5:].any()
+    got = cache.update(torch.tensor([2, 4]), k, v)
+    assert got[0] is cache.k and got[1] is cache.v
+    assert torch.equal(cache.k[0, :, 2:5], k[0]) and torch.equal(cache.k[1, :, 4:7], k[1])
+    assert torch.equal(cache.v[0, :, 2:5], v[0]) and torch.equal(cache.v[1, :, 4:7], v[1])
+    assert not cache.k[0, :, 5:].any() and not cache.k[1, :, :4].any() and not cache.k[1, :, 7:].any()
 
 
 @pytest.mark.parametrize("kernel", ["sdpa", "reference"])
