@@ -69,7 +69,7 @@ def assert_usable_everywhere(folder: Path, source: Path, held_out: Path) -> None
     assert json.loads(scored.stderr.strip().splitlines()[-1])
 
     sample = SampleConfig(checkpoint=str(folder), temperature=0.0, max_new_tokens=6, eos="none")
-    engine = app.Engine(sample, ServeConfig())
+    engine = app.Server(sample, ServeConfig())
     with TestClient(app.build_api(engine, ServeConfig())) as client:
         answer = client.post("/v1/completions", json={"model": engine.name, "prompt": "Once upon", "max_tokens": 6,
                                                       "temperature": 0})

@@ -200,7 +200,7 @@ def test_sampling_takes_eos_ids_and_defaults_from_generation_config(pretrained, 
 
     # The server: a request that leaves temperature out gets the checkpoint's, one that sets it keeps it.
     sample, chosen = generate.with_generation_defaults(SampleConfig(checkpoint=str(pretrained)), set())
-    engine = app.Engine(sample, ServeConfig(), chosen)
+    engine = app.Server(sample, ServeConfig(), chosen)
     body = {"model": engine.name, "prompt": "Once"}
     _, ids, cfg, _ = app.parse_request(json.dumps(body).encode(), engine, ServeConfig())
     assert (cfg.temperature, cfg.top_p, cfg.top_k, ids) == (0.7, 0.9, 0, [[0, *engine.tokenizer.encode("Once")]])
