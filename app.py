@@ -251,9 +251,13 @@ class Server:
             active.append(job)
 
     def report(self, active: list[Job]) -> None:
-        """After a step: each request's new text, or its end; then the queue and speed counts."""
-        for job in list(active):
+        """After a step: the queue and speed counts, then each request's new text, or its end. (The
+        counts first: a client that reads its update may send its next request at once.)"""
+        for job in active:
             self.count_queued(job, sum(not (r.started or r.done) for r in job.requests))
+        # Rows taken in since this step began wait for the next one, not for a slot: not queued.
+        self.meter.stepped(self.engine.generated, self.engine.in_use, len(self.engine.waiting))
+        for job in list(active):
             if not job.cancelled.is_set():
                 rows, texts = next(job.texts)
                 shown = [(len(r.token_ids), r.finish_reason) for r in rows]
@@ -265,7 +269,6 @@ class Server:
             if all(r.done for r in job.requests):
                 self.meter.finished(time.perf_counter() - job.arrived)
                 self.finish(job, active)
-        self.meter.stepped(self.engine.generated, self.engine.in_use, self.queued)
 
     def count_queued(self, job: Job, queued: int) -> None:
         with self.lock:

@@ -337,7 +337,7 @@ class Engine:
                 while len(cached) < len(window) - 1 and budget != 0:
                     n = len(window) - 1 - len(cached) if budget is None else min(budget, len(window) - 1 - len(cached))
                     chunk = window[len(cached):len(cached) + n]
-                    model(torch.tensor([chunk], device=self.device), start_pos=len(cached), cache_row=slot.row)
+                    model(torch.tensor([chunk], device=self.device), start_pos=len(cached), cache_rows=slot.row)
                     cached += chunk
                     budget = None if budget is None else budget - n
         return [s for s in active if self.is_ready(s)]
@@ -347,24 +347,28 @@ class Engine:
 
     def forward(self, m: int, tokens: dict[int, list[int]], offset: int = 0) -> torch.Tensor:
         """Logits (slots, T, vocab) of model m reading tokens[slot.row] (T each) from position
-        len(window) - 1 + offset of each of those slots. The other slots read filler past what
-        their caches hold, which is never read back."""
+        len(window) - 1 + offset of each of those slots.
+
+        Compiled, every slot is in the batch (the step's shapes never change): the others read
+        filler past what their caches hold, which is never read back. Eager, only the slots in
+        `tokens` are, attending over no more positions than the furthest of them needs; their
+        logits land in their rows of the result."""
         T = len(next(iter(tokens.values())))
-        rows, positions = [], []
-        for slot in self.slots:
-            if slot.row in tokens:
-                rows.append(tokens[slot.row])
-                positions.append(len(slot.request.window) - 1 + offset)
-            else:  # written where the slot's cache holds nothing it will read again
-                filler_at = min(len(slot.cached[m]), self.cache_len - T)
-                del slot.cached[m][filler_at:]
-                rows.append([0] * T)
-                positions.append(filler_at)
-        token_tensor, position_tensor = self.on_device(rows), self.on_device(positions)
+        fed = [s for s in self.slots if s.row in tokens]
+        positions = {s.row: len(s.request.window) - 1 + offset for s in fed}
         step = self.steps[m]
-        if step is not None:
-            return step(token_tensor, position_tensor)
-        return self.models[m](token_tensor, start_pos=position_tensor)[0]
+        if step is None:
+            logits, _ = self.models[m](self.on_device([tokens[s.row] for s in fed]),
+                                       start_pos=self.on_device([positions[s.row] for s in fed]),
+                                       cache_rows=self.on_device([s.row for s in fed]), keys=max(positions.values()) + T)
+            return logits.new_zeros(len(self.slots), *logits.shape[1:]).index_copy_(
+                0, self.on_device([s.row for s in fed]), logits)
+        for slot in self.slots:
+            if slot.row not in tokens:  # written where the slot's cache holds nothing it will read again
+                positions[slot.row] = min(len(slot.cached[m]), self.cache_len - T)
+                del slot.cached[m][positions[slot.row]:]
+        return step(self.on_device([tokens.get(s.row, [0] * T) for s in self.slots]),
+                    self.on_device([positions[s.row] for s in self.slots]))
 
     def decode(self, ready: list[Slot]) -> None:
         """One token for every ready slot: one forward, then each group of rows that samples alike."""

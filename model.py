@@ -92,28 +92,32 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int | torch.Tensor = 0,
+               keys: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, heads, T, head_dim) at positions start_pos.. and return the keys and values
         the queries attend over.
 
         An int start_pos: every row continues at the same position, written into cache rows
-        row..row + B (the engine prefills one slot at a time); the keys and values so far come back.
+        rows..rows + B (the engine prefills one slot at a time); the keys and values so far come back.
         A (B,) tensor start_pos: row b continues at its own position start_pos[b] (every slot of the
-        decoding engine is at its own length). The whole cache comes back, so every step has the
-        same shapes (torch.compile); the caller's mask hides what a row has not written.
+        decoding engine is at its own length), and the first `keys` positions come back (default:
+        all, so that every step has the same shapes, for torch.compile); the caller's mask hides
+        what a row has not written. With a (B,) tensor of `rows`, the batch is those cache rows
+        (eager decoding feeds only the slots that decode), else all of them.
         """
         if isinstance(start_pos, torch.Tensor):
             positions = start_pos[:, None] + torch.arange(k.shape[2], device=k.device)  # (B, T)
-            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            index = rows if isinstance(rows, torch.Tensor) else torch.arange(k.shape[0], device=k.device)
             # An indexed assignment (index_put_): one write per (row, position), on every device type.
-            self.k[rows, :, positions] = k.transpose(1, 2)
-            self.v[rows, :, positions] = v.transpose(1, 2)
-            return self.k, self.v
-        rows, end = slice(row, row + k.shape[0]), start_pos + k.shape[2]
-        self.k[rows, :, start_pos:end] = k
-        self.v[rows, :, start_pos:end] = v
-        return self.k[rows, :, :end], self.v[rows, :, :end]
+            self.k[index[:, None], :, positions] = k.transpose(1, 2)
+            self.v[index[:, None], :, positions] = v.transpose(1, 2)
+            if isinstance(rows, torch.Tensor):
+                return self.k[rows, :, :keys], self.v[rows, :, :keys]
+            return self.k[:, :, :keys], self.v[:, :, :keys]
+        batch, end = slice(rows, rows + k.shape[0]), start_pos + k.shape[2]
+        self.k[batch, :, start_pos:end] = k
+        self.v[batch, :, start_pos:end] = v
+        return self.k[batch, :, :end], self.v[batch, :, :end]
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -171,7 +175,8 @@ class Attention(nn.Module):
         return self.qkv_proj(x).split(self.part_sizes, dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
-                mask: torch.Tensor | None = None, cache_row: int = 0) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache_rows: int | torch.Tensor = 0,
+                keys: int | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
@@ -179,7 +184,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
-            k, v = self.cache.update(start_pos, k, v, cache_row)
+            k, v = self.cache.update(start_pos, k, v, cache_rows, keys)
         is_causal = False  # a mask from the caller (padded rows, fixed-size cache) says it all
         if mask is None:
             # A query block that starts at position 0 is plain causal; after a cached prefix the mask
@@ -226,8 +231,9 @@ class Block(nn.Module):
         self.mlp = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start_pos: int | torch.Tensor,
-                mask: torch.Tensor | None = None, cache_row: int = 0) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask, cache_row)
+                mask: torch.Tensor | None = None, cache_rows: int | torch.Tensor = 0,
+                keys: int | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, start_pos, mask, cache_rows, keys)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -293,21 +299,23 @@ class Llama(nn.Module):
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
                 start_pos: int | torch.Tensor = 0, last_only: bool = False,
-                cache_row: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache_rows: int | torch.Tensor = 0, keys: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) and, with targets (-100 = ignore), the mean cross-entropy.
 
         With a KV cache set up, `tokens` continue the sequence at `start_pos`: an int for every
-        row (written into cache rows cache_row.., so the engine can fill one slot), or a (B,)
-        tensor, each row at its own position over the whole cache (every step the same shape,
-        for torch.compile). `last_only` sends only the final position through the LM head, which
-        is all that decoding needs.
+        row (written into cache rows cache_rows.., so the engine can fill one slot), or a (B,)
+        tensor, each row at its own position, attending over the cache's first `keys` positions
+        (default: all of them, every step the same shape, for torch.compile); then `cache_rows`
+        may be a (B,) tensor naming the cache rows the batch's rows are (default: all, in order).
+        `last_only` sends only the final position through the LM head, which is all that
+        decoding needs.
         """
         T = tokens.shape[1]
         per_row = isinstance(start_pos, torch.Tensor)
         if not per_row and start_pos + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start_pos + T} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
         if per_row:
-            cos, sin, mask = self.per_row_rope_and_mask(start_pos, T)
+            cos, sin, mask = self.per_row_rope_and_mask(start_pos, T, keys)
         else:
             cos, sin, mask = self.rope_cos[start_pos:start_pos + T], self.rope_sin[start_pos:start_pos + T], None
         x = self.embed_tokens(tokens)
@@ -317,7 +325,7 @@ class Llama(nn.Module):
                 if recompute:  # the backward pass runs the block again instead of keeping its activations
                     x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, start_pos, mask, use_reentrant=False)
                 else:
-                    x = layer(x, cos, sin, start_pos, mask, cache_row)
+                    x = layer(x, cos, sin, start_pos, mask, cache_rows, keys)
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
@@ -327,17 +335,17 @@ class Llama(nn.Module):
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
-    def per_row_rope_and_mask(self, start_pos: torch.Tensor,
-                              T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """RoPE tables (B, 1, T, head_dim) and attention mask (B, 1, T, cache length) for T tokens
-        per row, row b's at positions start_pos[b]..: a query sees the cache up to its own position.
+    def per_row_rope_and_mask(self, start_pos: torch.Tensor, T: int,
+                              keys: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """RoPE tables (B, 1, T, head_dim) and attention mask (B, 1, T, keys) for T tokens per row,
+        row b's at positions start_pos[b]..: a query sees the cache up to its own position.
 
         Positions past the RoPE table (a speculative round's proposals beyond the context, whose
         outputs are never read) take the table's last row rather than fail.
         """
         positions = start_pos[:, None] + torch.arange(T, device=start_pos.device)  # (B, T)
-        keys = torch.arange(self.layers[0].self_attn.cache.k.shape[2], device=start_pos.device)
-        visible = keys <= positions[:, :, None]
+        key_positions = torch.arange(keys or self.layers[0].self_attn.cache.k.shape[2], device=start_pos.device)
+        visible = key_positions <= positions[:, :, None]
         table = positions.clamp(max=self.rope_cos.shape[0] - 1)
         return self.rope_cos[table].unsqueeze(1), self.rope_sin[table].unsqueeze(1), visible.unsqueeze(1)
 

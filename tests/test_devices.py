@@ -142,7 +142,7 @@ def test_the_per_row_cache_write_is_an_indexed_assignment(monkeypatch):
     cache = KVCache(2, 2, 8, 4, torch.float32)
     monkeypatch.setattr(torch.Tensor, "index_copy_", refused("index_copy_"))
     got = cache.update(torch.tensor([2, 4]), k, v)
-    assert got[0] is cache.k and got[1] is cache.v
+    assert torch.equal(got[0], cache.k) and torch.equal(got[1], cache.v)
     assert torch.equal(cache.k[0, :, 2:5], k[0]) and torch.equal(cache.k[1, :, 4:7], k[1])
     assert torch.equal(cache.v[0, :, 2:5], v[0]) and torch.equal(cache.v[1, :, 4:7], v[1])
     assert not cache.k[0, :, 5:].any() and not cache.k[1, :, :4].any() and not cache.k[1, :, 7:].any()

@@ -107,8 +107,8 @@ def test_batched_rows_of_different_lengths_equal_solo_runs():
         assert [r.token_ids for r in batched] == [r.token_ids for r in solo]
     with torch.no_grad():  # and the logits themselves: two cache rows at their own positions
         model.setup_cache(2, max_seq_len=16)
-        model(torch.tensor([[1, 2]]), start_pos=0, cache_row=0)
-        model(torch.tensor([[7, 8, 9, 10, 11, 12, 13]]), start_pos=0, cache_row=1)
+        model(torch.tensor([[1, 2]]), start_pos=0, cache_rows=0)
+        model(torch.tensor([[7, 8, 9, 10, 11, 12, 13]]), start_pos=0, cache_rows=1)
         logits = model(torch.tensor([[3, 4], [14, 15]]), start_pos=torch.tensor([2, 7]))[0]
         model.clear_cache()
         torch.testing.assert_close(logits[0], model(torch.tensor([[1, 2, 3, 4]]))[0][0, 2:], atol=1e-5, rtol=0)
