@@ -215,6 +215,7 @@ class Slot:
     row: int  # its row of the KV cache
     cached: list[list[int]]  # per model (target, draft): the tokens its cache row holds, from position 0
     request: Request | None = None
+    logits: torch.Tensor | None = None  # the next token's, when the prefill just read the whole window
 
 
 def kept_on_slide(context: int) -> int:
@@ -303,8 +304,10 @@ class Engine:
             self.release_finished()
             self.admit()
             ready = self.prefill()
-            if ready:
-                self.speculate(ready) if self.k else self.decode(ready)
+            if ready and self.k:
+                self.speculate(ready)
+            elif ready:
+                self.decode(ready)
             self.release_finished()
 
     # --- the parts of a step ----------------------------------------------------------------
@@ -313,7 +316,7 @@ class Engine:
         self.waiting = collections.deque(r for r in self.waiting if not r.done)
         for slot in self.slots:
             if slot.request is not None and slot.request.done:
-                slot.request = None
+                slot.request, slot.logits = None, None
 
     def admit(self) -> None:
         """Waiting requests into free slots, each where the cache already holds most of its prompt."""
@@ -325,25 +328,37 @@ class Engine:
             self.seen[slot.row, request.window] = True
 
     def prefill(self) -> list[Slot]:
-        """Bring each active slot's caches to its window but the last token, which the step feeds.
-        While some slot is ready to decode, at most prefill_chunk prompt tokens are read per step, so
-        a long prompt does not stall the others. Returns the slots that are ready."""
+        """Read what each new slot's caches lack of its window: all of it for plain decoding, whose
+        first token is then sampled from the prefill's own logits (kept in slot.logits); all but
+        the last token for speculative rounds, which feed it. While some slot is ready to decode,
+        at most prefill_chunk prompt tokens are read per step, so a long prompt does not stall the
+        others. Returns the slots that are ready."""
         active = [s for s in self.slots if s.request is not None]
         budget = self.prefill_chunk if any(self.is_ready(s) for s in active) else None
-        for slot in active:
+        for slot in (s for s in active if not self.is_ready(s)):
             window = slot.request.window
             for m, (model, cached) in enumerate(zip(self.models, slot.cached)):
+                goal = len(window) - 1 if self.k else len(window)
+                # At least the last token is read again: its logits are the first token's.
                 del cached[min(shared_prefix(cached, window), len(window) - 1):]
-                while len(cached) < len(window) - 1 and budget != 0:
-                    n = len(window) - 1 - len(cached) if budget is None else min(budget, len(window) - 1 - len(cached))
+                while len(cached) < goal and budget != 0:
+                    n = goal - len(cached) if budget is None else min(budget, goal - len(cached))
                     chunk = window[len(cached):len(cached) + n]
-                    model(torch.tensor([chunk], device=self.device), start_pos=len(cached), cache_rows=slot.row)
+                    logits = model(torch.tensor([chunk], device=self.device), start_pos=len(cached),
+                                   cache_rows=slot.row, last_only=True)[0]
                     cached += chunk
                     budget = None if budget is None else budget - n
+                    if len(cached) == len(window):
+                        slot.logits = logits[0, -1]
         return [s for s in active if self.is_ready(s)]
 
     def is_ready(self, slot: Slot) -> bool:
-        return all(len(cached) == len(slot.request.window) - 1 for cached in slot.cached)
+        """Whether a slot can decode this step: its caches hold its window but the last token, which
+        the step feeds, or (plain decoding, after its prefill) all of it, with the logits kept."""
+        window = slot.request.window
+        if slot.logits is not None:
+            return len(slot.cached[0]) == len(window)
+        return all(len(cached) == len(window) - 1 for cached in slot.cached)
 
     def forward(self, m: int, tokens: dict[int, list[int]], offset: int = 0) -> torch.Tensor:
         """Logits (slots, T, vocab) of model m reading tokens[slot.row] (T each) from position
@@ -371,11 +386,19 @@ class Engine:
                     self.on_device([positions[s.row] for s in self.slots]))
 
     def decode(self, ready: list[Slot]) -> None:
-        """One token for every ready slot: one forward, then each group of rows that samples alike."""
-        logits = self.forward(0, {s.row: [s.request.window[-1]] for s in ready})[:, -1]
+        """One token for every ready slot: one forward for those that need one (the others have
+        their prefill's logits), then each group of rows that samples alike."""
+        fed = [s for s in ready if s.logits is None]
+        if fed:
+            logits = self.forward(0, {s.row: [s.request.window[-1]] for s in fed})[:, -1]
+        else:
+            logits = torch.zeros(len(self.slots), self.models[0].cfg.vocab_size, device=self.device)
         groups: dict[tuple, list[Slot]] = collections.defaultdict(list)
         for slot in ready:
-            slot.cached[0].append(slot.request.window[-1])
+            if slot.logits is None:
+                slot.cached[0].append(slot.request.window[-1])
+            else:
+                logits[slot.row], slot.logits = slot.logits, None
             groups[sampling_key(slot.request.cfg)].append(slot)
         order, tokens = [], []
         for group in groups.values():

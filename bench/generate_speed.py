@@ -123,8 +123,8 @@ def step_alone_seconds(model: Llama, step: DecodeStep, calls: int) -> float:
     device = model.embed_tokens.weight.device
     with torch.inference_mode():
         model.setup_cache(1, max_seq_len=bench_cache_slots(model.cfg.max_seq_len))
-        tokens, position = torch.ones(1, 1, dtype=torch.long, device=device), torch.tensor(PROMPT_LEN, device=device)
-        seconds = seconds_per_call(lambda: step(tokens, position, None), calls, device)
+        tokens, positions = torch.ones(1, 1, dtype=torch.long, device=device), torch.tensor([PROMPT_LEN], device=device)
+        seconds = seconds_per_call(lambda: step(tokens, positions), calls, device)
         model.clear_cache(keep=True)
     return seconds
 

@@ -32,8 +32,9 @@ A step of 8 rows then costs about one step of 1 row plus the rows' attention and
 aggregate tokens/s can grow at most ~C-fold over one-at-a-time: the ratio at 8 clients is at most ~8x
 (the issue's goal: at least 3x on CPU). A slot's per-token latency is the batch step's time, so the
 goal that p99 per-token latency at 8 clients stay within 2x of 1 client's holds while a step of 8
-rows costs under twice a step of 1. With 16 slots every step computes all 16 rows (one shape, which
-a compiled step needs), so batching costs the lone client its first rows' worth of latency too.
+rows costs under twice a step of 1. Eager, a step computes only the slots that are decoding, over no
+more cache positions than the furthest of them needs; compiled (`--compile`), every step computes
+all 16 slots over the whole cache (one shape), so there batching costs a lone client too.
 """
 
 from __future__ import annotations

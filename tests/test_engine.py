@@ -69,11 +69,11 @@ def test_a_long_prompt_is_read_in_chunks_while_the_others_decode():
         return forward(tokens, *args, **kwargs)
 
     model.forward = counting
-    for step in range(7):  # 29 prompt tokens before its last: chunks of 4 over 8 steps
+    for step in range(7):  # 30 prompt tokens: chunks of 4 over 8 steps
         engine.step()
         assert len(short.token_ids) == step + 2 and not long.token_ids
     engine.step()  # the last chunk, then its first token in the same step
-    assert read == [4] * 7 + [1] and len(long.token_ids) == 1 and len(short.token_ids) == 9
+    assert read == [4] * 7 + [2] and len(long.token_ids) == 1 and len(short.token_ids) == 9
     del model.forward
     run_until_done(engine)
     assert short.token_ids == alone(model, [1, 2], GREEDY) and long.token_ids == alone(model, long.prompt_ids, GREEDY)
@@ -111,7 +111,7 @@ def test_a_slot_reads_only_what_its_cache_does_not_hold():
     engine.submit(second, GREEDY)
     run_until_done(engine)
     del model.forward
-    assert read[0] == 2  # 7 and 8 after the 39 tokens the slot holds (9 goes in with the first step)
+    assert read[0] == 3  # 7, 8 and 9 after the 39 tokens the slot holds
     assert second.token_ids == alone(model, follow_up, GREEDY)
     engine.forget()
     assert all(not cached for slot in engine.slots for cached in slot.cached)
