@@ -187,11 +187,11 @@ def slots_in_use_becomes(url: str, wanted: int, timeout_s: float = 30) -> bool:
 
 def test_a_client_that_leaves_mid_stream_frees_its_slot(server, char_checkpoint, client):
     for stream in (True, False):
-        body = {"model": char_checkpoint.name, "prompt": "All:", "max_tokens": MAX_TOKENS, "stream": stream}
+        body = {"model": char_checkpoint.name, "prompt": "All:", "max_tokens": MAX_TOKENS, "n": 8, "stream": stream}
         with pytest.raises(httpx.ReadTimeout) if not stream else contextlib.nullcontext():
-            with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=0.5) as response:
+            with httpx.stream("POST", f"{server}/v1/completions", json=body, timeout=0.2) as response:
                 next(response.iter_lines())
-        assert slots_in_use_becomes(server, 0)  # long before its 200 tokens would have finished
+        assert slots_in_use_becomes(server, 0)  # long before its 8 x 200 tokens would have finished
     metrics = httpx.get(f"{server}/metrics").json()
     assert metrics["slots"] == 8 and metrics["queued"] == 0
     assert client.completions.create(model=char_checkpoint.name, prompt="All:", max_tokens=3).choices[0].text
