@@ -528,7 +528,8 @@ class Running:
 
 def new_evals(run: Running) -> list[int]:
     """Where in run.records the eval records are that the trial's metrics.jsonl gained since the
-    last look. A resumed trial rewrites the file (a new inode, records past its checkpoint dropped): then read it anew."""
+    last look. A resumed trial rewrites the file (a new inode, records past its checkpoint
+    dropped): then it is read anew."""
     try:
         with (run.trial.dir / "metrics.jsonl").open("rb") as f:
             stat = os.fstat(f.fileno())
