@@ -680,13 +680,16 @@ def open_storage(optuna: Any, url: str | None, out_dir: Path) -> Any:
         raise ConfigError(f"storage {url!r} is neither a database URL (postgresql://user@host/db) nor a journal "
                           f"file's path") from None
     where = parsed.host or parsed.query.get("host") or parsed.database or "localhost"
+    if parsed.drivername == "postgresql":  # SQLAlchemy 2.1 reads a plain URL as psycopg 3; we ship psycopg2
+        parsed = parsed.set(drivername="postgresql+psycopg2")
     # A server that does not answer fails in seconds, not after the driver's default of minutes.
     engine = {"connect_args": {"connect_timeout": 10}} if parsed.get_backend_name() == "postgresql" else {}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
+        return optuna.storages.RDBStorage(parsed.render_as_string(hide_password=False), engine_kwargs=engine)
     except (ImportError, sqlalchemy.exc.NoSuchModuleError) as e:
-        raise ConfigError(f"storage {parsed.render_as_string()}: its database driver is missing "
-                          f"({str(e).splitlines()[0]}): {OPTUNA_EXTRA} (psycopg2 serves postgresql://)") from None
+        reason = str(e.__cause__ or e).splitlines()[0]  # Optuna wraps the driver's ImportError in its own
+        raise ConfigError(f"storage {parsed.render_as_string()}: its database driver is missing ({reason}): "
+                          f"{OPTUNA_EXTRA} (psycopg2 serves postgresql://)") from None
     except sqlalchemy.exc.DBAPIError as e:
         reason = str(e.orig).strip().splitlines()[0] if e.orig else type(e).__name__
         raise ConfigError(f"cannot reach the study's database at {where} ({reason}): check the storage URL "
