@@ -684,16 +684,21 @@ def open_storage(optuna: Any, url: str | None, out_dir: Path) -> Any:
         parsed = parsed.set(drivername="postgresql+psycopg2")
     # A server that does not answer fails in seconds, not after the driver's default of minutes.
     engine = {"connect_args": {"connect_timeout": 10}} if parsed.get_backend_name() == "postgresql" else {}
-    try:
-        return optuna.storages.RDBStorage(parsed.render_as_string(hide_password=False), engine_kwargs=engine)
-    except (ImportError, sqlalchemy.exc.NoSuchModuleError) as e:
-        reason = str(e.__cause__ or e).splitlines()[0]  # Optuna wraps the driver's ImportError in its own
-        raise ConfigError(f"storage {parsed.render_as_string()}: its database driver is missing ({reason}): "
-                          f"{OPTUNA_EXTRA} (psycopg2 serves postgresql://)") from None
-    except sqlalchemy.exc.DBAPIError as e:
-        reason = str(e.orig).strip().splitlines()[0] if e.orig else type(e).__name__
-        raise ConfigError(f"cannot reach the study's database at {where} ({reason}): check the storage URL "
-                          f"and that the server is up") from None
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(parsed.render_as_string(hide_password=False), engine_kwargs=engine)
+        except (ImportError, sqlalchemy.exc.NoSuchModuleError) as e:
+            reason = str(e.__cause__ or e).splitlines()[0]  # Optuna wraps the driver's ImportError in its own
+            raise ConfigError(f"storage {parsed.render_as_string()}: its database driver is missing ({reason}): "
+                              f"{OPTUNA_EXTRA} (psycopg2 serves postgresql://)") from None
+        except sqlalchemy.exc.DBAPIError as e:
+            # Workers that start together on a new database race to create Optuna's tables; the
+            # loser finds them made on its next try. Not reaching the server is final.
+            if isinstance(e, sqlalchemy.exc.OperationalError) or attempt == 4:
+                reason = str(e.orig).strip().splitlines()[0] if e.orig else type(e).__name__
+                raise ConfigError(f"cannot reach the study's database at {where} ({reason}): check the storage "
+                                  f"URL and that the server is up") from None
+            time.sleep(1 + random.random())
 
 
 def open_study(optuna: Any, sweep: Sweep, storage: Any) -> Any:

@@ -352,6 +352,16 @@ def two_workers_one_killed(path: Path, tmp_path: Path, *extra: str) -> None:
     takes the trial over, resumes it from its checkpoint, and completes the study."""
     first = start_worker(path, tmp_path / "first.log", *extra)
     second = start_worker(path, tmp_path / "second.log", *extra)
+    try:
+        kill_one_and_finish(first, second, tmp_path)
+    finally:
+        for worker in (first, second):
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+
+
+def kill_one_and_finish(first: subprocess.Popen, second: subprocess.Popen, tmp_path: Path) -> None:
 
     def first_trial() -> Path | None:
         started = [line for line in (tmp_path / "first.log").read_text().splitlines() if "started (log " in line]
