@@ -546,7 +546,7 @@ def new_evals(run: Running) -> list[int]:
     return [i for i in range(first, len(run.records)) if run.records[i]["kind"] == "eval"]
 
 
-def report_evals(sweep: Sweep, trials: Any, run: Running, stopping: bool) -> None:
+def report_evals(sweep: Sweep, trials: Trials, run: Running, stopping: bool) -> None:
     """The sweep's metric at each new evaluation goes to the study; a trial its pruner calls losing
     gets SIGTERM, saves and exits, and is recorded as pruned."""
     for i in new_evals(run):
@@ -559,7 +559,7 @@ def report_evals(sweep: Sweep, trials: Any, run: Running, stopping: bool) -> Non
             run.pruned = True
 
 
-def run(sweep: Sweep, trials: Any, slots: list[list[str] | None], env: dict[str, str]) -> int:
+def run(sweep: Sweep, trials: Trials, slots: list[list[str] | None], env: dict[str, str]) -> int:
     """Run what `trials` (LocalTrials or StudyTrials) hands out, len(slots) at a time, until it has
     nothing more or a signal stops the sweep."""
     running: list[Running] = []
@@ -599,7 +599,7 @@ def run(sweep: Sweep, trials: Any, slots: list[list[str] | None], env: dict[str,
     return EXIT_FAILED if trials.failed() else 0
 
 
-def finish(sweep: Sweep, trials: Any, run: Running) -> None:
+def finish(sweep: Sweep, trials: Trials, run: Running) -> None:
     wall_s = time.monotonic() - run.start
     status = record(run.trial, run.proc.returncode, wall_s, run.pruned)
     result = trial_result(sweep, run.trial)
@@ -753,8 +753,14 @@ def suggest(handle: Any, ranges: dict[str, Any]) -> dict[str, Any]:
     return overrides
 
 
-HOST = socket.gethostname() + (":" + Path("/proc/sys/kernel/random/boot_id").read_text()[:8]
-                               if Path("/proc/sys/kernel/random/boot_id").is_file() else "")
+def machine() -> str:
+    """This machine, as the study names a worker's: its host name and (Linux) boot, so that two
+    containers named alike or a reboot do not pass for the same machine."""
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    return socket.gethostname() + (f":{boot.read_text()[:8]}" if boot.is_file() else "")
+
+
+HOST = machine()
 HEARTBEAT_S = 20.0  # how often a worker marks its running trials alive in the study
 STALE_S = 120.0  # a running trial of another machine whose heartbeat is this old has lost its worker
 LOOK_S = 1.0  # how often a worker asks the study for work and looks for lost trials
@@ -940,6 +946,9 @@ class StudyTrials:
 
     def failed(self) -> bool:
         return any(self.status(t) == "failed" for t in self.latest().values())
+
+
+Trials = LocalTrials | StudyTrials  # what run() takes its trials from and reports them to
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1140,7 +1149,7 @@ def main(argv: list[str]) -> int:
         return 0
     optuna = optuna_or_none(needs_study(sweep, sweep.storage))
     if optuna is None:
-        trials: Any = LocalTrials(sweep)
+        trials: Trials = LocalTrials(sweep)
     else:
         study = open_study(optuna, sweep, open_storage(optuna, sweep.storage, sweep.out_dir))
         trials = StudyTrials(optuna, sweep, study)

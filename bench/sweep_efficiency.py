@@ -45,8 +45,9 @@ METHODS = {  # name -> the sweep file's search settings and trial table
 def sweep_file(method: str, seed: int, data_dir: Path, folder: Path) -> Path:
     head, _, table = METHODS[method].partition("[sweep.")
     shared = {**SHARED, "train.seed": seed, "data.data_dir": str(data_dir)}
-    lines = ["[sweep]", f'base = "{BASE}"', f'name = "{method}-seed{seed}"', f'out_dir = "{folder}"', f"seed = {seed}",
-             head.strip(), "[sweep.shared]", *(f'"{k}" = {json.dumps(v)}' for k, v in shared.items()), f"[sweep.{table}"]
+    lines = ["[sweep]", f'base = "{BASE}"', f'name = "{method}-seed{seed}"', f'out_dir = "{folder}"',
+             f"seed = {seed}", head.strip(), "[sweep.shared]", *(f'"{k}" = {json.dumps(v)}' for k, v in shared.items()),
+             f"[sweep.{table}"]
     path = folder.with_suffix(".toml")
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -87,8 +88,9 @@ def table(results: dict[str, dict[str, Any]]) -> str:
              "| --- | ---: | ---: | ---: | ---: |"]
     for name, r in results.items():
         b, s = r["best_val_loss"], r["steps"]
-        lines.append(f"| {name} | {b['mean']:.4f} ± {b['half_spread']:.4f} | {s['mean']:,.0f} ± {s['half_spread']:,.0f} "
-                     f"| {s['mean'] / grid['steps']['mean']:.0%} | {r['trials']} ({r['pruned']['mean']:.1f}) |")
+        lines.append(f"| {name} | {b['mean']:.4f} ± {b['half_spread']:.4f} "
+                     f"| {s['mean']:,.0f} ± {s['half_spread']:,.0f} | {s['mean'] / grid['steps']['mean']:.0%} "
+                     f"| {r['trials']} ({r['pruned']['mean']:.1f}) |")
     return "\n".join(lines)
 
 
@@ -99,7 +101,8 @@ def verdict(results: dict[str, dict[str, Any]]) -> str:
     met = reached and share <= 0.4
     return (f"Goal {'met' if met else 'not met'}: TPE + ASHA's best val {tpe['best_val_loss']['mean']:.4f} "
             f"{'is within' if reached else 'misses'} the grid's {grid['best_val_loss']['mean']:.4f} "
-            f"± {grid['best_val_loss']['half_spread']:.4f}, with {share:.0%} of its training steps (goal: at most 40%).")
+            f"± {grid['best_val_loss']['half_spread']:.4f}, with {share:.0%} of its training steps "
+            f"(goal: at most 40%).")
 
 
 def main() -> None:
