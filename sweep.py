@@ -830,9 +830,11 @@ class StudyTrials:
         if not any(t.state == self.state.WAITING for t in trials) and (
                 self.sweep.search != "tpe" or len(self.counted(trials)) >= self.sweep.count):
             return None
-        if self.sweep.search == "tpe":  # repeatable for one worker; another worker's asks shift the seed
+        if self.sweep.search == "tpe":
+            # Seeded by (seed, trials so far): repeatable for one worker, and two workers asking at
+            # different moments do not draw the same startup trial. seed + 1 shares no stream with seed.
             self.study.sampler = self.optuna.samplers.TPESampler(
-                seed=self.sweep.seed + len(trials), n_startup_trials=max(2, min(10, self.sweep.count // 3)))
+                seed=(self.sweep.seed << 20) + len(trials), n_startup_trials=max(2, min(10, self.sweep.count // 3)))
         handle = self.study.ask()
         return self.claim(handle)
 

@@ -1,7 +1,8 @@
 """Compute a search saves: grid, random and TPE + ASHA tune LR and warmup on the same trial budget.
 
     python bench/sweep_efficiency.py --source ../shared/data/tinyshakespeare.txt   # 3 methods x 3 seeds
-    python bench/sweep_efficiency.py --report_only                                  # summarize the last runs
+    python bench/sweep_efficiency.py --methods tpe_asha      # run TPE + ASHA again, the others as they are
+    python bench/sweep_efficiency.py --report_only           # summarize the last runs
 
 Each method runs as a real sweep.py study (two trials at a time) of 16 trials on a shortened CPU
 preset (configs/shakespeare_char_cpu.toml at dim 64, 2 layers, 400 AdamW steps, evaluated every
@@ -54,9 +55,9 @@ def sweep_file(method: str, seed: int, data_dir: Path, folder: Path) -> Path:
 
 
 def run_study(method: str, seed: int, args: argparse.Namespace) -> list[dict[str, str]]:
-    """Run one (method, seed) study unless --report_only; its results.csv rows."""
+    """Run one (method, seed) study unless --report_only or --methods leaves it out; its results.csv rows."""
     folder = args.out / f"{method}-seed{seed}"
-    if not args.report_only:
+    if not args.report_only and method in args.methods.split(","):
         shutil.rmtree(folder, ignore_errors=True)
         args.out.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "sweep.py", str(sweep_file(method, seed, args.data_dir, folder)), "--parallel",
@@ -108,6 +109,8 @@ def verdict(results: dict[str, dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"the methods to run, of {', '.join(METHODS)}; the others are summarized from --out")
     parser.add_argument("--parallel", type=int, default=2, help="trials at a time in each study")
     parser.add_argument("--report_only", action="store_true", help="summarize the studies already in --out")
     parser.add_argument("--source", type=Path, help="local Tiny Shakespeare (else it is downloaded)")
