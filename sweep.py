@@ -66,7 +66,7 @@ one machine as one worker, with each trial's state in its sweep.json.
 
 Running the same command again skips trials that are done, failed or pruned (delete a trial's
 folder, and the study, to run it again) and resumes interrupted ones from their latest
-checkpoint. Ctrl-C or SIGTERM reach every running trial, which saves at its next step boundary,
+checkpoint (a study queues them behind the trials not yet started). Ctrl-C or SIGTERM reach every running trial, which saves at its next step boundary,
 so a stopped sweep loses at most the steps in flight. With CUDA GPUs visible each trial gets its
 own (CUDA_VISIBLE_DEVICES): all of them, one trial each at a time, or those --gpus picks. With
 train.wandb on, the trials log as one W&B group named after the sweep.
@@ -237,7 +237,7 @@ def read_trials(spec: dict[str, Any], path: Path) -> tuple[str, list[tuple[str |
         raise ConfigError(f"sweep.search={search!r} is not one of {', '.join(SEARCHES)}")
     if SEARCHES[search] != modes[0]:
         raise ConfigError(f"search = \"{search}\" draws from [sweep.{SEARCHES[search]}] "
-                          f"{'ranges' if search == 'tpe' else 'lists'}, and {path} gives [sweep.{modes[0]}]: "
+                          f"{'lists' if search == 'grid' else 'ranges'}, and {path} gives [sweep.{modes[0]}]: "
                           f"give [sweep.{SEARCHES[search]}] or set search = \"{modes[0]}\"")
     if search == "grid":
         return search, [(None, overrides) for overrides in grid(flatten(_table(spec, "grid")))], {}, 0, 0
@@ -523,6 +523,7 @@ class Running:
     records: list[dict[str, Any]] = field(default_factory=list)
     inode: int = 0
     offset: int = 0
+    reported: int = -1  # the last step reported to the study (a resumed trial's rewritten file repeats steps)
     pruned: bool = False
 
 
@@ -551,8 +552,9 @@ def report_evals(sweep: Sweep, trials: Trials, run: Running, stopping: bool) -> 
     gets SIGTERM, saves and exits, and is recorded as pruned."""
     for i in new_evals(run):
         step, value = run.records[i]["step"], summary(sweep, run.records[:i + 1])[sweep.metric]
-        if run.pruned or stopping or value is None or not math.isfinite(value):
+        if run.pruned or stopping or step <= run.reported or value is None or not math.isfinite(value):
             continue
+        run.reported = step
         if trials.report(run.trial, step, value):
             print(f"{run.label} pruned at step {step} ({sweep.metric} {value:.4f})", flush=True)
             run.proc.send_signal(signal.SIGTERM)

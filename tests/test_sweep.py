@@ -112,11 +112,14 @@ def test_interrupted_and_killed_sweep_resumes_to_the_same_results(serial, data_d
     proc.wait()
     wait_for(lambda: "stopped by signal" in (third / "train.log").read_text())
 
+    # The study queues a stopped trial again behind the trials not yet started: the second run
+    # started the third trial, and this one takes the fourth, then resumes the second and third.
     assert sweep.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert f"[1/4] {GRID_NAMES[0]}: done before, skipped" in out
-    assert f"[2/4] {GRID_NAMES[1]}: done before, skipped" in out
-    assert f"[3/4] {GRID_NAMES[2]}: resumed" in out
+    assert f"trial {GRID_NAMES[2]} lost its worker: queued again" in out
+    assert [line.split(" (log")[0] for line in out.splitlines() if " (log " in line] == [
+        f"[4/4] {GRID_NAMES[3]}: started", f"[2/4] {GRID_NAMES[1]}: resumed", f"[3/4] {GRID_NAMES[2]}: resumed"]
     assert (first / "metrics.jsonl").stat().st_mtime_ns == first_metrics  # finished trials are not re-run
     assert results(tmp_path / "out") == results(serial)  # exact resume: the same losses to the last bit
 
