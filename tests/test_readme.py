@@ -41,7 +41,7 @@ TEST_COMMAND = ("python3 -m venv .venv && .venv/bin/pip install -r requirements-
                 "&& .venv/bin/python -m pytest")
 CONFIG_SCRIPTS = {"train.py", "model.py", "generate.py", "app.py", "prepare_data.py", "eval.py"}
 HELP_SCRIPTS = {"convert.py", "bench/train_speed.py", "bench/generate_speed.py", "bench/decode_scaling.py", "bench/speculative_speed.py", "bench/eval_speed.py", "bench/lora_memory.py", "bench/chat_latency.py", "bench/serve_load.py", "bench/prepare_speed.py", "bench/pretrain_speed.py",
-                "bench/speedrun.py"}
+                "bench/speedrun.py", "bench/sweep_efficiency.py"}
 # Forms run by CI itself (.ci/run) or feeding another command's stdin: skipped, but only these.
 SKIPPED_FORMS = {"quickstart", "pip install", "test command", "stdin feeder", "lm_eval", "hub download"}
 FENCE_LANGUAGES = {"bash", "python", "text", "yaml", "toml", ""}  # a ```sh block would escape the checks

@@ -1,7 +1,9 @@
-"""sweep.py on tiny trials: table and plot, interrupt and resume, parallel, random draws, bad input."""
+"""sweep.py on tiny trials: table and plot, interrupt and resume, parallel, random draws, bad input;
+Optuna studies: TPE and ASHA, workers sharing a journal file or PostgreSQL, a worker killed with -9."""
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -110,11 +112,14 @@ def test_interrupted_and_killed_sweep_resumes_to_the_same_results(serial, data_d
     proc.wait()
     wait_for(lambda: "stopped by signal" in (third / "train.log").read_text())
 
+    # The study queues a stopped trial again behind the trials not yet started: the second run
+    # started the third trial, and this one takes the fourth, then resumes the second and third.
     assert sweep.main([str(path)]) == 0
     out = capsys.readouterr().out
     assert f"[1/4] {GRID_NAMES[0]}: done before, skipped" in out
-    assert f"[2/4] {GRID_NAMES[1]}: done before, skipped" in out
-    assert f"[3/4] {GRID_NAMES[2]}: resumed" in out
+    assert f"trial {GRID_NAMES[2]} lost its worker: queued again" in out
+    assert [line.split(" (log")[0] for line in out.splitlines() if " (log " in line] == [
+        f"[4/4] {GRID_NAMES[3]}: started", f"[2/4] {GRID_NAMES[1]}: resumed", f"[3/4] {GRID_NAMES[2]}: resumed"]
     assert (first / "metrics.jsonl").stat().st_mtime_ns == first_metrics  # finished trials are not re-run
     assert results(tmp_path / "out") == results(serial)  # exact resume: the same losses to the last bit
 
@@ -173,7 +178,8 @@ def test_wandb_agent_command_line_trains(data_dir, tmp_path):
 
 @pytest.mark.parametrize("body,shared,keys,message", ids=[
     "unknown-grid-key", "unknown-shared-key", "empty-grid", "empty-values", "min-over-max", "unknown-sweep-key",
-    "invalid-trial-config"], argvalues=[
+    "invalid-trial-config", "unknown-search", "unknown-pruner", "tpe-without-ranges", "search-of-a-list",
+    "gpus-per-trial"], argvalues=[
     ('[sweep.grid]\n"train.lrr" = [1e-3]\n', None, {},
      "error: trial lrr=0.001: unknown config key 'train.lrr'; did you mean 'train.lr'?"),
     (GRID, {"model.dimm": 64}, {},
@@ -186,10 +192,20 @@ def test_wandb_agent_command_line_trains(data_dir, tmp_path):
     (GRID, None, {"metrc": "best_val_loss"}, "error: unknown sweep key 'sweep.metrc'; did you mean 'sweep.metric'?"),
     (GRID, {"model.n_kv_heads": 3}, {}, "error: trial lr=0.003,warmup_steps=0: model.n_heads=4 is not divisible "
                                         "by model.n_kv_heads=3: use a divisor of n_heads (1 = MQA, n_heads = MHA)"),
+    (GRID, None, {"search": "bayes"}, "error: sweep.search='bayes' is not one of grid, random, tpe"),
+    (GRID, None, {"pruner": "hyperband"}, "error: sweep.pruner='hyperband' is not one of none, median, asha"),
+    (GRID, None, {"search": "tpe", "count": 4},
+     'error: search = "tpe" draws from [sweep.random] ranges, and {path} gives [sweep.grid]: give [sweep.random] or '
+     'set search = "grid"'),
+    ('[[sweep.trials]]\nname = "a"\n', None, {"search": "grid"},
+     "error: sweep.search chooses how [sweep.grid] or [sweep.random] is searched; [[sweep.trials]] runs its list as "
+     "written: remove sweep.search"),
+    (GRID, None, {"gpus_per_trial": 0}, "error: sweep.gpus_per_trial=0 must be a positive integer"),
 ])
 def test_bad_sweep_files(tmp_path, data_dir, capsys, body, shared, keys, message):
-    assert sweep.main([str(write_sweep(tmp_path, data_dir, body, shared, **keys))]) == 2
-    assert capsys.readouterr().err.splitlines() == [message]
+    path = write_sweep(tmp_path, data_dir, body, shared, **keys)
+    assert sweep.main([str(path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [message.format(path=path)]
     assert not (tmp_path / "out").exists()
 
 
@@ -226,3 +242,193 @@ def test_trials_rank_by_any_logged_eval_score():
     assert sweep.eval_metric("best_mine_acc", evals) == 0.5  # accuracies: higher is better
     assert sweep.eval_metric("best_hellaswag_acc_norm", evals) is None  # not logged: ranked last
     assert sweep.metric_goal("final_mine_acc_norm") is max and sweep.metric_goal("best_text_loss") is min
+
+
+# --- studies: TPE, pruning, several workers, storage ------------------------------------------
+
+TPE = ('[sweep.random]\n"train.lr" = { min = 1e-4, max = 3e-2, log = true }\n'
+       '"train.warmup_steps" = { min = 0, max = 4 }\n')
+
+
+def study_trials(path: Path, storage: str | None = None) -> list:
+    """The study's trials, as a worker sees them."""
+    import optuna
+    sw = sweep.load_sweep(path)
+    return optuna.load_study(study_name=sw.name, storage=sweep.open_storage(optuna, storage, sw.out_dir)).trials
+
+
+def counted(trials: list) -> list:
+    return [t for t in trials if t.state.name in ("COMPLETE", "PRUNED", "RUNNING")
+            or t.state.name == "FAIL" and t.user_attrs.get("status") in ("failed", "done")]
+
+
+def test_report_rewrites_the_table_from_the_study_alone(serial, data_dir, tmp_path):
+    """Another machine, without the trial folders: the same table from the study's journal."""
+    path = write_sweep(tmp_path, data_dir)
+    assert sweep.main([str(path), "--storage", str(serial / "study.journal"), "--report"]) == 0
+    assert results(tmp_path / "out") == results(serial)
+    assert not (tmp_path / "out" / GRID_NAMES[0]).exists()
+
+
+def test_a_changed_sweep_file_is_refused_by_its_study(tmp_path, data_dir, capsys):
+    assert sweep.main([str(write_sweep(tmp_path, data_dir)), "--report"]) == 0  # creates the study, runs nothing
+    assert sweep.main([str(write_sweep(tmp_path, data_dir, shared={"train.max_steps": 14}))]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: the sweep file differs from the one study 'grid' was started with (changed: shared): put it back, "
+        "or give the new sweep another sweep.name or out_dir"]
+
+
+@pytest.mark.parametrize("url,message", [
+    ("postgresql://nobody@127.0.0.1:1/sweeps", "error: cannot reach the study's database at 127.0.0.1 ("),
+    ("postgresql+pg8000://nobody@db.example/sweeps", "error: storage postgresql+pg8000://nobody@db.example/sweeps: "
+                                                     "its database driver is missing (No module named 'pg8000')"),
+])
+def test_storage_that_cannot_be_used_is_one_line(tmp_path, data_dir, capsys, url, message):
+    assert sweep.main([str(write_sweep(tmp_path, data_dir)), "--storage", url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(message), err
+
+
+def test_without_optuna_a_grid_runs_alone_and_a_study_is_refused(tmp_path, data_dir, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
+    path = write_sweep(tmp_path, data_dir, TPE, search="tpe", count=2)
+    assert sweep.main([str(path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        'error: search = "tpe" needs Optuna, an optional extra: pip install -r requirements-sweep.txt']
+    path = write_sweep(tmp_path, data_dir, '[[sweep.trials]]\nname = "only"\n',
+                       shared={"train.max_steps": 2, "train.eval_interval": 2})
+    assert sweep.main([str(path)]) == 0
+    assert [row["status"] for row in results(tmp_path / "out")] == ["done"]
+    assert not (tmp_path / "out" / "study.journal").exists()
+
+
+def test_gpus_each_trial_gets():
+    eight = [str(i) for i in range(8)]
+    assert sweep.gpu_groups(eight, None, 1) == [[g] for g in eight]
+    assert sweep.gpu_groups(eight, [0, 2, 5], 1) == [["0"], ["2"], ["5"]]
+    assert sweep.gpu_groups(eight, None, 3) == [["0", "1", "2"], ["3", "4", "5"]]  # GPUs 6 and 7 are too few
+    assert sweep.gpu_groups(["4", "6"], [1], 1) == [["6"]]  # indices into CUDA_VISIBLE_DEVICES
+    assert sweep.gpu_groups([], None, 1) == [] and sweep.trial_slots([], None) == [None]
+    assert sweep.trial_slots([], 3) == [None, None, None] and sweep.trial_slots([["0"], ["1"]], 1) == [["0"]]
+    with pytest.raises(sweep.ConfigError, match=r"^--gpus names GPU 8, which is not there: the CUDA GPUs this "
+                                                r"machine shows are 8 \(0-7\); leave --gpus out to use them all$"):
+        sweep.gpu_groups(eight, [0, 8], 1)
+    with pytest.raises(sweep.ConfigError, match=r"^sweep.gpus_per_trial = 4 needs that many CUDA GPUs; --gpus "
+                                                r"picks 2$"):
+        sweep.gpu_groups(eight, [0, 1], 4)
+    with pytest.raises(sweep.ConfigError, match=r"^--parallel 3 exceeds the 2 GPU group\(s\) here"):
+        sweep.trial_slots([["0"], ["1"]], 3)
+
+
+def test_gpus_that_are_not_there(tmp_path, data_dir, capsys):
+    assert sweep.main([str(write_sweep(tmp_path, data_dir)), "--gpus", "0"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: --gpus names GPU 0, which is not there: the CUDA GPUs this machine shows are none; leave --gpus out "
+        "to use them all"]
+
+
+@pytest.mark.slow  # ~15 s of real trials
+def test_tpe_with_asha_prunes_losing_trials(tmp_path, data_dir):
+    path = write_sweep(tmp_path, data_dir, TPE, search="tpe", count=6, pruner="asha",
+                       shared={"train.max_steps": 18, "train.eval_interval": 2})
+    assert sweep.main([str(path)]) == 0
+    trials = study_trials(path)
+    assert len(counted(trials)) == len(trials) == 6
+    pruned = [t for t in trials if t.state.name == "PRUNED"]
+    assert pruned and all(t.value == t.intermediate_values[max(t.intermediate_values)] for t in pruned)
+    rows = {row["trial"]: row for row in results(tmp_path / "out")}
+    for t in pruned:  # recorded as pruned with its last value; the folder stays
+        name = t.user_attrs["folder"]
+        assert rows[name]["status"] == "pruned" and float(rows[name]["best_val_loss"]) == t.value
+        assert int(rows[name]["steps"]) < 18 and (tmp_path / "out" / name / "metrics.jsonl").is_file()
+        assert json.loads((tmp_path / "out" / name / "sweep.json").read_text())["status"] == "pruned"
+
+
+def start_worker(path: Path, log: Path, *extra: str) -> subprocess.Popen:
+    with log.open("w") as out:
+        return subprocess.Popen([sys.executable, "sweep.py", str(path), *extra], cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def two_workers_one_killed(path: Path, tmp_path: Path, *extra: str) -> None:
+    """Two workers on one study; the first is killed with -9 in the middle of a trial. The second
+    takes the trial over, resumes it from its checkpoint, and completes the study."""
+    first = start_worker(path, tmp_path / "first.log", *extra)
+    second = start_worker(path, tmp_path / "second.log", *extra)
+    try:
+        kill_one_and_finish(first, second, tmp_path)
+    finally:
+        for worker in (first, second):
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+
+
+def kill_one_and_finish(first: subprocess.Popen, second: subprocess.Popen, tmp_path: Path) -> None:
+
+    def first_trial() -> Path | None:
+        started = [line for line in (tmp_path / "first.log").read_text().splitlines() if "started (log " in line]
+        return Path(started[0].split("(log ")[1].rstrip(")")).parent if started else None
+
+    wait_for(lambda: first_trial() is not None and train_steps(first_trial()) >= 2)
+    first.kill()
+    first.wait()
+    assert second.wait(timeout=300) == 0, (tmp_path / "second.log").read_text()
+    lost = first_trial()
+    assert f"trial {lost.name} lost its worker: queued again" in (tmp_path / "second.log").read_text()
+    assert "resumed from" in (lost / "train.log").read_text()
+    assert json.loads((lost / "sweep.json").read_text())["status"] == "done"
+
+
+@pytest.mark.slow  # two workers, real trials: ~40 s
+def test_two_workers_share_a_journal_and_survive_a_kill(tmp_path, data_dir):
+    path = write_sweep(tmp_path, data_dir, TPE, search="tpe", count=5, shared={"train.max_steps": 40})
+    two_workers_one_killed(path, tmp_path)
+    trials = study_trials(path)
+    assert len(counted(trials)) == 5 and all(t.state.name in ("COMPLETE", "FAIL") for t in trials)
+    assert [row["status"] for row in results(tmp_path / "out")] == ["done"] * 5
+
+
+def postgres_binaries() -> Path | None:
+    for folder in [*sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True), Path("/usr/local/bin")]:
+        if (folder / "initdb").is_file() and (folder / "pg_ctl").is_file():
+            return folder
+    return None
+
+
+@pytest.fixture
+def postgres_url():
+    """A throwaway PostgreSQL server on a Unix socket in a temp folder; its URL."""
+    import shutil
+    import tempfile
+    binaries = postgres_binaries()
+    if binaries is None:
+        pytest.skip("PostgreSQL's initdb and pg_ctl are not installed (Debian: apt-get install postgresql)")
+    folder = Path(tempfile.mkdtemp(prefix="nanollama-pg-"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses to run as root: the server runs as the postgres user
+        if shutil.which("runuser") is None or subprocess.run(["id", "postgres"], capture_output=True).returncode:
+            pytest.skip("running as root without a postgres user to run the server as")
+        shutil.chown(folder, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    data = folder / "data"
+    subprocess.run([*as_user, str(binaries / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    ctl = [*as_user, str(binaries / "pg_ctl"), "-D", str(data), "-l", str(folder / "server.log")]
+    subprocess.run([*ctl, "-o", f"-k {folder} -c listen_addresses=''", "-w", "start"], check=True,
+                   capture_output=True)
+    try:
+        yield f"postgresql://postgres@/postgres?host={folder}"
+    finally:
+        subprocess.run([*ctl, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow  # a PostgreSQL server and two workers: ~45 s
+def test_two_workers_share_a_postgresql_study_and_survive_a_kill(tmp_path, data_dir, postgres_url):
+    path = write_sweep(tmp_path, data_dir, TPE, search="tpe", count=5, shared={"train.max_steps": 40})
+    two_workers_one_killed(path, tmp_path, "--storage", postgres_url)
+    trials = study_trials(path, postgres_url)
+    assert len(counted(trials)) == 5 and all(t.state.name in ("COMPLETE", "FAIL") for t in trials)
+    assert sweep.main([str(path), "--storage", postgres_url, "--report"]) == 0
+    assert [row["status"] for row in results(tmp_path / "out")] == ["done"] * 5
