@@ -373,11 +373,16 @@ class Engine:
         positions = {s.row: len(s.request.window) - 1 + offset for s in fed}
         step = self.steps[m]
         if step is None:
-            logits, _ = self.models[m](self.on_device([tokens[s.row] for s in fed]),
-                                       start_pos=self.on_device([positions[s.row] for s in fed]),
-                                       cache_rows=self.on_device([s.row for s in fed]), keys=max(positions.values()) + T)
-            return logits.new_zeros(len(self.slots), *logits.shape[1:]).index_copy_(
-                0, self.on_device([s.row for s in fed]), logits)
+            rows, starts = [s.row for s in fed], sorted(set(positions.values()))
+            batch = self.on_device([tokens[row] for row in rows])
+            if len(starts) == 1 and rows == list(range(rows[0], rows[0] + len(rows))):
+                # One position, consecutive cache rows (a lone request, prompts alike): the plain
+                # cached forward, over views of the cache with no mask to build.
+                logits, _ = self.models[m](batch, start_pos=starts[0], cache_rows=rows[0])
+            else:
+                logits, _ = self.models[m](batch, start_pos=self.on_device([positions[row] for row in rows]),
+                                           cache_rows=self.on_device(rows), keys=starts[-1] + T)
+            return logits.new_zeros(len(self.slots), *logits.shape[1:]).index_copy_(0, self.on_device(rows), logits)
         for slot in self.slots:
             if slot.row not in tokens:  # written where the slot's cache holds nothing it will read again
                 positions[slot.row] = min(len(slot.cached[m]), self.cache_len - T)
