@@ -375,7 +375,8 @@ class Engine:
         if step is None:
             rows, starts = [s.row for s in fed], sorted(set(positions.values()))
             batch = self.on_device([tokens[row] for row in rows])
-            if len(starts) == 1 and rows == list(range(rows[0], rows[0] + len(rows))):
+            within = starts[-1] + T <= self.models[m].cfg.max_seq_len  # speculative filler may run past it
+            if len(starts) == 1 and rows == list(range(rows[0], rows[0] + len(rows))) and within:
                 # One position, consecutive cache rows (a lone request, prompts alike): the plain
                 # cached forward, over views of the cache with no mask to build.
                 logits, _ = self.models[m](batch, start_pos=starts[0], cache_rows=rows[0])

@@ -393,12 +393,16 @@ def test_bad_command_lines_fail_in_one_line(char_checkpoint):
     for args, message in [([], "no checkpoint given"),
                           (["--checkpoint", str(char_checkpoint), "--port", "0"], "serve.port=0 must lie in"),
                           (["--checkpoint", str(char_checkpoint), "--max_tokens", "0"], "serve.max_tokens=0 must be"),
-                          (["--checkpoint", str(char_checkpoint), "--max_batch", "0"], "serve.max_batch=0 must lie in"),
-                          (["--checkpoint", str(char_checkpoint), "--max_batch", "1000"],
-                           "serve.max_batch=1000 must lie in"),
                           (["--checkpoint", str(char_checkpoint), "--hots", "x"], "did you mean 'serve.host'")]:
         done = subprocess.run([sys.executable, "app.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and message in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_slots_out_of_range_are_refused_in_one_line():
+    for slots in (0, 1000):
+        with pytest.raises(ConfigError, match=f"serve.max_batch={slots} must lie in") as e:
+            ServeConfig(max_batch=slots).validate()
+        assert "\n" not in str(e.value)
 
 
 # --- the web demo in a real browser ---------------------------------------------------------
@@ -423,6 +427,7 @@ def browser():
         browser.close()
 
 
+@pytest.mark.slow
 def test_demo_streams_text_in_a_browser(browser, tmp_path_factory):
     corpus = ["First Citizen: Before we proceed any further, hear me speak. ✓ ünïcödé"] * 20
     checkpoint = save_checkpoint(tmp_path_factory.mktemp("bpe"), Tokenizer.train_bpe(corpus, 300))

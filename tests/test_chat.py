@@ -365,6 +365,7 @@ def test_a_full_context_drops_the_oldest_turns_and_keeps_the_system_prompt(chat_
     assert session.messages == before
 
 
+@pytest.mark.slow
 def test_the_chat_tab_holds_a_two_turn_conversation_in_a_browser(browser, tmp_path_factory):
     from test_app import start_server
     folder = tmp_path_factory.mktemp("demo") / "smol-chat"
