@@ -44,7 +44,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 from chat import ChatError, ChatFormat, chat_template
 from config import SampleConfig, ServeConfig, UserError, bounds_of, expand_short_flags, parse_cli, script
 from engine import Completion, Engine, Request, compile_decode_step
-from generate import (Loaded, detokenize, generate_text, load_for_sampling, start_prompt, visible_text,
+from generate import (Loaded, detokenize, generate_text, load_for_sampling, new_rows, start_prompt, visible_text,
                       with_generation_defaults)
 
 try:
@@ -205,7 +205,7 @@ class Server:
         it has finished). Leaving the iterator early (a client that went away) cancels the request
         and frees its slots at the next step. Call it from the request's event loop."""
         updates: asyncio.Queue = asyncio.Queue()
-        rows = [Completion(list(p), sample) for p in prompts for sample in range(cfg.num_samples)]
+        rows = new_rows(prompts, cfg.num_samples, self.context)
         job = Job(rows, cfg, stops, live, poster(asyncio.get_running_loop(), updates))
         self.admit(job)
         self.jobs.put(job)

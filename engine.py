@@ -408,8 +408,13 @@ class Engine:
             groups[sampling_key(slot.request.cfg)].append(slot)
         order, tokens = [], []
         for group in groups.values():
-            index = self.on_device([s.row for s in group])
-            tokens.append(sample_next(logits[index], self.seen[index], group[0].request.cfg,
+            rows = [s.row for s in group]
+            if rows == list(range(len(self.slots))):  # every slot, in order: no gather to copy
+                group_logits, group_seen = logits, self.seen
+            else:
+                index = self.on_device(rows)
+                group_logits, group_seen = logits[index], self.seen[index]
+            tokens.append(sample_next(group_logits, group_seen, group[0].request.cfg,
                                       [s.request.generator for s in group]))
             order += group
         for slot, token in zip(order, self.to_host(torch.cat(tokens))):
